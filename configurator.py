@@ -179,3 +179,64 @@ def load_prompts(name_or_path):
         return prompts
     raise SystemExit(f"error: unknown prompt set or missing file {name_or_path!r}; "
                      f"use one of {', '.join(sorted(sets))} or a path to a text file")
+
+
+# --------------------------------------------------------------------------------------------
+# Run folders, shared by both trainers: out/<run>/config.json, log.jsonl, reward.png, ckpt.pt.
+# Everything is written atomically (write a temporary file, then rename), so a run killed at any
+# moment (even kill -9) leaves either the old file or the new one, never half of one.
+
+def atomic_write(path, write):
+    """Call write(tmp_path), then rename tmp_path to path."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def prepare_run(out, config):
+    """Create the run folder, or check that an existing one was made with the same config.
+
+    Re-running the same command resumes; a different config in the same folder is an error (it
+    would silently mix two experiments in one log)."""
+    import json
+    path = os.path.join(out, "config.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            old = json.load(f)
+        diff = [k for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
+        if diff:
+            k = diff[0]
+            raise SystemExit(f"error: {out} holds a run with a different config ({k}: {old.get(k)!r} -> "
+                             f"{config.get(k)!r}); re-run with the same options to resume, or pass "
+                             f"--out=<new folder> (or delete {out}) to start fresh")
+        return
+    os.makedirs(out, exist_ok=True)
+    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2) + "\n"))
+
+
+def write_log(out, history):
+    """Rewrite out/log.jsonl (one JSON line per epoch) and the reward-vs-queries plot."""
+    import json
+    text = "".join(json.dumps(rec) + "\n" for rec in history)
+    atomic_write(os.path.join(out, "log.jsonl"), lambda tmp: open(tmp, "w").write(text))
+    plot_rewards(history, os.path.join(out, "reward.png"))
+
+
+def plot_rewards(history, path, title=None):
+    """Reward against the number of reward queries (DiffExp's Figure 1b axes)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
+    q = [h["reward_queries"] for h in history]
+    ax.plot(q, [h["reward_mean"] for h in history], label="training samples")
+    ev = [(h["reward_queries"], h["eval_reward"]) for h in history if "eval_reward" in h]
+    if ev:
+        ax.plot(*zip(*ev), "o-", label="evaluation (plain sampling)")
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel("reward")
+    ax.set_title(title or os.path.basename(os.path.dirname(os.path.abspath(path))))
+    ax.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
