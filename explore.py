@@ -1,0 +1,82 @@
+"""DiffExp exploration (Chae et al., AAAI 2025, Sec. 3): two ways to draw more diverse online
+samples while reward fine-tuning, and the switch that turns them off for the last quarter.
+
+(a) Dynamic CFG schedule. Classifier-free guidance pulls every sample of a prompt
+    towards the same few modes. Early, noisy timesteps decide the layout of the image, so DiffExp
+    uses an extremely low scale `w_low` there (t > t_thres) and the usual `w_high` after: the
+    layout varies as without guidance, the details still follow the prompt.
+(b) Random prompt weighting. Each sample up-weights one phrase of its prompt by
+    w ~ U(1.0, 1.2) (the whole prompt if none is marked), compel-style, on the text embeddings:
+    z_w = z_empty + w * (z - z_empty) on that phrase's tokens. Phrases are marked with parentheses,
+    "a (dolphin) (riding a bike)"; the marks are stripped before anything is encoded or scored.
+
+Pure tensor functions, no model code: sample.py applies them.
+"""
+import torch
+
+
+def cfg_schedule(timesteps, w_high, w_low=1.0, t_thres=800):
+    """One guidance scale per timestep: `w_low` where t > t_thres (the noisy start), else `w_high`."""
+    t = torch.as_tensor(timesteps)
+    return torch.where(t > t_thres, torch.tensor(float(w_low)), torch.tensor(float(w_high)))
+
+
+def parse_spans(prompt):
+    """Strip the parentheses of `prompt`; return (clean_prompt, [(start, end), ...]), the character
+    span of each marked phrase in the clean prompt. Nested, unbalanced or empty marks are errors."""
+    clean, spans, start = [], [], None
+    for ch in prompt:
+        if ch == "(":
+            if start is not None:
+                raise ValueError(f"nested parentheses in prompt {prompt!r}; mark phrases flat, "
+                                 "e.g. 'a (dolphin) (riding a bike)'")
+            start = len(clean)
+        elif ch == ")":
+            if start is None:
+                raise ValueError(f"unbalanced ')' in prompt {prompt!r}; every ')' needs an earlier '('")
+            text = "".join(clean[start:])
+            if not text.strip():
+                raise ValueError(f"empty phrase '()' in prompt {prompt!r}; remove it or put words inside")
+            # spans exclude surrounding spaces, so "( cat )" marks exactly "cat"
+            lead = len(text) - len(text.lstrip())
+            spans.append((start + lead, start + lead + len(text.strip())))
+            start = None
+        else:
+            clean.append(ch)
+    if start is not None:
+        raise ValueError(f"unbalanced '(' in prompt {prompt!r}; close every phrase with ')'")
+    return "".join(clean), spans
+
+
+def parse_phrases(prompt):
+    """'a (dolphin) (riding a bike)' -> ('a dolphin riding a bike', ['dolphin', 'riding a bike'])."""
+    clean, spans = parse_spans(prompt)
+    return clean, [clean[a:b] for a, b in spans]
+
+
+def draw_weights(prompts, generator=None, w_min=1.0, w_max=1.2):
+    """Random prompt weighting (Sec. 3): per prompt, pick one marked phrase uniformly and a weight
+    w ~ U(w_min, w_max), fresh on every call. Returns (phrase [B] long, w [B]); phrase -1 means
+    "the whole prompt" (no phrase marked). Pass a seeded torch.Generator for reproducible runs."""
+    counts = torch.tensor([len(parse_spans(p)[1]) for p in prompts])
+    u = torch.rand(len(prompts), generator=generator)
+    phrase = torch.where(counts > 0, (u * counts).long().clamp(max=(counts - 1).clamp(min=0)), -1)
+    w = w_min + (w_max - w_min) * torch.rand(len(prompts), generator=generator)
+    return phrase, w
+
+
+def weight_embeddings(z, z_empty, token_mask, w):
+    """compel-style up-weighting: z_empty + w * (z - z_empty) on the masked token positions, z
+    elsewhere. z [B,L,D]; z_empty [1 or B,L,D] (the encoding of ""); token_mask [B,L] bool; w [B].
+    Moving away from the empty prompt's embedding (rather than scaling z) keeps the positional
+    and padding content that every prompt shares, and strengthens only what the phrase adds."""
+    w = torch.as_tensor(w, dtype=z.dtype, device=z.device).reshape(-1, 1, 1)
+    weighted = z_empty + w * (z - z_empty)
+    return torch.where(token_mask.to(z.device).unsqueeze(-1), weighted, z)
+
+
+def explore_active(epoch, num_epochs, explore_frac=0.75):
+    """Explore only during the first `explore_frac` of fine-tuning (epochs counted from 0): the
+    last quarter samples as evaluation does, so the model settles on what it found,
+    and the samples it is trained on match the ones it is judged by."""
+    return epoch < explore_frac * num_epochs
