@@ -1,0 +1,174 @@
+"""lora.py against three references: the base model, the merged matrix W + (alpha/r) B A, and
+diffusers' own `load_lora_weights` (through peft) on a fresh pipeline. CPU, offline, tiny UNet."""
+import pytest
+import torch
+import torch.nn as nn
+
+import lora
+from conftest import tiny_pipeline
+
+
+def unet_out(unet, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+    with torch.no_grad():
+        return unet(x.to(unet.dtype), torch.tensor([10, 700]), c.to(unet.dtype)).sample.float()
+
+
+def randomise(unet, seed=1):
+    """Give every A and B random values, so the update is far from zero and differs per layer."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in lora.parameters(unet):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+def test_inject_zero_B_is_the_base_model_and_freezes_the_rest():
+    unet = tiny_pipeline().unet
+    before = unet_out(unet)
+    n_frozen = sum(p.numel() for p in unet.parameters())
+    params = lora.inject(unet, rank=4)
+    assert torch.equal(unet_out(unet), before)
+    # tiny UNet: 4 transformer blocks (down 1, mid 1, up 2), each attn1 + attn2 with q, k, v, out: 32 layers
+    assert len(params) == 64 and all(p.dtype == torch.float32 for p in params)
+    trainable = [p for p in unet.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for p in params}
+    assert sum(p.numel() for p in unet.parameters()) == n_frozen + sum(p.numel() for p in params)
+    assert all(not m.lora_B.any() for m in unet.modules() if isinstance(m, lora.LoRALinear))
+
+
+def test_layer_equals_merged_matrix_and_fp16_base_keeps_fp32_factors():
+    base = nn.Linear(6, 5).half()
+    holder = nn.Module()
+    holder.to_q = base
+    (A, B) = lora.inject(holder, rank=3, alpha=6.0, targets=("to_q",))
+    with torch.no_grad():
+        A.normal_(), B.normal_()
+    x = torch.randn(4, 6).half()
+    y = holder.to_q(x)
+    assert y.dtype == torch.float16 and A.dtype == B.dtype == torch.float32
+    W = base.weight.float() + (6.0 / 3) * B @ A  # Hu et al. eq. 3
+    torch.testing.assert_close(y.float(), x.float() @ W.T + base.bias.float(), atol=2e-2, rtol=1e-2)
+    y.float().sum().backward()  # gradient reaches A and B through the fp16 base
+    assert A.grad is not None and B.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("rank,alpha,to_file", [(4, None, False), (4, 1.5, True), (2, 8.0, False)])
+def test_diffusers_load_lora_weights_reproduces_our_unet(tmp_path, rank, alpha, to_file):
+    pipe = tiny_pipeline(seed=0)
+    base = unet_out(pipe.unet)
+    lora.inject(pipe.unet, rank=rank, alpha=alpha)
+    randomise(pipe.unet)
+    ours = unet_out(pipe.unet)
+    assert (ours - base).abs().max() > 1e-2  # the adapter really changes the output
+    path = tmp_path / "w.safetensors" if to_file else tmp_path / "run"
+    lora.save(pipe.unet, path)
+    fresh = tiny_pipeline(seed=0)  # same seed: same base weights
+    assert torch.equal(unet_out(fresh.unet), base)
+    fresh.load_lora_weights(str(path))
+    torch.testing.assert_close(unet_out(fresh.unet), ours, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("inject_first", [False, True])
+def test_save_then_load_is_identical(tmp_path, inject_first):
+    pipe = tiny_pipeline(seed=0)
+    lora.inject(pipe.unet, rank=4, alpha=2.0)
+    randomise(pipe.unet)
+    lora.save(pipe.unet, tmp_path)
+    fresh = tiny_pipeline(seed=0).unet
+    if inject_first:
+        lora.inject(fresh, rank=4, alpha=2.0)
+    lora.load(fresh, tmp_path)
+    assert torch.equal(unet_out(fresh), unet_out(pipe.unet))
+    assert [p.requires_grad for p in fresh.parameters()].count(True) == 64
+
+
+def test_state_dict_round_trip_keeps_alpha():
+    pipe = tiny_pipeline(seed=0)
+    lora.inject(pipe.unet, rank=2, alpha=3.0)
+    randomise(pipe.unet)
+    fresh = tiny_pipeline(seed=0).unet
+    lora.load_state_dict(fresh, lora.state_dict(pipe.unet))
+    assert torch.equal(unet_out(fresh), unet_out(pipe.unet))
+    assert {m.alpha for m in fresh.modules() if isinstance(m, lora.LoRALinear)} == {3.0}
+
+
+def test_inject_twice():
+    unet = tiny_pipeline().unet
+    params = lora.inject(unet, rank=4)
+    assert [id(p) for p in lora.inject(unet, rank=4)] == [id(p) for p in params]
+    with pytest.raises(ValueError, match="already has 32 LoRA layers"):
+        lora.inject(unet, rank=8)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        lora.inject(tiny_pipeline().unet, targets=("to_nothing",))
+
+
+def test_mismatches_are_clear_errors(tmp_path):
+    pipe = tiny_pipeline()
+    lora.inject(pipe.unet, rank=4)
+    lora.save(pipe.unet, tmp_path / "r4.safetensors")
+    other = tiny_pipeline().unet
+    lora.inject(other, rank=2)
+    with pytest.raises(ValueError, match=r"shape mismatch at 'down_blocks.0.attentions.0.transformer_blocks.0"
+                                         r".attn1.to_q': saved A \(4, 8\)"):
+        lora.load(other, tmp_path / "r4.safetensors")
+    qv = tiny_pipeline().unet
+    lora.inject(qv, targets=("to_q", "to_v"))
+    with pytest.raises(ValueError, match=r"'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k' is not a LoRA"):
+        lora.load(qv, tmp_path / "r4.safetensors")
+    sd = lora.state_dict(pipe.unet)
+    sd = {k.replace("attn2", "attn9"): v for k, v in sd.items()}
+    with pytest.raises(ValueError, match=r"'down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q' is not an nn"):
+        lora.load_state_dict(tiny_pipeline().unet, sd)
+    from safetensors.torch import load_file, save_file
+    t = load_file(tmp_path / "r4.safetensors")
+    t["text_encoder.x.lora_A.weight"] = torch.zeros(1, 1)
+    save_file(t, tmp_path / "te.safetensors")
+    with pytest.raises(ValueError, match="unexpected key 'text_encoder.x.lora_A.weight'"):
+        lora.load(tiny_pipeline().unet, tmp_path / "te.safetensors")
+
+
+def test_merge_unmerge():
+    unet = tiny_pipeline().unet
+    weights = {k: v.clone() for k, v in unet.state_dict().items()}
+    lora.inject(unet, rank=4, alpha=3.0)
+    randomise(unet)
+    adapted = unet_out(unet)
+    lora.merge(unet)
+    torch.testing.assert_close(unet_out(unet), adapted, atol=1e-5, rtol=1e-5)
+    m = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
+    torch.testing.assert_close(m.weight, weights[m_key := "down_blocks.0.attentions.0.transformer_blocks.0."
+                                                 "attn2.to_k.weight"] + 0.75 * m.lora_B @ m.lora_A)
+    with pytest.raises(RuntimeError, match="unmerge"):  # training a merged model would silently do nothing
+        unet(torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 5, 16))
+    lora.unmerge(unet)
+    assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items() if "lora_" not in k)
+    assert torch.equal(unet_out(unet), adapted)
+    del m_key
+
+
+# The Stable Diffusion 1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), written out.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
+    freq_shift=0, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
+    norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8)
+
+
+def test_sd15_rank4_parameter_count():
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):  # shapes only: no weights allocated, nothing downloaded
+        unet = UNet2DConditionModel(**SD15_UNET)
+    assert sum(p.numel() for p in unet.parameters()) == 859_520_964  # the published SD 1.5 UNet size
+    linears = [m for n, m in unet.named_modules() if isinstance(m, nn.Linear) and n.endswith(
+        ("to_q", "to_k", "to_v", "to_out.0"))]
+    by_layers = sum(4 * (m.in_features + m.out_features) for m in linears)
+    # By hand: 16 transformer blocks (down 2+2+2, mid 1, up 3+3+3) of width C. Self-attention: 4 layers
+    # C->C, 4*2C each. Cross-attention: q and out C->C, k and v 768->C. Per block 56C + 2*4*768.
+    widths = [320] * 5 + [640] * 5 + [1280] * 6
+    by_hand = sum(56 * C + 6144 for C in widths)
+    params = lora.inject(unet, rank=4)
+    count = sum(p.numel() for p in params)
+    assert count == by_layers == by_hand == 797_184
+    assert len(linears) == 128 and len(params) == 256
