@@ -1,0 +1,303 @@
+"""rewards.py: the real aesthetic / PickScore / shapes code paths on tiny random-weight models built
+through the same classes, checked against the libraries' own preprocessing and forward passes."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+import rewards
+
+# Our tensor preprocessing vs the PIL-based references: they round to uint8 after resizing (half a
+# grey level) and compute the filter in fixed point; we keep floats. Allowed: 2 grey levels.
+# Measured: ~1.0/255 at 512->224, ~1.6/255 at 32->224 (upsampling).
+PIXEL_TOL = 2 / 255
+
+
+def uint8_image(h, w, seed=0):
+    """A test picture: smooth blobs plus pixel noise, exactly representable in uint8 so the
+    references (which take PIL images) see the same pixels as we do. Returns (float [1,3,h,w], PIL)."""
+    g = torch.Generator().manual_seed(seed)
+    x = F.interpolate(torch.rand(1, 3, 4, 4, generator=g), size=(h, w), mode="bilinear")
+    x = 0.7 * x + 0.3 * torch.rand(1, 3, h, w, generator=g)
+    u8 = (x * 255).round().to(torch.uint8)
+    return u8.float() / 255, Image.fromarray(u8[0].permute(1, 2, 0).numpy())
+
+
+def pixel_diff(ours, ref, std=rewards.OPENAI_STD):
+    """Largest difference between two normalised images, in [0,1] pixel units."""
+    return ((ours - ref).abs() * torch.tensor(std).view(1, 3, 1, 1)).max().item()
+
+
+# ---------------------------------------------------------------- preprocessing
+
+@pytest.mark.parametrize("h,w", [(512, 512), (32, 32), (96, 160)])
+def test_preprocess_matches_open_clip_transform(h, w):
+    import open_clip
+    x, pil = uint8_image(h, w)
+    ref = open_clip.image_transform(224, is_train=False)(pil)[None]  # Resize+CenterCrop+Normalize
+    ours = rewards.clip_preprocess(x, 224)
+    assert ours.shape == ref.shape == (1, 3, 224, 224)
+    assert pixel_diff(ours, ref) <= PIXEL_TOL
+    # the tolerance is tight enough to catch a resize without PIL's antialiasing
+    naive = F.interpolate(x, size=(224, 224), mode="bicubic", align_corners=False).clamp(0, 1)
+    if (h, w) == (512, 512):
+        assert pixel_diff(rewards.clip_preprocess(naive, 224), ref) > PIXEL_TOL
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "pil"])
+@pytest.mark.parametrize("size", [512, 32])
+def test_preprocess_matches_clip_processor(size, backend):
+    from transformers import CLIPImageProcessor
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    x, pil = uint8_image(size, size, seed=1)
+    # PickScore's processor settings (laion/CLIP-ViT-H-14-laion2B-s32B-b79K): the class defaults
+    proc = (CLIPImageProcessor if backend == "torchvision" else CLIPImageProcessorPil)()
+    ref = torch.as_tensor(np.asarray(proc(images=pil, return_tensors="pt")["pixel_values"]))
+    ours = rewards.clip_preprocess(x, proc.size["shortest_edge"], proc.crop_size["height"],
+                                   proc.image_mean, proc.image_std)
+    assert ours.shape == ref.shape
+    assert pixel_diff(ours, ref, proc.image_std) <= PIXEL_TOL
+
+
+def test_strip_marks_matches_explore():
+    explore = pytest.importorskip("explore")
+    for p in ["a (dolphin) (riding a bike)", "plain prompt", "a ( cat )"]:
+        assert rewards.strip_marks(p) == explore.parse_phrases(p)[0]
+
+
+# ---------------------------------------------------------------- aesthetic
+
+# the published predictor's state dict, as the LAION repo's nn.Sequential names it
+# (Linear layers at indices 0, 2, 4, 6, 7; dropouts in between have no weights)
+PUBLISHED_SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128),
+                    "layers.6": (16, 64), "layers.7": (1, 16)}
+
+
+def random_predictor_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, (o, i) in PUBLISHED_SHAPES.items():
+        sd[k + ".weight"] = torch.randn(o, i, generator=g) / i ** 0.5
+        sd[k + ".bias"] = torch.randn(o, generator=g) * 0.1
+    return sd
+
+
+def test_aesthetic_mlp_is_the_published_architecture():
+    sd = random_predictor_state()
+    mlp = rewards.AestheticMLP()
+    mlp.load_state_dict(sd)  # strict: same key names and shapes, nothing missing or extra
+    mlp.eval()
+    e = torch.randn(5, 768)
+    ref = e  # no activations between the layers: a chain of affine maps
+    for k in PUBLISHED_SHAPES:
+        ref = ref @ sd[k + ".weight"].T + sd[k + ".bias"]
+    torch.testing.assert_close(mlp(e), ref, rtol=1e-4, atol=1e-4)
+    drops = [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout)]
+    assert drops == [0.2, 0.2, 0.1]
+
+
+@pytest.fixture(scope="module")
+def tiny_open_clip(tmp_path_factory):
+    """A tiny open_clip model registered as a custom config (through open_clip's factory, as
+    ViT-L-14 is), with 768-d embeddings so the predictor-shaped MLP fits; saved weights + MLP."""
+    import open_clip
+    d = tmp_path_factory.mktemp("oc")
+    cfg = {"embed_dim": 768,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "rewards-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d / "rewards-tiny-clip.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("rewards-tiny-clip", force_quick_gelu=True)
+    torch.save(model.state_dict(), d / "clip.pt")
+    torch.save(random_predictor_state(), d / "mlp.pth")
+    return "rewards-tiny-clip", str(d / "clip.pt"), str(d / "mlp.pth")
+
+
+def test_aesthetic_path_and_gradient(tiny_open_clip):
+    import open_clip
+    name, ckpt, mlp_path = tiny_open_clip
+    fn = rewards.load("aesthetic", clip_model=name, clip_pretrained=ckpt, mlp_path=mlp_path)
+    assert fn.name == "aesthetic" and fn.differentiable
+    # reference: open_clip's own model and transform on PIL images, then the published MLP. At
+    # the model's native 32 px no resize happens, so the two paths must agree to float precision.
+    (xa, pa), (xb, pb) = uint8_image(32, 32, seed=2), uint8_image(32, 32, seed=5)
+    model, _, transform = open_clip.create_model_and_transforms(name, pretrained=ckpt,
+                                                                force_quick_gelu=True)
+    mlp = rewards.AestheticMLP()
+    mlp.load_state_dict(torch.load(mlp_path))
+    with torch.no_grad():
+        e = model.eval().encode_image(torch.stack([transform(pa), transform(pb)]))
+        ref = mlp.eval()(e / e.norm(dim=-1, keepdim=True))[:, 0]
+    r = fn(torch.cat([xa, xb]), ["a (cat)", "a dog"])
+    assert r.shape == (2,)
+    assert (ref[0] - ref[1]).abs() > 1e-4  # the images score differently, so the check means something
+    torch.testing.assert_close(r, ref, rtol=1e-5, atol=1e-6)
+    # gradient reaches the pixels through the resize (non-square, not 32 px)
+    images = torch.rand(2, 3, 48, 80, requires_grad=True)
+    fn(images, ["a", "b"]).sum().backward()
+    assert images.grad is not None and images.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------- PickScore
+
+@pytest.fixture(scope="module")
+def tiny_pickscore(tmp_path_factory):
+    """A tiny transformers CLIPModel and a CLIPProcessor (real CLIP tokenizer, CLIP image settings
+    at 32 px), saved as local folders as the hub ones would be."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from shapes import clip_tokenizer
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}),
+                         tokenizer=clip_tokenizer())
+    d = tmp_path_factory.mktemp("pickscore")
+    model.save_pretrained(d / "model")
+    proc.save_pretrained(d / "processor")
+    return model, proc, str(d / "model"), str(d / "processor")
+
+
+def test_pickscore_path_and_gradient(tiny_pickscore):
+    model, proc, model_dir, proc_dir = tiny_pickscore
+    fn = rewards.load("pickscore", model=model_dir, processor=proc_dir)
+    assert fn.name == "pickscore" and fn.differentiable
+    # reference: the processor on PIL images and clean prompts, then CLIPModel's own forward
+    # (logits_per_image = logit_scale.exp() * cos); at the native 32 px nothing is resized
+    (x0, p0), (x1, p1) = uint8_image(32, 32, seed=3), uint8_image(32, 32, seed=4)
+    prompts = ["a (red circle) on a (dark background)", "a photo of a dog"]
+    inputs = proc(text=[rewards.strip_marks(p) for p in prompts], images=[p0, p1],
+                  padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ref = model(**inputs).logits_per_image.diagonal()
+    r = fn(torch.cat([x0, x1]), prompts)
+    torch.testing.assert_close(r, ref, rtol=1e-5, atol=1e-5)
+    # the marks are stripped: same score with and without them
+    torch.testing.assert_close(fn(torch.cat([x0, x1]), ["a red circle on a dark background",
+                                                         "a photo of a dog"]), r)
+    # gradient reaches the pixels through the resize, at 512 px
+    images = torch.rand(2, 3, 512, 512, requires_grad=True)
+    fn(images, prompts).sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_loaded_models_are_frozen(tiny_pickscore):
+    model, proc, _, _ = tiny_pickscore
+    fn = rewards.load("pickscore", model=model, processor=proc)
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    assert fn(torch.rand(1, 3, 40, 24), ["x"]).shape == (1,)  # non-square input works
+
+
+# ---------------------------------------------------------------- JPEG
+
+def pil_jpeg_kb(image):
+    """Reference: PIL directly, quality 95, size in kB (1000 bytes)."""
+    a = (image.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+    buf = io.BytesIO()
+    Image.fromarray(a).save(buf, format="JPEG", quality=95)
+    return len(buf.getvalue()) / 1000
+
+
+def test_jpeg_rewards():
+    flat = torch.full((1, 3, 64, 64), 0.5)
+    noise = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    images = torch.cat([flat, noise])
+    comp = rewards.load("jpeg_compressibility")
+    incomp = rewards.load("jpeg_incompressibility")
+    assert not comp.differentiable and not incomp.differentiable
+    c, i = comp(images, ["a", "b"]), incomp(images, ["a", "b"])
+    assert c[0] > c[1]  # the flat image is more compressible than noise
+    torch.testing.assert_close(i, -c)
+    torch.testing.assert_close(i, torch.tensor([pil_jpeg_kb(flat[0]), pil_jpeg_kb(noise[0])]))
+
+
+# ---------------------------------------------------------------- errors
+
+def test_unknown_reward_lists_known_names():
+    with pytest.raises(ValueError) as e:
+        rewards.load("aesthetics")
+    for name in rewards.REWARDS:
+        assert name in str(e.value)
+
+
+def test_require_differentiable():
+    for name in ["jpeg_compressibility", "shapes_appeal"]:
+        with pytest.raises(ValueError, match="DDPO"):
+            rewards.require_differentiable(name)
+    with pytest.raises(ValueError, match="DDPO"):
+        rewards.require_differentiable(rewards.load("jpeg_incompressibility"))
+    rewards.require_differentiable("aesthetic")  # no error
+
+
+@pytest.fixture
+def empty_hub_cache(tmp_path, monkeypatch):
+    """Offline (conftest sets HF_HUB_OFFLINE=1) with nothing cached, on any machine."""
+    import huggingface_hub.constants
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(rewards, "CACHE_DIR", str(tmp_path / "diffexp"))
+
+
+@pytest.mark.parametrize("name,model,size", [("aesthetic", "ViT-L-14", "GB"),
+                                             ("pickscore", "PickScore_v1", "GB")])
+def test_offline_error_names_the_model(empty_hub_cache, name, model, size):
+    with pytest.raises(rewards.RewardUnavailable) as e:
+        rewards.load(name)
+    msg = str(e.value)
+    assert isinstance(e.value, RuntimeError) and "\n" not in msg
+    assert model in msg and size in msg and "online" in msg
+
+
+def test_offline_error_for_the_aesthetic_mlp(empty_hub_cache, tiny_open_clip):
+    import open_clip
+    clip = open_clip.create_model(tiny_open_clip[0])
+    with pytest.raises(rewards.RewardUnavailable, match=r"sac\+logos\+ava1-l14-linearMSE.*MB.*mlp_path"):
+        rewards.load("aesthetic", clip=clip)
+
+
+# ---------------------------------------------------------------- the shapes world
+
+@pytest.fixture(scope="module")
+def shapes_world(tmp_path_factory):
+    shapes = pytest.importorskip("shapes")
+    if not hasattr(shapes, "build"):
+        pytest.skip("shapes.build(micro=True) is not there yet")
+    return shapes.build(str(tmp_path_factory.mktemp("shapes") / "world"), micro=True)
+
+
+def test_shapes_rewards(shapes_world):
+    import shapes
+    images, captions, _ = shapes.sample_world(4, seed=0)
+    images = images.clone().requires_grad_(True)
+    judge = shapes.load_judge(shapes_world)
+    size = judge.config.vision_config.image_size
+    x = F.interpolate(images.detach(), size=(size, size), mode="bicubic", antialias=True)
+    x = (x - torch.tensor(rewards.OPENAI_MEAN).view(1, 3, 1, 1)) / torch.tensor(rewards.OPENAI_STD).view(1, 3, 1, 1)
+    tok = shapes.clip_tokenizer(judge.config.text_config.max_position_embeddings)
+    ids = tok([rewards.strip_marks(c) for c in captions], padding=True, return_tensors="pt")
+    with torch.no_grad():  # reference: the judge's own CLIPModel forward
+        ref = judge(pixel_values=x, **ids).logits_per_image.diagonal()
+
+    align = rewards.load("shapes_alignment", path=shapes_world)
+    r = align(images, captions)
+    assert align.differentiable and r.shape == (4,)
+    torch.testing.assert_close(r.detach(), ref, atol=1e-3, rtol=1e-4)
+    r.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+    aes = rewards.load("shapes_aesthetic", path=shapes_world)
+    a = aes(images, captions)
+    assert aes.differentiable and a.shape == (4,) and torch.isfinite(a).all()
+    appeal = rewards.load("shapes_appeal")
+    assert not appeal.differentiable
+    torch.testing.assert_close(appeal(images.detach(), captions), shapes.appeal_score(images.detach()))
