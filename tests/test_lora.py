@@ -19,7 +19,7 @@ def randomise(unet, seed=1):
     """Give every A and B random values, so the update is far from zero and differs per layer."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in lora.parameters(unet):
+        for p in [p for m in lora.layers(unet).values() for p in (m.lora_A, m.lora_B)]:
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
@@ -51,6 +51,20 @@ def test_layer_equals_merged_matrix_and_fp16_base_keeps_fp32_factors():
     torch.testing.assert_close(y.float(), x.float() @ W.T + base.bias.float(), atol=2e-2, rtol=1e-2)
     y.float().sum().backward()  # gradient reaches A and B through the fp16 base
     assert A.grad is not None and B.grad.abs().sum() > 0
+
+
+def test_fp16_unet_keeps_fp32_factors_and_matches_the_fp32_model():
+    ref = tiny_pipeline(seed=0).unet
+    lora.inject(ref, rank=4, alpha=2.0)
+    randomise(ref)
+    half = tiny_pipeline(seed=0).unet.half()
+    base = unet_out(half)
+    lora.inject(half, rank=4, alpha=2.0)
+    assert torch.equal(unet_out(half), base)
+    assert {p.dtype for m in lora.layers(half).values() for p in (m.lora_A, m.lora_B)} == {torch.float32}
+    randomise(half)
+    # fp16 rounding of the base is ~1e-3 here; the LoRA update itself (~0.2) must be there in full
+    assert (unet_out(half) - unet_out(ref)).abs().max() < 1e-2 < (base - unet_out(ref)).abs().max()
 
 
 @pytest.mark.parametrize("rank,alpha,to_file", [(4, None, False), (4, 1.5, True), (2, 8.0, False)])
@@ -93,37 +107,43 @@ def test_state_dict_round_trip_keeps_alpha():
     assert {m.alpha for m in fresh.modules() if isinstance(m, lora.LoRALinear)} == {3.0}
 
 
-def test_inject_twice():
+def test_inject_twice_and_no_targets_are_errors():
     unet = tiny_pipeline().unet
-    params = lora.inject(unet, rank=4)
-    assert [id(p) for p in lora.inject(unet, rank=4)] == [id(p) for p in params]
-    with pytest.raises(ValueError, match="already has 32 LoRA layers"):
-        lora.inject(unet, rank=8)
+    lora.inject(unet, rank=4)
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        lora.inject(unet, rank=4)
     with pytest.raises(ValueError, match="no nn.Linear"):
         lora.inject(tiny_pipeline().unet, targets=("to_nothing",))
 
 
-def test_mismatches_are_clear_errors(tmp_path):
+Q1 = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+
+
+def test_mismatches_are_clear_errors_naming_the_first_one(tmp_path):
     pipe = tiny_pipeline()
     lora.inject(pipe.unet, rank=4)
     lora.save(pipe.unet, tmp_path / "r4.safetensors")
-    other = tiny_pipeline().unet
-    lora.inject(other, rank=2)
-    with pytest.raises(ValueError, match=r"shape mismatch at 'down_blocks.0.attentions.0.transformer_blocks.0"
-                                         r".attn1.to_q': saved A \(4, 8\)"):
-        lora.load(other, tmp_path / "r4.safetensors")
-    qv = tiny_pipeline().unet
-    lora.inject(qv, targets=("to_q", "to_v"))
-    with pytest.raises(ValueError, match=r"'down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k' is not a LoRA"):
-        lora.load(qv, tmp_path / "r4.safetensors")
-    sd = lora.state_dict(pipe.unet)
-    sd = {k.replace("attn2", "attn9"): v for k, v in sd.items()}
+    rank2 = tiny_pipeline().unet
+    lora.inject(rank2, rank=2)
+    with pytest.raises(ValueError, match=rf"first mismatch at '{Q1}': shapes of A, B saved \(\(4, 8\), \(8, 4\)\), "
+                                         r"in this UNet \(\(2, 8\), \(8, 2\)\)"):
+        lora.load(rank2, tmp_path / "r4.safetensors")
+    q_only = tiny_pipeline().unet
+    lora.inject(q_only, targets=("to_q",))  # the file also has to_k: reported as having no such layer here
+    with pytest.raises(ValueError, match=rf"first mismatch at '{Q1[:-1]}k': .* in this UNet None"):
+        lora.load(q_only, tmp_path / "r4.safetensors")
+    other_model = tiny_pipeline().unet  # no LoRA yet: load would inject, but a saved path is not a layer here
+    sd = {k.replace("attn2", "attn9"): v for k, v in lora.state_dict(pipe.unet).items()}
     with pytest.raises(ValueError, match=r"'down_blocks.0.attentions.0.transformer_blocks.0.attn9.to_q' is not an nn"):
-        lora.load_state_dict(tiny_pipeline().unet, sd)
+        lora.load_state_dict(other_model, sd)
+    assert not lora.layers(other_model)  # the failed load left the UNet untouched
+    del sd[Q1 + ".lora_B"]
+    with pytest.raises(ValueError, match=rf"'{Q1}' lacks one of lora_A, lora_B and alpha"):
+        lora.load_state_dict(other_model, sd)
     from safetensors.torch import load_file, save_file
-    t = load_file(tmp_path / "r4.safetensors")
-    t["text_encoder.x.lora_A.weight"] = torch.zeros(1, 1)
-    save_file(t, tmp_path / "te.safetensors")
+    tensors = load_file(tmp_path / "r4.safetensors")
+    tensors["text_encoder.x.lora_A.weight"] = torch.zeros(1, 1)
+    save_file(tensors, tmp_path / "te.safetensors")
     with pytest.raises(ValueError, match="unexpected key 'text_encoder.x.lora_A.weight'"):
         lora.load(tiny_pipeline().unet, tmp_path / "te.safetensors")
 
@@ -136,15 +156,14 @@ def test_merge_unmerge():
     adapted = unet_out(unet)
     lora.merge(unet)
     torch.testing.assert_close(unet_out(unet), adapted, atol=1e-5, rtol=1e-5)
-    m = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k
-    torch.testing.assert_close(m.weight, weights[m_key := "down_blocks.0.attentions.0.transformer_blocks.0."
-                                                 "attn2.to_k.weight"] + 0.75 * m.lora_B @ m.lora_A)
+    name = "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+    m = unet.get_submodule(name)
+    torch.testing.assert_close(m.weight, weights[name + ".weight"] + (3.0 / 4) * m.lora_B @ m.lora_A)
     with pytest.raises(RuntimeError, match="unmerge"):  # training a merged model would silently do nothing
         unet(torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 5, 16))
     lora.unmerge(unet)
     assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items() if "lora_" not in k)
     assert torch.equal(unet_out(unet), adapted)
-    del m_key
 
 
 # The Stable Diffusion 1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), written out.
