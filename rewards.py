@@ -10,12 +10,14 @@ reaches the images without updating the reward model. DDPO only needs the number
 | name                     | what it is                                                   | grad |
 |--------------------------|--------------------------------------------------------------|------|
 | aesthetic                | LAION improved aesthetic predictor on CLIP ViT-L/14          | yes  |
-| pickscore                | PickScore (Kirstain et al. 2023): 100 * cos(image, text)     | yes  |
+| pickscore                | PickScore (Kirstain et al. 2023): ~100 * cos(image, text)    | yes  |
 | jpeg_compressibility     | minus the JPEG size in kB at quality 95 (DDPO)               | no   |
 | jpeg_incompressibility   | plus the JPEG size in kB at quality 95 (DDPO)                | no   |
 | shapes_alignment         | the shapes world's judge: logit_scale * cos(image, caption)  | yes  |
 | shapes_aesthetic         | the shapes world's learned appeal head on the judge          | yes  |
-| shapes_appeal            | the shapes world's programmatic appeal (ground truth, report)| no   |
+| shapes_appeal            | the shapes world's programmatic appeal (ground truth)        | yes* |
+
+* if shapes.appeal_score is built from soft tensor ops (checked when loaded).
 
 Without internet and without the weights cached, the hub-backed rewards raise RewardUnavailable
 within seconds with one line naming the model, its size and the fix; the scripts exit non-zero.
@@ -25,7 +27,6 @@ import os
 import re
 import socket
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -34,7 +35,7 @@ from PIL import Image
 # name -> differentiable; the trainers check this before loading anything heavy
 REWARDS = {"aesthetic": True, "pickscore": True, "jpeg_compressibility": False,
            "jpeg_incompressibility": False, "shapes_alignment": True, "shapes_aesthetic": True,
-           "shapes_appeal": False}
+           "shapes_appeal": True}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP paper's normalisation (OpenAI CLIP)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # The published predictor weights (christophschuhmann/improved-aesthetic-predictor on GitHub)
@@ -249,7 +250,10 @@ def load_aesthetic(device="cpu", mlp_path=None, clip_model="ViT-L-14", clip_pret
             _need("aesthetic: the predictor MLP sac+logos+ava1-l14-linearMSE.pth (3.7 MB)", fix,
                   False, host="github.com")
             os.makedirs(CACHE_DIR, exist_ok=True)
-            torch.hub.download_url_to_file(AESTHETIC_URL, path)  # writes a temp file, then renames
+            try:  # download_url_to_file writes a temp file, then renames: no half files left
+                torch.hub.download_url_to_file(AESTHETIC_URL, path)
+            except Exception as e:
+                raise RewardUnavailable(f"aesthetic: downloading the predictor MLP failed ({e}); {fix}") from e
         mlp.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return aesthetic_reward(clip, mlp, device)
 
@@ -279,27 +283,29 @@ def load_pickscore(device="cpu", model="yuvalkirstain/PickScore_v1",
         raise RewardUnavailable(f"pickscore: the tokenizer of {processor.tokenizer.name_or_path} "
                                 f"has {len(processor.tokenizer)} tokens, not CLIP's 49408; {fix}")
     ip = processor.image_processor
-    resample = {2: "bilinear", 3: "bicubic"}[int(ip.resample)]
+    mode = "bilinear" if ip.resample == 2 else "bicubic"  # PIL's codes; CLIP processors use 3
     return clip_score_reward(model, processor.tokenizer, ip.size["shortest_edge"],
                              ip.crop_size["height"], ip.image_mean, ip.image_std, "pickscore",
-                             device, resample)
+                             device, mode)
 
 
 def load_shapes(name, device="cpu", path=None, judge=None, head=None):
     """The shapes world's rewards (shapes.py): its CLIP judge, the appeal head on the judge's image
     embedding, and the programmatic appeal. `path`: the world's folder (built on first use)."""
     import shapes
-    if name == "shapes_appeal":  # ground truth for reporting; training on it would be cheating
-        return _named(lambda images, prompts=None: shapes.appeal_score(images), name, False)
+    if name == "shapes_appeal":  # the ground truth the head imitates: for reports and cheap tests
+        probe = torch.rand(1, 3, 32, 32, requires_grad=True)  # does the pixel formula carry a graph?
+        return _named(lambda images, prompts=None: shapes.appeal_score(images), name,
+                      shapes.appeal_score(probe).requires_grad)
     if judge is None or (head is None and name == "shapes_aesthetic"):
         path = path or shapes.ensure_built()
-        judge = judge or shapes.load_judge(path, device)
+        judge = judge if judge is not None else shapes.load_judge(path, device)
     # the judge was trained on images at its own resolution with OpenAI CLIP's normalisation
     size = judge.config.vision_config.image_size
     if name == "shapes_alignment":
         tok = shapes.clip_tokenizer(model_max_length=judge.config.text_config.max_position_embeddings)
         return clip_score_reward(judge, tok, size, size, OPENAI_MEAN, OPENAI_STD, name, device)
-    head = _frozen(head or shapes.load_aesthetic_head(path, device), device)
+    head = _frozen(head if head is not None else shapes.load_aesthetic_head(path, device), device)
     judge = _frozen(judge, device)
     return embedding_head_reward(lambda x: clip_image_embeds(judge, x), head, size, OPENAI_MEAN,
                                  OPENAI_STD, name, device)
