@@ -83,6 +83,38 @@ def test_diffusers_load_lora_weights_reproduces_our_unet(tmp_path, rank, alpha, 
     torch.testing.assert_close(unet_out(fresh.unet), ours, atol=1e-5, rtol=0)
 
 
+def sdxl_shaped_unet():
+    """SDXL's UNet features at toy size: text_time added conditioning, 2 transformer layers per block,
+    linear projections, per-level head dims."""
+    from diffusers import UNet2DConditionModel
+    torch.manual_seed(0)
+    return UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=16, attention_head_dim=(2, 4), norm_num_groups=4,
+        use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4)
+
+
+def test_sdxl_shaped_unet_round_trips_through_diffusers(tmp_path):
+    def out(unet):
+        g = torch.Generator().manual_seed(0)
+        x, c = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 5, 16, generator=g)
+        cond = {"text_embeds": torch.randn(2, 8, generator=g), "time_ids": torch.randn(2, 6, generator=g)}
+        with torch.no_grad():
+            return unet(x, torch.tensor([10, 700]), c, added_cond_kwargs=cond).sample
+    unet = sdxl_shaped_unet()
+    base = out(unet)
+    lora.inject(unet, rank=4, alpha=8.0)
+    assert torch.equal(out(unet), base)
+    randomise(unet)
+    lora.save(unet, tmp_path)
+    fresh = sdxl_shaped_unet()
+    fresh.load_lora_adapter(str(tmp_path), prefix="unet", use_safetensors=True)  # what the SDXL pipeline calls
+    torch.testing.assert_close(out(fresh), out(unet), atol=1e-5, rtol=0)
+    assert (out(unet) - base).abs().max() > 1e-2
+
+
 @pytest.mark.parametrize("inject_first", [False, True])
 def test_save_then_load_is_identical(tmp_path, inject_first):
     pipe = tiny_pipeline(seed=0)
