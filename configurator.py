@@ -193,25 +193,31 @@ def atomic_write(path, write):
     os.replace(tmp, path)
 
 
-def prepare_run(out, config):
-    """Create the run folder, or check that an existing one was made with the same config.
-
-    Re-running the same command resumes; a different config in the same folder is an error (it
-    would silently mix two experiments in one log)."""
+def check_run(out, config, ignore=()):
+    """Refuse a run folder that holds a run with a different config: re-running the same command
+    resumes, but a different config in the same folder would silently mix two experiments in one
+    log. Keys in `ignore` may differ (e.g. stop_after). Cheap: call it before any model loads."""
     import json
     path = os.path.join(out, "config.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            old = json.load(f)
-        diff = [k for k in sorted(set(old) | set(config)) if old.get(k) != config.get(k)]
-        if diff:
-            k = diff[0]
-            raise SystemExit(f"error: {out} holds a run with a different config ({k}: {old.get(k)!r} -> "
-                             f"{config.get(k)!r}); re-run with the same options to resume, or pass "
-                             f"--out=<new folder> (or delete {out}) to start fresh")
+    if not os.path.exists(path):
         return
+    with open(path) as f:
+        old = json.load(f)
+    diff = [k for k in sorted(set(old) | set(config)) if k not in ignore and old.get(k) != config.get(k)]
+    if diff:
+        k = diff[0]
+        raise SystemExit(f"error: {out} holds a run with a different config ({k}: {old.get(k)!r} -> "
+                         f"{config.get(k)!r}); re-run with the same options to resume, or pass "
+                         f"--out=<new folder> (or delete {out}) to start fresh")
+
+
+def prepare_run(out, config, ignore=()):
+    """check_run, then create the folder and write config.json."""
+    import json
+    check_run(out, config, ignore)
     os.makedirs(out, exist_ok=True)
-    atomic_write(path, lambda tmp: open(tmp, "w").write(json.dumps(config, indent=2) + "\n"))
+    text = json.dumps(config, indent=2) + "\n"
+    atomic_write(os.path.join(out, "config.json"), lambda tmp: open(tmp, "w").write(text))
 
 
 def write_log(out, history):

@@ -52,3 +52,27 @@ def tiny_pipeline_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("tiny_sd")
     tiny_pipeline().save_pretrained(path)
     return str(path)
+
+
+def run_trainer(name, *argv):
+    """Run a training script in this process, as `python <name>.py <argv>` would (a fresh copy of
+    its module-level defaults every time). Returns the module, whose globals hold the config."""
+    import importlib
+    import configurator
+    mod = importlib.reload(importlib.import_module(name))
+    mod.config = configurator.configure(vars(mod), [str(a) for a in argv])
+    mod.main()
+    return mod
+
+
+def read_log(out):
+    import json
+    with open(os.path.join(out, "log.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="session")
+def prompt_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a (red circle) on a (dark background)\na (blue square)\nan (orange) (triangle)\n")
+    return str(path)
