@@ -272,10 +272,14 @@ def diversity(images):
     return torch.stack([torch.pdist(f).mean() for f in flat]).mean().item() / math.sqrt(flat.shape[-1])
 
 
-def save_grid(path, blocks, titles, row_captions, seeds):
-    """A PNG grid: rows = prompts (captioned at the left), columns = seeds; one block per entry of
-    `blocks` ([P, S, 3, H, W] in [0, 1]), side by side under its title."""
+def save_grid(images, row_captions, path, titles=None, seeds=None):
+    """A PNG grid: one row per caption (written at the left), the images of that row left to right.
+    `images`: [rows * cols, 3, H, W] or [rows, cols, 3, H, W] in [0, 1], or a list of such blocks
+    drawn side by side under their `titles` (plain vs explore). `seeds` labels the columns."""
     from PIL import Image, ImageDraw, ImageFont
+    blocks = [b.detach().float().cpu().reshape(len(row_captions), -1, *b.shape[-3:])
+              for b in (images if isinstance(images, (list, tuple)) else [images])]
+    titles = titles or [""] * len(blocks)
     P, S, _, H, W = blocks[0].shape
     k = max(1, round(128 / H))  # upscale tiny images (nearest) so they stay legible next to the text
     ch, cw, cap_w, head_h, gap = H * k + 2, W * k + 2, 230, 56, 24  # tiles keep a 2 px white border
@@ -285,12 +289,14 @@ def save_grid(path, blocks, titles, row_captions, seeds):
         x0 = cap_w + b * (S * cw + gap)
         draw.multiline_text((x0, 2), textwrap.fill(title, max(20, S * cw // 8)), fill="black", font=font, spacing=1)
         for s in range(S):
-            draw.text((x0 + s * cw + 4, 36), f"seed {seeds[s]}", fill="gray", font=font)
+            if seeds is not None:
+                draw.text((x0 + s * cw + 4, 36), f"seed {seeds[s]}", fill="gray", font=font)
             for p in range(P):
-                tile = (imgs[p, s].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().cpu().numpy()
+                tile = (imgs[p, s].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
                 canvas.paste(Image.fromarray(tile).resize((W * k, H * k), Image.NEAREST), (x0 + s * cw, head_h + p * ch))
     for p, text in enumerate(row_captions):
         draw.multiline_text((6, head_h + p * ch + 6), textwrap.fill(text, 26), fill="black", font=font)
+    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
     canvas.save(path)
 
 
@@ -345,8 +351,7 @@ def main():
         for title, imgs in zip(titles, blocks):
             print(f"diversity (mean pairwise RMS pixel distance between seeds of a prompt), {title.split(':')[0]}: "
                   f"{diversity(imgs):.4f}")
-    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
-    save_grid(out, blocks, titles, prompt_list, seeds)
+    save_grid(blocks, prompt_list, out, titles, seeds)
     print(out)
 
 

@@ -313,3 +313,18 @@ def test_cli_writes_plain_and_explore_grid(tiny_pipeline_dir, tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", ["sample.py", f"--model={tiny_pipeline_dir}", "--prompt=a ((red)) circle"])
     with pytest.raises(SystemExit, match="nested"):
         runpy.run_path(sample.__file__, run_name="__main__")
+
+
+def test_save_grid_rows_and_columns(tmp_path):
+    from PIL import Image
+    images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 prompts x 3 seeds, flat
+    sample.save_grid(images, ["a red circle", "a (blue) square"], tmp_path / "a.png")
+    sample.save_grid([images, images], ["a red circle", "a (blue) square"], tmp_path / "b.png",
+                     titles=["plain", "explore"], seeds=[0, 1, 2])
+    sample.save_grid(images, ["one", "two", "three"], tmp_path / "c.png")  # 3 rows x 2 columns
+    a, b, c = (Image.open(tmp_path / f"{n}.png") for n in "abc")
+    assert b.size[0] > a.size[0] and b.size[1] == a.size[1] and c.size[1] > a.size[1] and c.size[0] < a.size[0]
+    import numpy as np
+    colours = {tuple(v) for v in np.asarray(a.convert("RGB")).reshape(-1, 3).tolist()}
+    tiles = (images.permute(0, 2, 3, 1) * 255).round().byte().reshape(-1, 3).tolist()
+    assert all(tuple(v) in colours for v in tiles)  # every pixel of every image is on the page
