@@ -69,7 +69,6 @@ def load_pipeline(model="shapes", device="cpu", dtype=None):
     first use), a hub id (e.g. DEFAULT_HUB_MODEL) or a local diffusers folder. The VAE and text
     encoder are frozen and in `dtype` (fp16 on CUDA, fp32 on CPU by default); the UNet stays fp32
     because the trainers attach their trainable LoRA weights to it (run it under autocast on GPU)."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
     if model == "shapes":
         import shapes
         path = shapes.ensure_built()
@@ -80,6 +79,7 @@ def load_pipeline(model="shapes", device="cpu", dtype=None):
     else:
         raise ValueError(f"no diffusers folder at {model!r}; pass an existing folder, a hub id "
                          f"like {DEFAULT_HUB_MODEL}, or shapes")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # after the checks: importing takes seconds
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
     pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
