@@ -142,7 +142,8 @@ def ddim_step(scheduler, eps, t, x_t, eta, prev_sample=None, generator=None):
 
     The step is the Gaussian policy N(mean, std^2) of DDPO (Sec. 4): mean from the predicted x_0
     and noise, std = eta * sigma_t. x_prev is a fresh sample (or `prev_sample`, to score a stored
-    trajectory); log_prob is its log-density, None when eta == 0 (a deterministic step has none).
+    trajectory); log_prob is its log-density, None when eta == 0 (a deterministic step has none;
+    scoring a given sample with eta=0 is an error)
     `eps` is the model output in the scheduler's prediction_type (epsilon or v), `t` an int or a
     batch of different timesteps [B]. Gradient flows into x_prev and log_prob through the mean only.
     """
@@ -176,14 +177,17 @@ def ddim_step(scheduler, eps, t, x_t, eta, prev_sample=None, generator=None):
     mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * noise_pred
     if eta == 0:
         return mean, None
-    if (std == 0).any():
-        raise ValueError("a log-prob needs a stochastic step, but this step has zero variance (final alpha 1: "
-                         "the scheduler has set_alpha_to_one=True); load it with set_alpha_to_one=False")
     if prev_sample is None:
         from diffusers.utils.torch_utils import randn_tensor
         prev_sample = mean + std * randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
     # The sample itself is held fixed (detached): the policy gradient flows through the mean.
-    log_prob = (-((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - std.log() - math.log(math.sqrt(2 * math.pi)))
+    # A scheduler with set_alpha_to_one=True (the shapes world's) makes the last step x_prev = x0
+    # with zero variance even for eta > 0: not a random action, so it gets log_prob 0 and adds no
+    # policy gradient (std is swapped for 1 there first, so no inf/NaN reaches the gradient).
+    random = std > 0
+    safe_std = torch.where(random, std, torch.ones_like(std))
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * safe_std ** 2) - safe_std.log() - math.log(math.sqrt(2 * math.pi))
+    log_prob = torch.where(random, log_prob, torch.zeros_like(log_prob))
     # Averaged, not summed, over the latent dimensions: a sum over 16k dims (SD's 4x64x64) makes
     # the PPO ratio exp(logp_new - logp_old) overflow after tiny updates; the mean keeps it O(1).
     return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim)))

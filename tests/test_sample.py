@@ -95,13 +95,25 @@ def test_ddim_step_eta0_is_deterministic_and_has_no_log_prob():
     torch.testing.assert_close(got, s1.step(eps, t, x, eta=0.0).prev_sample, rtol=1e-5, atol=1e-5)
 
 
-def test_ddim_step_zero_variance_final_step_is_a_clear_error():
-    s = make_scheduler("sd", "epsilon", set_alpha_to_one=True)
-    x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
-    with pytest.raises(ValueError, match="set_alpha_to_one"):
-        sample.ddim_step(s, eps, int(s.timesteps[-1]), x, 1.0)
-    got, lp = sample.ddim_step(s, eps, int(s.timesteps[0]), x, 1.0)  # earlier steps are fine
-    assert torch.isfinite(lp).all()
+def test_ddim_step_zero_variance_final_step_has_log_prob_zero():
+    # set_alpha_to_one=True (the shapes world's scheduler): the last step lands on the predicted x_0
+    # with zero variance even at eta=1; it is scored 0 (no policy gradient), never inf or NaN
+    s = make_scheduler("trailing", "v_prediction", set_alpha_to_one=True)
+    t = s.timesteps[[len(s.timesteps) - 1, 2]]  # the last step and an ordinary one, in one batch
+    g = torch.Generator().manual_seed(0)
+    x, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    eps = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
+    got, log_prob = sample.ddim_step(s, eps, t, x, 1.0, generator=torch.Generator().manual_seed(7))
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
+    for b in range(2):
+        want = s.step(eps[b:b + 1], int(t[b]), x[b:b + 1], eta=1.0, variance_noise=noise[b:b + 1]).prev_sample
+        torch.testing.assert_close(got[b:b + 1], want, rtol=1e-5, atol=1e-5)
+    assert log_prob[0] == 0
+    mean, std = reference_mean_std(s, eps[1:], int(t[1]), x[1:], 1.0)
+    torch.testing.assert_close(log_prob[1:], torch.distributions.Normal(mean, std).log_prob(got[1:]).mean(dim=(1, 2, 3)),
+                               rtol=1e-4, atol=1e-4)
+    log_prob.sum().backward()
+    assert torch.isfinite(eps.grad).all() and eps.grad[0].abs().sum() == 0 and eps.grad[1].abs().sum() > 0
 
 
 def test_ddim_step_gradient_flows_through_the_mean_only():
@@ -188,6 +200,8 @@ def test_rollout_reproduces_the_pipeline(pipe, eta):
 
 def test_rollout_per_step_guidance_and_recorded_log_probs():
     pipe = tiny_pipeline(prediction_type="v_prediction")
+    pipe.scheduler = DDIMScheduler(prediction_type="v_prediction",  # like the shapes world's
+                                   **{**SCHEDULERS["trailing"], "set_alpha_to_one": True})
     cond, uncond = embeds(pipe, ["a (red) circle", "a blue square"])
     cond = sample.encode_prompts(pipe, ["a (red) circle", "a blue square"], (torch.tensor([0, -1]), torch.tensor([1.2, 1.1])))
     pipe.scheduler.set_timesteps(8)
@@ -204,6 +218,7 @@ def test_rollout_per_step_guidance_and_recorded_log_probs():
             x = s.step(u + scales[i] * (c - u), t, x, eta=1.0, generator=gen).prev_sample
     torch.testing.assert_close(traj.latents[:, -1], x, rtol=1e-5, atol=1e-5)
     assert torch.equal(traj.guidance, scales) and torch.equal(traj.cond, cond) and traj.uncond.shape == cond.shape
+    assert torch.isfinite(traj.log_probs).all() and (traj.log_probs[:, -1] == 0).all()  # x_0 step: zero variance
     # DDPO recomputes each step's log-prob from what the trajectory recorded: the ratio is exactly 1
     with torch.no_grad():
         for i, t in enumerate(traj.timesteps):
