@@ -1,0 +1,181 @@
+"""DDPO: the PPO objective and advantages against hand computations, on-policy ratios, resume and
+multi-process equivalence, and bad input, on a tiny random SD-shaped pipeline."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import read_log, run_trainer
+
+import train_ddpo
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def small(tiny_pipeline_dir, prompt_file, out, *extra):
+    return [f"--model={tiny_pipeline_dir}", "--reward=jpeg_incompressibility", f"--prompts={prompt_file}",
+            "--num_steps=4", "--sample_batch_size=4", "--num_batches=2", "--train_batch_size=4",
+            "--epochs=2", "--eval_every=100", "--eval_prompts=2", "--eval_seeds=2", f"--out={out}", *extra]
+
+
+def lora_weights(out):
+    return load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+
+
+def test_ppo_loss_against_hand_computation():
+    train_ddpo.clip_range = 0.2  # a visible clip range, so both branches of the max are exercised
+    logp = torch.tensor([0.0, 0.5, -0.5, 0.1, 0.0])
+    old = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.3])
+    adv = torch.tensor([1.0, 2.0, -1.0, -3.0, 0.5])
+    loss, kl, clipfrac, ratio = train_ddpo.ppo_loss(logp, old, adv)
+    expected, clipped = [], 0
+    for lp, o, a in zip(logp.tolist(), old.tolist(), adv.tolist()):
+        r = torch.tensor(lp - o).exp().item()
+        rc = min(max(r, 0.8), 1.2)
+        expected.append(max(-a * r, -a * rc))  # pessimistic bound: the larger of the two losses
+        clipped += abs(r - 1) > 0.2
+    assert loss.item() == pytest.approx(sum(expected) / 5, rel=1e-6)
+    assert clipfrac.item() == pytest.approx(clipped / 5)
+    assert kl.item() == pytest.approx(0.5 * sum((lp - o) ** 2 for lp, o in zip(logp.tolist(), old.tolist())) / 5)
+    # gradient flows only through the unclipped branch: a clipped, improving sample gets none
+    logp.requires_grad_(True)
+    train_ddpo.ppo_loss(logp, old, adv)[0].backward()
+    assert logp.grad[1] == 0 and logp.grad[0] != 0
+
+
+def test_per_prompt_advantages_against_hand_computation():
+    train_ddpo.stat_buffer, train_ddpo.stat_min_count = 4, 3
+    from collections import defaultdict
+    buffers = defaultdict(list)
+    prompts = ["a", "a", "a", "b"]
+    r = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    adv = train_ddpo.per_prompt_advantages(prompts, r, buffers)
+    # "a" has 3 rewards (enough): its own mean 2 and std 1; "b" has 1: the batch's statistics
+    assert adv[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)
+    assert adv[3].item() == pytest.approx((10 - r.mean().item()) / r.std().item(), rel=1e-5)
+    # the buffer keeps only the last 4 rewards of each prompt
+    adv = train_ddpo.per_prompt_advantages(["a", "a"], torch.tensor([4.0, 5.0]), buffers)
+    assert buffers["a"] == [2.0, 3.0, 4.0, 5.0]
+    b = torch.tensor([2.0, 3.0, 4.0, 5.0])
+    assert adv.tolist() == pytest.approx(((torch.tensor([4.0, 5.0]) - b.mean()) / b.std()).tolist(), rel=1e-5)
+
+
+@pytest.mark.parametrize("explore", [False, True])
+def test_ratio_is_one_on_the_first_inner_step(tiny_pipeline_dir, prompt_file, tmp_path, explore):
+    flags = ["--explore", "--t_thres=500"] if explore else []
+    run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, tmp_path / "run", "--epochs=1", *flags))
+    (rec,) = read_log(tmp_path / "run")
+    assert rec["explore"] is explore
+    assert rec["ratio_dev"] < 1e-5  # the recomputed log-prob is the sampling one
+    assert rec["reward_queries"] == 8 and rec["grad_norm"] > 0
+
+
+def test_run_folder_contents_and_lora_loads_in_diffusers(tiny_pipeline_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out, "--eval_every=2"))
+    for name in ("config.json", "log.jsonl", "reward.png", "ckpt.pt", "eval_0001.png"):
+        assert (out / name).exists(), name
+    log = read_log(out)
+    assert [r["epoch"] for r in log] == [0, 1] and [r["reward_queries"] for r in log] == [8, 16]
+    assert "eval_reward" in log[1] and "eval_reward" not in log[0]
+    assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)  # it trained
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipeline_dir, prompt_file, tmp_path):
+    args = small(tiny_pipeline_dir, prompt_file, tmp_path / "a", "--epochs=3")
+    run_trainer("train_ddpo", *args)
+    interrupted = small(tiny_pipeline_dir, prompt_file, tmp_path / "b", "--epochs=3")
+    run_trainer("train_ddpo", *interrupted, "--stop_after=1")
+    assert len(read_log(tmp_path / "b")) == 1
+    run_trainer("train_ddpo", *interrupted, "--stop_after=1")
+    run_trainer("train_ddpo", *interrupted)  # the same command, re-run
+    a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert read_log(tmp_path / "a") [-1]["reward_mean"] == read_log(tmp_path / "b")[-1]["reward_mean"]
+
+
+def test_kill_9_mid_run_then_resume(tiny_pipeline_dir, prompt_file, tmp_path):
+    """A hard kill at an arbitrary moment leaves a resumable folder (atomic checkpoint writes)."""
+    args = small(tiny_pipeline_dir, prompt_file, tmp_path / "a", "--epochs=3")
+    run_trainer("train_ddpo", *args)
+    cmd = [sys.executable, os.path.join(ROOT, "train_ddpo.py"),
+           *small(tiny_pipeline_dir, prompt_file, tmp_path / "b", "--epochs=3")]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "b" / "ckpt.pt"
+    import time
+    while not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.kill()  # SIGKILL, right after the first checkpoint appeared (possibly mid-write of the next)
+    proc.wait()
+    assert subprocess.run(cmd, cwd=ROOT, capture_output=True).returncode == 0
+    a, b = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_dir, prompt_file, tmp_path):
+    # one process: 2 sampling batches, one optimizer step over both; two processes: 1 batch each,
+    # gradients averaged across processes. Same samples, same advantages, same update.
+    common = small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1")
+    run_trainer("train_ddpo", *common, "--num_batches=2", "--grad_accum=2")
+    two = small(tiny_pipeline_dir, prompt_file, tmp_path / "two", "--epochs=1", "--num_batches=1", "--grad_accum=1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_ddpo.py"), *two]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
+    assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert read_log(tmp_path / "one")[0]["reward_mean"] == pytest.approx(read_log(tmp_path / "two")[0]["reward_mean"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reward=beauty"], "beauty"),
+    (["--prompts=no_such_set"], "unknown prompt set"),
+    (["--sample_batch_size=3"], "must be a multiple"),
+    (["--eta=0"], "--eta must be > 0"),
+    (["--timestep_fraction=1.5"], "timestep_fraction"),
+    (["--timestep_fraction=0"], "timestep_fraction"),
+])
+def test_bad_input_is_a_clear_error_with_nothing_written(tiny_pipeline_dir, prompt_file, tmp_path, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out), *flags)
+    assert message in str(e.value) and str(e.value).startswith("error:")
+    assert not out.exists()
+
+
+def test_unknown_model_and_empty_prompt_file(prompt_file, tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    with pytest.raises(SystemExit, match="no prompts"):
+        run_trainer("train_ddpo", f"--prompts={empty}", f"--out={tmp_path / 'r'}")
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddpo.py"), "--model=no-such-org/no-such-model",
+                          f"--prompts={prompt_file}", "--reward=jpeg_compressibility", f"--out={tmp_path / 'r'}"],
+                         cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=60)
+    assert res.returncode != 0 and "no-such-org/no-such-model" in res.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_non_finite_reward_names_the_reward_and_prompt(tiny_pipeline_dir, prompt_file, tmp_path, monkeypatch):
+    import rewards
+    real_load = rewards.load
+
+    def nan_reward(name, **kw):  # no real reward returns NaN on demand: wrap a real one
+        fn = real_load("jpeg_compressibility", **kw)
+        wrapped = lambda images, prompts: fn(images, prompts) * float("nan")
+        wrapped.differentiable = False
+        return wrapped
+    monkeypatch.setattr(rewards, "load", nan_reward)
+    with pytest.raises(SystemExit, match=r"reward jpeg_incompressibility returned nan for prompt 'a"):
+        run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, tmp_path / "run"))
+
+
+def test_changed_config_in_an_existing_run_folder_is_refused(tiny_pipeline_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out, "--epochs=1"))
+    with pytest.raises(SystemExit, match=r"different config \(lr: 0.001 -> 0.01\).*resume.*--out"):
+        run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out, "--epochs=1"), "--lr=0.01")

@@ -1,0 +1,290 @@
+"""AlignProp / DRaFT with DiffExp exploration, top to bottom.
+
+When the reward is differentiable, there is no need for a policy gradient: sample an image with the
+current model, score it, and back-propagate the reward through the VAE decoder and the sampling
+chain into the LoRA weights (Prabhudesai et al., "Aligning Text-to-Image Diffusion Models with
+Reward Backpropagation" (AlignProp), 2023; Clark et al., "Directly Fine-Tuning Diffusion Models on
+Differentiable Rewards" (DRaFT), ICLR 2024). Back-propagating through all T steps costs memory
+linear in T, so the gradient is truncated to the last K steps: K=1 is DRaFT-1, K=all is full
+back-propagation, and AlignProp draws K at random every step. Each step:
+
+    1. sample     a batch; the first T-K denoising steps without gradient, the last K with it
+    2. reward     decode and score the images (one reward query per image)
+    3. update     loss = -mean reward; backward into the LoRA weights; clip; AdamW
+
+DiffExp (Chae et al., AAAI 2025, Sec. 3) changes only how step 1 draws the batch, for the first 3/4
+of training: a very low CFG scale for the noisy timesteps t > t_thres, and one phrase of each prompt
+up-weighted at random.
+
+    python train_alignprop.py --explore                 # shapes world, CPU, minutes
+    python train_alignprop.py --truncation=rand         # AlignProp's randomised K
+    torchrun --nproc_per_node=2 train_alignprop.py ...  # several processes (DDP)
+"""
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import configurator
+import explore as diffexp
+import lora
+import rewards
+import sample
+
+# ------------------------------------------------------------------------------------------------
+# defaults (override with --key=value; `python train_alignprop.py --help` lists them)
+# what to train
+model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
+reward = "shapes_aesthetic"  # a differentiable rewards.py reward: shapes_aesthetic, aesthetic, pickscore, ...
+prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
+out = ""                     # run folder; default out/alignprop-<reward>[-explore]-s<seed>
+seed = 0                     # seeds sampling noise and prompts; same seed = same run
+# sampling
+num_steps = 20               # DDIM steps per image
+eta = 0.0                    # DDIM noise (0 = deterministic DDIM, as DRaFT samples)
+guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
+# truncated back-propagation
+truncation = "1"             # K steps with gradient: an integer (1 = DRaFT-1), 'all', or 'rand'
+k_min = 1                    # with truncation=rand: K ~ uniform over {k_min, ..., k_max}, drawn every step
+k_max = 10                   # with truncation=rand: largest K
+draft_lv = 0                 # DRaFT-LV: average the last step's gradient over n re-noised copies (0 = off; paper: 2)
+checkpointing = "auto"       # gradient checkpointing of the UNet calls: auto (on with CUDA), true, false
+# DiffExp exploration (Chae et al. 2025, Sec. 3)
+explore = False              # explore during the first explore_frac of training
+explore_frac = 0.75          # fraction of training that explores (paper: 3/4)
+w_low = 1.0                  # CFG scale for the noisy timesteps t > t_thres (1.0 = no guidance)
+t_thres = 800                # timestep threshold of the CFG schedule (paper: 900, 800 or 700)
+weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U(1, weight_max)
+explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
+explore_weights = True       # ablation: use random prompt weighting when exploring
+# batches (per process)
+epochs = 20                  # logged rounds of steps_per_epoch updates
+steps_per_epoch = 4          # optimizer steps per epoch
+batch_size = 8               # images per micro-batch
+grad_accum = 1               # micro-batches per optimizer step
+# optimisation
+lr = 1e-3                    # AdamW learning rate on the LoRA weights
+weight_decay = 1e-4          # AdamW weight decay
+max_grad_norm = 1.0          # gradient-norm clip
+loss_coef = 1.0              # loss = -loss_coef * mean reward
+lora_rank = 4                # LoRA rank (alpha = rank)
+# evaluation and logging
+eval_every = 4               # epochs between evaluations (plain sampling, fixed prompts and seeds)
+eval_prompts = 8             # prompts in the evaluation grid
+eval_seeds = 4               # images per evaluation prompt
+device = "auto"              # auto, cpu, cuda
+stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
+# ------------------------------------------------------------------------------------------------
+
+
+def draw_k(g):
+    """How many of the last denoising steps get gradient this update."""
+    if truncation == "all":
+        return num_steps
+    if truncation == "rand":
+        # AlignProp's randomised truncation: a fresh K each update, uniform over {k_min..k_max}
+        return int(torch.randint(k_min, k_max + 1, (1,), generator=g))
+    return int(truncation)
+
+
+def generator(*keys):
+    """A CPU generator seeded from the run seed and a few integers (step, batch, ...): the same
+    keys give the same numbers whatever the process count or an interruption before them."""
+    s = seed
+    for k in keys:
+        s = (s * 1_000_003 + k) % (2**63 - 1)
+    return torch.Generator().manual_seed(s)
+
+
+def draft_lv_images(pipe, traj, cond, uncond, scale, g):
+    """DRaFT-LV (Clark et al. 2024, Sec. 4.2): lower-variance gradient for the last step. The final
+    latent x_0 is re-noised to the last timestep n times with fresh noise and denoised again with
+    gradient; the reward gradient is averaged over the n copies."""
+    sched = pipe.scheduler
+    t = sched.timesteps[-1]
+    x0 = traj.latents[:, -1].detach()
+    images = []
+    for _ in range(draft_lv):
+        noise = torch.randn(x0.shape, generator=g).to(x0)
+        x_t = sched.add_noise(x0, noise, t.reshape(1))
+        eps = sample.guided_eps(pipe.unet, x_t, t, cond, uncond, scale[-1])
+        x_prev, _ = sample.ddim_step(sched, eps, t, x_t, 0.0)
+        images.append(sample.decode(pipe, x_prev))
+    return torch.cat(images)
+
+
+def main():
+    # ---- checks first: bad input costs nothing -------------------------------------------------
+    global out
+    if truncation not in ("all", "rand") and not (truncation.isdigit() and 1 <= int(truncation) <= num_steps):
+        raise SystemExit(f"error: --truncation must be an integer in 1..{num_steps}, 'all' or 'rand', got {truncation!r}")
+    if truncation == "rand" and not 1 <= k_min <= k_max <= num_steps:
+        raise SystemExit(f"error: need 1 <= k_min <= k_max <= num_steps, got {k_min}, {k_max}, {num_steps}")
+    if eta < 0:
+        raise SystemExit(f"error: --eta must be >= 0, got {eta}")
+    prompt_list = configurator.load_prompts(prompts)
+    for p in prompt_list:
+        diffexp.parse_phrases(p)  # malformed phrase marks fail here, not mid-run
+    out = out or f"out/alignprop-{reward}{'-explore' if explore else ''}-s{seed}"
+    config["out"] = out
+    configurator.check_run(out, config, ignore=("stop_after",))
+
+    # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    master = rank == 0
+    try:
+        if reward in rewards.REWARDS:  # before anything is loaded: suggest DDPO instead
+            rewards.require_differentiable(reward)
+        reward_fn = rewards.load(reward, device=dev)
+    except (ValueError, rewards.RewardUnavailable) as e:
+        raise SystemExit(f"error: {e}")
+    try:
+        pipe = sample.load_pipeline(model, device=dev)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
+        configurator.prepare_run(out, config, ignore=("stop_after",))
+    torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
+    params = lora.inject(unet, rank=lora_rank)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    use_ckpt = cuda if checkpointing == "auto" else checkpointing.lower() in ("1", "true", "yes")
+    scheduler.set_timesteps(num_steps, device=dev)
+    timesteps = scheduler.timesteps
+    uncond_one = sample.encode_prompts(pipe, [""])
+
+    # ---- resume ------------------------------------------------------------------------------------
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    start_epoch, queries, history = 0, 0, []
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        lora.load_state_dict(unet, ck["lora"])
+        optimizer.load_state_dict(ck["optimizer"])
+        start_epoch, queries, history = ck["epoch"] + 1, ck["reward_queries"], ck["history"]
+        if master:
+            print(f"resuming {out} from epoch {start_epoch}")
+
+    step_ = max(1, len(prompt_list) // eval_prompts)
+    eval_list = [p for p in prompt_list[::step_][:eval_prompts] for _ in range(eval_seeds)]
+
+    for epoch in range(start_epoch, epochs):
+        if stop_after and epoch - start_epoch >= stop_after:
+            break
+        t0 = time.time()
+        exploring = explore and diffexp.explore_active(epoch, epochs, explore_frac)
+        stats = defaultdict(list)
+        unet.train()
+        pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not master, leave=False)
+        for s in pbar:
+            step = epoch * steps_per_epoch + s
+            k = draw_k(generator(step, 1_000_000))  # the same K on every process
+            step_rewards = []
+            for m in range(grad_accum):
+                # ---- 1. sample, with gradient through the last k steps ----------------------------
+                g = generator(step, m * world + rank)
+                idx = torch.randint(len(prompt_list), (batch_size,), generator=g)
+                batch_prompts = [prompt_list[i] for i in idx]
+                weights = None
+                if exploring and explore_weights:  # DiffExp random prompt weighting
+                    weights = diffexp.draw_weights(batch_prompts, g, w_max=weight_max)
+                cond = sample.encode_prompts(pipe, batch_prompts, weights)
+                uncond = uncond_one.expand(batch_size, -1, -1)
+                scale = torch.full((num_steps,), guidance)
+                if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
+                    scale = diffexp.cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
+                scale = scale.to(dev)
+                clean = [diffexp.parse_phrases(p)[0] for p in batch_prompts]
+                if draft_lv:
+                    traj = sample.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
+                                          generator=g, grad_steps=0, decode=False)
+                    images = draft_lv_images(pipe, traj, cond, uncond, scale, g)
+                    clean = clean * draft_lv
+                else:
+                    traj = sample.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
+                                          generator=g, grad_steps=k, checkpoint=use_ckpt)
+                    images = traj.images
+                # ---- 2. reward ------------------------------------------------------------------
+                r = reward_fn(images, clean)
+                if not torch.isfinite(r).all():
+                    bad = int((~torch.isfinite(r)).nonzero()[0])
+                    raise SystemExit(f"error: reward {reward} returned {r[bad].item()} for prompt "
+                                     f"{clean[bad]!r}; check the reward model and its inputs")
+                # ---- 3. update: ascend the reward ------------------------------------------------
+                loss = -loss_coef * r.mean()
+                (loss / grad_accum).backward()
+                step_rewards.append(r.detach().float().cpu())  # with DRaFT-LV, n queries per image
+                stats["loss"].append(loss.item())
+            if ddp:  # average the LoRA gradients over processes (what DDP would do)
+                for p in params:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            r_all = torch.cat(step_rewards)
+            if ddp:
+                parts = [torch.empty_like(r_all) for _ in range(world)]
+                dist.all_gather(parts, r_all.to(dev))
+                r_all = torch.cat(parts).cpu()
+            queries += len(r_all)
+            stats["rewards"].append(r_all)
+            stats["grad_norm"].append(gn.item())
+            stats["k"].append(k)
+
+        # ---- log, evaluate, checkpoint --------------------------------------------------------------
+        r_epoch = torch.cat(stats["rewards"])
+        rec = dict(epoch=epoch, explore=exploring, reward_mean=r_epoch.mean().item(),
+                   reward_std=r_epoch.std().item(), reward_queries=queries,
+                   loss=sum(stats["loss"]) / len(stats["loss"]),
+                   grad_norm=sum(stats["grad_norm"]) / len(stats["grad_norm"]), k=stats["k"])
+        if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
+            rec["eval_reward"] = evaluate(pipe, reward_fn, eval_list, uncond_one, epoch, master)
+        rec["seconds"] = round(time.time() - t0, 2)
+        history.append(rec)
+        if master:
+            ck = dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
+                      reward_queries=queries, history=history, config=config)
+            configurator.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))
+            configurator.write_log(out, history)
+            print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
+                  f"queries {queries} | loss {rec['loss']:.4f} | grad norm {rec['grad_norm']:.3f} | "
+                  f"K {stats['k']} | {'explore | ' if exploring else ''}"
+                  + (f"eval {rec['eval_reward']:.4f} | " if "eval_reward" in rec else "")
+                  + f"{rec['seconds']:.1f}s")
+
+    if master:
+        lora.save(unet, os.path.join(out, "lora"))
+        print(f"done: {out} (LoRA weights in {out}/lora, log in {out}/log.jsonl, plot {out}/reward.png)")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def evaluate(pipe, reward_fn, eval_list, uncond_one, epoch, master):
+    """Plain sampling (constant guidance, unweighted prompts) with fixed noise; every process
+    computes the same images, rank 0 saves the grid. Returns the mean reward."""
+    g = torch.Generator().manual_seed(1234)
+    cond = sample.encode_prompts(pipe, eval_list)
+    with torch.no_grad():
+        traj = sample.rollout(pipe, cond, uncond_one.expand(len(eval_list), -1, -1), guidance,
+                              num_steps=num_steps, eta=eta, generator=g)
+        clean = [diffexp.parse_phrases(p)[0] for p in eval_list]
+        r = reward_fn(traj.images, clean).float()
+    if master:
+        sample.save_grid(traj.images, clean[::eval_seeds], os.path.join(out, f"eval_{epoch:04d}.png"),
+                         titles=[f"epoch {epoch}: plain sampling, guidance {guidance:g}"])
+    return r.mean().item()
+
+
+if __name__ == "__main__":
+    config = configurator.configure(globals())
+    main()

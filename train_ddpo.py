@@ -1,0 +1,336 @@
+"""DDPO with DiffExp exploration, top to bottom.
+
+DDPO (Black et al., "Training Diffusion Models with Reinforcement Learning", ICLR 2024) treats the
+DDIM denoising chain as a T-step decision process: each step x_t -> x_{t-1} is a Gaussian policy
+whose mean is the UNet's, so a sampled image has an exact log-likelihood, and the reward of the
+final image can be maximised with a policy gradient. Each epoch:
+
+    1. sample     images with the current model, recording every step of every chain
+    2. reward     score them (one reward query per image)
+    3. advantages normalise the rewards per prompt
+    4. train      PPO's clipped importance-sampled objective over the recorded steps (LoRA only)
+
+DiffExp (Chae et al., "Enhancing Sample Efficiency ... via Exploration", AAAI 2025, Sec. 3) changes
+only step 1, and only for the first 3/4 of training: a very low CFG scale for the early, noisy
+timesteps (t > t_thres), and a random up-weighting of one phrase of each prompt.
+
+    python train_ddpo.py --explore                      # shapes world, CPU, minutes
+    python train_ddpo.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --reward=aesthetic \\
+        --prompts=animals ...                           # the paper's setting (see README)
+    torchrun --nproc_per_node=2 train_ddpo.py ...       # several processes (DDP)
+"""
+import math
+import os
+import time
+from collections import defaultdict
+
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import configurator
+import explore as diffexp
+import lora
+import rewards
+import sample
+
+# ------------------------------------------------------------------------------------------------
+# defaults (override with --key=value; `python train_ddpo.py --help` lists them)
+# what to train
+model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
+reward = "shapes_aesthetic"  # rewards.py name: shapes_aesthetic, shapes_alignment, aesthetic, pickscore, jpeg_...
+prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
+out = ""                     # run folder; default out/ddpo-<reward>[-explore]-s<seed>
+seed = 0                     # seeds sampling noise, prompts and shuffling; same seed = same run
+# sampling (DDPO paper, Appendix: 50 DDIM steps, eta 1, guidance 5 on SD 1.5)
+num_steps = 20               # DDIM steps per image
+eta = 1.0                    # DDIM noise; must be > 0 so every step has a log-likelihood
+guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
+# DiffExp exploration (Chae et al. 2025, Sec. 3)
+explore = False              # explore during the first explore_frac of the epochs
+explore_frac = 0.75          # fraction of training that explores (paper: 3/4)
+w_low = 1.0                  # CFG scale for the noisy timesteps t > t_thres (1.0 = no guidance)
+t_thres = 800                # timestep threshold of the CFG schedule (paper: 900, 800 or 700)
+weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U(1, weight_max)
+explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
+explore_weights = True       # ablation: use random prompt weighting when exploring
+# batches (per process; a torchrun run multiplies the samples per epoch by the world size)
+epochs = 24                  # number of sample-then-train rounds
+sample_batch_size = 16       # images per sampling call
+num_batches = 4              # sampling calls per epoch
+train_batch_size = 16        # samples per training micro-batch
+grad_accum = 1               # micro-batches per optimizer step (each over all trained timesteps)
+inner_epochs = 1             # passes over each epoch's samples
+timestep_fraction = 1.0      # fraction of each chain's steps trained on
+# policy gradient (DDPO Sec. 4.3 and its released hyper-parameters)
+clip_range = 1e-4            # PPO clip range on the per-step likelihood ratio
+adv_clip = 5.0               # advantages clipped to +-adv_clip
+per_prompt_stats = True      # normalise rewards per prompt (running buffer) rather than per batch
+stat_buffer = 32             # rewards kept per prompt
+stat_min_count = 16          # below this many, a prompt uses the whole batch's statistics
+# optimisation
+lr = 1e-3                    # AdamW learning rate on the LoRA weights (3e-4 for SD 1.5)
+weight_decay = 1e-4          # AdamW weight decay
+max_grad_norm = 1.0          # gradient-norm clip
+lora_rank = 4                # LoRA rank (alpha = rank)
+# evaluation and logging
+eval_every = 4               # epochs between evaluations (plain sampling, fixed prompts and seeds)
+eval_prompts = 8             # prompts in the evaluation grid
+eval_seeds = 4               # images per evaluation prompt
+device = "auto"              # auto, cpu, cuda
+stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
+# ------------------------------------------------------------------------------------------------
+
+
+def per_prompt_advantages(prompt_list, r, buffers):
+    """DDPO's per-prompt reward normalisation (Black et al., Sec. 4.3 / their stat tracker).
+
+    Each prompt keeps a running buffer of its last `stat_buffer` rewards; its advantage is the
+    reward standardised by that buffer's mean and std, so an easy prompt that always scores high
+    is not reinforced just for being easy. Until a prompt has `stat_min_count` rewards, the whole
+    batch's statistics are used. `buffers` (prompt -> list of floats) is updated in place."""
+    adv = torch.empty_like(r)
+    for p in dict.fromkeys(prompt_list):  # unique, in order
+        mask = torch.tensor([q == p for q in prompt_list])
+        buffers[p] = (buffers[p] + r[mask].tolist())[-stat_buffer:]
+        if len(buffers[p]) < stat_min_count:
+            mean, std = r.mean(), r.std()
+        else:
+            b = torch.tensor(buffers[p], dtype=r.dtype)
+            mean, std = b.mean(), b.std()
+        adv[mask] = (r[mask] - mean) / (std + 1e-6)
+    return adv
+
+
+def ppo_loss(log_prob, old_log_prob, adv):
+    """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised, and two
+    diagnostics: approximate KL between the old and new step policies, and the clipped fraction."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -adv * ratio
+    clipped = -adv * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = torch.maximum(unclipped, clipped).mean()
+    approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
+    clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return loss, approx_kl.detach(), clipfrac.detach(), ratio.detach()
+
+
+def generator(*keys):
+    """A CPU generator seeded from the run seed and a few integers (epoch, batch, ...): the same
+    keys give the same numbers whatever the process count or an interruption before them."""
+    s = seed
+    for k in keys:
+        s = (s * 1_000_003 + k) % (2**63 - 1)
+    return torch.Generator().manual_seed(s)
+
+
+def main():
+    # ---- checks first: bad input costs nothing -------------------------------------------------
+    global out
+    if eta <= 0:
+        raise SystemExit("error: --eta must be > 0: with eta=0 DDIM is deterministic and a step has no "
+                         "likelihood for the policy gradient (DDPO uses eta=1.0)")
+    if not 0 < timestep_fraction <= 1:
+        raise SystemExit(f"error: --timestep_fraction must be in (0, 1], got {timestep_fraction}")
+    samples_per_epoch = sample_batch_size * num_batches
+    if samples_per_epoch % (train_batch_size * grad_accum):
+        raise SystemExit(f"error: samples per epoch (sample_batch_size*num_batches = {samples_per_epoch}) "
+                         f"must be a multiple of train_batch_size*grad_accum = {train_batch_size * grad_accum}")
+    prompt_list = configurator.load_prompts(prompts)
+    for p in prompt_list:
+        diffexp.parse_phrases(p)  # malformed phrase marks fail here, not mid-run
+    out = out or f"out/ddpo-{reward}{'-explore' if explore else ''}-s{seed}"
+    config["out"] = out
+    configurator.check_run(out, config, ignore=("stop_after",))
+
+    # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    else:
+        rank, world = 0, 1
+    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    master = rank == 0
+    try:
+        reward_fn = rewards.load(reward, device=dev)
+    except (ValueError, rewards.RewardUnavailable) as e:
+        raise SystemExit(f"error: {e}")
+    try:
+        pipe = sample.load_pipeline(model, device=dev)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
+        configurator.prepare_run(out, config, ignore=("stop_after",))
+    torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
+    params = lora.inject(unet, rank=lora_rank)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler.set_timesteps(num_steps, device=dev)
+    timesteps = scheduler.timesteps
+    num_train_steps = max(1, int(num_steps * timestep_fraction))
+    uncond_one = sample.encode_prompts(pipe, [""])
+
+    # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
+    ckpt_path = os.path.join(out, "ckpt.pt")
+    start_epoch, queries, history, buffers = 0, 0, [], defaultdict(list)
+    if os.path.exists(ckpt_path):
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        lora.load_state_dict(unet, ck["lora"])
+        optimizer.load_state_dict(ck["optimizer"])
+        start_epoch, queries, history = ck["epoch"] + 1, ck["reward_queries"], ck["history"]
+        buffers.update(ck["buffers"])
+        if master:
+            print(f"resuming {out} from epoch {start_epoch}")
+
+    # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
+    step = max(1, len(prompt_list) // eval_prompts)
+    eval_list = [p for p in prompt_list[::step][:eval_prompts] for _ in range(eval_seeds)]
+
+    for epoch in range(start_epoch, epochs):
+        if stop_after and epoch - start_epoch >= stop_after:
+            break
+        t0 = time.time()
+        exploring = explore and diffexp.explore_active(epoch, epochs, explore_frac)
+
+        # ---- 1. sample ---------------------------------------------------------------------------
+        unet.eval()
+        batches = []
+        for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not master, leave=False):
+            g = generator(epoch, b * world + rank)  # a different stream per process and batch
+            idx = torch.randint(len(prompt_list), (sample_batch_size,), generator=g)
+            batch_prompts = [prompt_list[i] for i in idx]
+            weights = None
+            if exploring and explore_weights:  # DiffExp random prompt weighting, drawn afresh
+                weights = diffexp.draw_weights(batch_prompts, g, w_max=weight_max)
+            cond = sample.encode_prompts(pipe, batch_prompts, weights)
+            uncond = uncond_one.expand(len(batch_prompts), -1, -1)
+            scale = torch.full((num_steps,), guidance)
+            if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
+                scale = diffexp.cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
+            with torch.no_grad():
+                traj = sample.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, generator=g)
+            # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
+            clean = [diffexp.parse_phrases(p)[0] for p in batch_prompts]
+            with torch.no_grad():
+                r = reward_fn(traj.images, clean).float().cpu()
+            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond,
+                                uncond=traj.uncond, scale=traj.guidance.expand(len(idx), -1),
+                                rewards=r, idx=idx))
+        local = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        n_local = len(local["rewards"])
+
+        # gather every process's rewards and prompts: statistics are over the global batch
+        all_r, all_idx = local["rewards"], local["idx"]
+        if ddp:
+            all_r = torch.cat(_all_gather(local["rewards"].to(dev))).cpu()
+            all_idx = torch.cat(_all_gather(local["idx"].to(dev))).cpu()
+        all_prompts = [prompt_list[i] for i in all_idx]
+        if not torch.isfinite(all_r).all():
+            bad = int((~torch.isfinite(all_r)).nonzero()[0])
+            raise SystemExit(f"error: reward {reward} returned {all_r[bad].item()} for prompt "
+                             f"{all_prompts[bad]!r}; check the reward model and its inputs")
+        queries += len(all_r)
+
+        # ---- 3. advantages -------------------------------------------------------------------------
+        # keyed by the unweighted prompt text: exploration changes the embedding, not the task
+        if per_prompt_stats:
+            adv = per_prompt_advantages(all_prompts, all_r, buffers)
+        else:
+            adv = (all_r - all_r.mean()) / (all_r.std() + 1e-6)
+        adv = adv.clamp(-adv_clip, adv_clip)[rank * n_local:(rank + 1) * n_local].to(dev)
+
+        # ---- 4. train: PPO over the recorded denoising steps --------------------------------------
+        # The log-prob of each recorded step is recomputed with the guidance scale and the prompt
+        # embedding that were used when it was sampled (weighted ones, if exploring). The policy
+        # being improved is therefore exactly the one that drew the samples, and the likelihood
+        # ratio is 1 on the first inner step, with or without exploration (logged as ratio_dev).
+        unet.train()
+        stats = defaultdict(list)
+        first_step = True
+        for inner in range(inner_epochs):
+            g = generator(epoch, 10_000 + inner, rank)
+            perm = torch.randperm(n_local, generator=g)
+            # each sample visits its own random order of steps (DDPO shuffles timesteps per sample)
+            step_order = torch.stack([torch.randperm(num_steps, generator=g) for _ in range(n_local)])
+            step_order = step_order[:, :num_train_steps]
+            n_micro = n_local // train_batch_size
+            pbar = tqdm(range(n_micro), desc=f"epoch {epoch} training", disable=not master, leave=False)
+            for m in pbar:
+                i = perm[m * train_batch_size:(m + 1) * train_batch_size]
+                for j in range(num_train_steps):
+                    s = step_order[i, j]
+                    x_t, x_prev = local["latents"][i, s], local["latents"][i, s + 1]
+                    t, w = timesteps[s], local["scale"][i, s]
+                    eps = sample.guided_eps(unet, x_t, t, local["cond"][i], local["uncond"][i], w)
+                    _, log_prob = sample.ddim_step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
+                    loss, kl, clipfrac, ratio = ppo_loss(log_prob, local["log_probs"][i, s], adv[i])
+                    (loss / (num_train_steps * grad_accum)).backward()
+                    stats["loss"].append(loss.item())
+                    stats["approx_kl"].append(kl.item())
+                    stats["clipfrac"].append(clipfrac.item())
+                    if first_step:
+                        stats["ratio_dev"].append((ratio - 1).abs().max().item())
+                if (m + 1) % grad_accum == 0:
+                    if ddp:  # average the LoRA gradients over processes (what DDP would do)
+                        for p in params:
+                            dist.all_reduce(p.grad)
+                            p.grad /= world
+                    gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    stats["grad_norm"].append(gn.item())
+                    first_step = False
+
+        # ---- log, evaluate, checkpoint --------------------------------------------------------------
+        rec = dict(epoch=epoch, explore=exploring, reward_mean=all_r.mean().item(),
+                   reward_std=all_r.std().item(), reward_queries=queries,
+                   **{k: sum(v) / len(v) for k, v in stats.items() if k != "ratio_dev"},
+                   ratio_dev=max(stats["ratio_dev"]), seconds=0.0)
+        if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
+            rec["eval_reward"] = evaluate(pipe, reward_fn, eval_list, uncond_one, epoch, master, dev)
+        rec["seconds"] = round(time.time() - t0, 2)
+        history.append(rec)
+        if master:
+            ck = dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
+                      reward_queries=queries, history=history, buffers=dict(buffers), config=config)
+            configurator.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))
+            configurator.write_log(out, history)
+            print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
+                  f"queries {queries} | kl {rec['approx_kl']:.2e} | clipfrac {rec['clipfrac']:.3f} | "
+                  f"ratio-1 {rec['ratio_dev']:.1e} | {'explore | ' if exploring else ''}"
+                  + (f"eval {rec['eval_reward']:.4f} | " if "eval_reward" in rec else "")
+                  + f"{rec['seconds']:.1f}s")
+
+    if master:
+        lora.save(unet, os.path.join(out, "lora"))
+        print(f"done: {out} (LoRA weights in {out}/lora, log in {out}/log.jsonl, plot {out}/reward.png)")
+    if ddp:
+        dist.destroy_process_group()
+
+
+def evaluate(pipe, reward_fn, eval_list, uncond_one, epoch, master, dev):
+    """Plain sampling (constant guidance, unweighted prompts) with fixed noise; every process
+    computes the same images, rank 0 saves the grid. Returns the mean reward."""
+    g = torch.Generator().manual_seed(1234)
+    cond = sample.encode_prompts(pipe, eval_list)
+    with torch.no_grad():
+        traj = sample.rollout(pipe, cond, uncond_one.expand(len(eval_list), -1, -1), guidance,
+                              num_steps=num_steps, eta=eta, generator=g)
+        clean = [diffexp.parse_phrases(p)[0] for p in eval_list]
+        r = reward_fn(traj.images, clean).float()
+    if master:
+        sample.save_grid(traj.images, clean[::eval_seeds], os.path.join(out, f"eval_{epoch:04d}.png"),
+                         titles=[f"epoch {epoch}: plain sampling, guidance {guidance:g}"])
+    return r.mean().item()
+
+
+def _all_gather(x):
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x)
+    return parts
+
+
+if __name__ == "__main__":
+    config = configurator.configure(globals())
+    main()
