@@ -211,7 +211,7 @@ class Trajectory:
 def decode(pipe, latents):
     """VAE-decode latents to images in [0, 1] (differentiable; the clamp is the pipeline's too)."""
     images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    return (images.float() / 2 + 0.5).clamp(0, 1)
+    return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)  # fp16 VAE -> the latents' fp32
 
 
 _decode = decode  # inside rollout, its `decode=True` flag hides this function's name
@@ -247,7 +247,7 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
         size = unet.config.sample_size
         latents = torch.randn((cond.shape[0], unet.config.in_channels, size, size), generator=generator,
                               device=generator.device if generator is not None else "cpu")
-    x = latents.to(dev, torch.float32) * scheduler.init_noise_sigma
+    x = latents.to(dev, unet.dtype) * scheduler.init_noise_sigma  # fp32 (float64 in a gradient check)
     xs, log_probs = [x], []
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(i >= n - grad_steps):

@@ -116,6 +116,34 @@ def draft_lv_images(pipe, traj, cond, uncond, scale, g):
     return torch.cat(images)
 
 
+def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, exploring, k, g, use_ckpt=False):
+    """Steps 1 and 2: draw a batch of prompts, sample it with gradient through the last k denoising
+    steps (exploring or not), decode and score it. Returns (rewards [B] with their graph, prompts)."""
+    idx = torch.randint(len(prompt_list), (batch_size,), generator=g)
+    batch_prompts = [prompt_list[i] for i in idx]
+    weights = None
+    if exploring and explore_weights:  # DiffExp random prompt weighting
+        weights = diffexp.draw_weights(batch_prompts, g, w_max=weight_max)
+    cond = sample.encode_prompts(pipe, batch_prompts, weights)
+    uncond = uncond_one.expand(batch_size, -1, -1)
+    pipe.scheduler.set_timesteps(num_steps)
+    scale = torch.full((num_steps,), guidance)
+    if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
+        scale = diffexp.cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)
+    scale = scale.to(pipe.unet.device)
+    clean = [diffexp.parse_phrases(p)[0] for p in batch_prompts]
+    if draft_lv:
+        traj = sample.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
+                              generator=g, grad_steps=0, decode=False)
+        images = draft_lv_images(pipe, traj, cond, uncond, scale, g)
+        clean = clean * draft_lv
+    else:
+        traj = sample.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
+                              generator=g, grad_steps=k, checkpoint=use_ckpt)
+        images = traj.images
+    return reward_fn(images, clean), clean
+
+
 def main():
     # ---- checks first: bad input costs nothing -------------------------------------------------
     global out
@@ -152,15 +180,13 @@ def main():
         pipe = sample.load_pipeline(model, device=dev)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    unet, scheduler = pipe.unet, pipe.scheduler
+    unet = pipe.unet
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
         configurator.prepare_run(out, config, ignore=("stop_after",))
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     use_ckpt = cuda if checkpointing == "auto" else checkpointing.lower() in ("1", "true", "yes")
-    scheduler.set_timesteps(num_steps, device=dev)
-    timesteps = scheduler.timesteps
     uncond_one = sample.encode_prompts(pipe, [""])
 
     # ---- resume ------------------------------------------------------------------------------------
@@ -190,31 +216,9 @@ def main():
             k = draw_k(generator(step, 1_000_000))  # the same K on every process
             step_rewards = []
             for m in range(grad_accum):
-                # ---- 1. sample, with gradient through the last k steps ----------------------------
-                g = generator(step, m * world + rank)
-                idx = torch.randint(len(prompt_list), (batch_size,), generator=g)
-                batch_prompts = [prompt_list[i] for i in idx]
-                weights = None
-                if exploring and explore_weights:  # DiffExp random prompt weighting
-                    weights = diffexp.draw_weights(batch_prompts, g, w_max=weight_max)
-                cond = sample.encode_prompts(pipe, batch_prompts, weights)
-                uncond = uncond_one.expand(batch_size, -1, -1)
-                scale = torch.full((num_steps,), guidance)
-                if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
-                    scale = diffexp.cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
-                scale = scale.to(dev)
-                clean = [diffexp.parse_phrases(p)[0] for p in batch_prompts]
-                if draft_lv:
-                    traj = sample.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
-                                          generator=g, grad_steps=0, decode=False)
-                    images = draft_lv_images(pipe, traj, cond, uncond, scale, g)
-                    clean = clean * draft_lv
-                else:
-                    traj = sample.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
-                                          generator=g, grad_steps=k, checkpoint=use_ckpt)
-                    images = traj.images
-                # ---- 2. reward ------------------------------------------------------------------
-                r = reward_fn(images, clean)
+                # ---- 1. sample, with gradient through the last k steps, and 2. reward ----------
+                r, clean = sample_and_score(pipe, reward_fn, prompt_list, uncond_one, exploring, k,
+                                            generator(step, m * world + rank), use_ckpt)
                 if not torch.isfinite(r).all():
                     bad = int((~torch.isfinite(r)).nonzero()[0])
                     raise SystemExit(f"error: reward {reward} returned {r[bad].item()} for prompt "

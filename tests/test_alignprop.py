@@ -1,0 +1,171 @@
+"""AlignProp / DRaFT: which UNet calls carry gradient, the gradient against finite differences,
+randomised K, resume and multi-process equivalence, and bad input."""
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lora
+import sample
+from conftest import read_log, run_trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)"]
+
+
+def brightness(images, prompts):
+    """A real (if simple) differentiable reward: mean pixel value."""
+    return images.mean(dim=(1, 2, 3))
+
+
+brightness.differentiable = True
+
+
+def trainer(**overrides):
+    """A fresh copy of train_alignprop's defaults, with overrides, for calling its functions."""
+    ta = importlib.reload(importlib.import_module("train_alignprop"))
+    for k, v in dict(num_steps=4, batch_size=2, **overrides).items():
+        setattr(ta, k, v)
+    return ta
+
+
+@pytest.mark.parametrize("truncation, k", [("1", 1), ("3", 3), ("all", 4)])
+def test_only_the_last_k_unet_calls_carry_gradient(pipe, truncation, k):
+    ta = trainer(truncation=truncation, eta=0.0)
+    params = lora.inject(pipe.unet)
+    grad_enabled = []
+    pipe.unet.register_forward_hook(lambda m, i, o: grad_enabled.append(torch.is_grad_enabled()))
+    g = torch.Generator().manual_seed(0)
+    assert ta.draw_k(g) == k
+    r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, sample.encode_prompts(pipe, [""]), False, k, g)
+    assert grad_enabled == [False] * (4 - k) + [True] * k
+    r.mean().backward()
+    assert all(p.grad is not None for p in params) and any(p.grad.abs().sum() > 0 for p in params)
+
+
+def test_randomised_k_stays_in_range():
+    ta = trainer(truncation="rand", k_min=2, k_max=3)
+    g = torch.Generator().manual_seed(0)
+    ks = [ta.draw_k(g) for _ in range(200)]
+    assert set(ks) == {2, 3}
+
+
+def lora_vector(params):
+    return torch.cat([p.detach().flatten() for p in params])
+
+
+def set_lora(params, vec):
+    i = 0
+    for p in params:
+        p.data.copy_(vec[i:i + p.numel()].view_as(p))
+        i += p.numel()
+
+
+@pytest.mark.parametrize("explore", [False, True])
+def test_full_backprop_gradient_matches_finite_differences(pipe, explore):
+    """With K = all steps and a deterministic sampler (eta=0, fixed noise and prompt weights), the
+    loss is a smooth function of the LoRA weights: its autograd gradient must match central finite
+    differences along random directions."""
+    ta = trainer(truncation="all", eta=0.0, t_thres=500)
+    params = lora.inject(pipe.unet)
+    pipe.to(torch.float64)  # finite differences need more than float32's 7 digits
+    torch.manual_seed(1)
+    for p in params:  # away from B = 0, where the gradient w.r.t. A vanishes
+        p.data.normal_(0, 0.3)
+    uncond = sample.encode_prompts(pipe, [""])
+
+    def loss():
+        r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, uncond, explore, 4, torch.Generator().manual_seed(7))
+        return -r.mean()
+
+    for p in params:
+        p.grad = None
+    loss().backward()
+    grad = torch.cat([p.grad.flatten() for p in params])
+    theta = lora_vector(params)
+    eps = 1e-4
+    for d in range(3):
+        direction = torch.randn(theta.shape, generator=torch.Generator().manual_seed(100 + d), dtype=theta.dtype)
+        direction /= direction.norm()
+        with torch.no_grad():
+            set_lora(params, theta + eps * direction)
+            plus = loss().item()
+            set_lora(params, theta - eps * direction)
+            minus = loss().item()
+        set_lora(params, theta)
+        fd = (plus - minus) / (2 * eps)
+        assert grad @ direction == pytest.approx(fd, rel=0.03, abs=1e-6)
+
+
+def small(tiny_pipeline_dir, prompt_file, out, *extra):
+    return [f"--model={tiny_pipeline_dir}", "--reward=shapes_appeal", f"--prompts={prompt_file}",
+            "--num_steps=4", "--batch_size=2", "--steps_per_epoch=2", "--epochs=2", "--eval_every=100",
+            "--eval_prompts=2", "--eval_seeds=2", f"--out={out}", *extra]
+
+
+def lora_weights(out):
+    return load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+
+
+def test_run_logs_k_and_rewards(tiny_pipeline_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, out, "--truncation=rand",
+                                          "--k_min=2", "--k_max=3", "--explore"))
+    log = read_log(out)
+    assert [r["reward_queries"] for r in log] == [4, 8]
+    assert all(k in (2, 3) for r in log for k in r["k"]) and all(len(r["k"]) == 2 for r in log)
+    assert [r["explore"] for r in log] == [True, False]  # the first 3/4 of 2 epochs
+    for name in ("config.json", "reward.png", "ckpt.pt", "eval_0001.png"):
+        assert (out / name).exists(), name
+    assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)
+
+
+def test_draft_lv_counts_n_queries_per_image(tiny_pipeline_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, out, "--draft_lv=2", "--epochs=1"))
+    assert read_log(out)[0]["reward_queries"] == 2 * 2 * 2  # steps x batch x n
+
+
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipeline_dir, prompt_file, tmp_path):
+    run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, tmp_path / "a", "--epochs=3"))
+    b = small(tiny_pipeline_dir, prompt_file, tmp_path / "b", "--epochs=3")
+    run_trainer("train_alignprop", *b, "--stop_after=1")
+    assert len(read_log(tmp_path / "b")) == 1
+    run_trainer("train_alignprop", *b)
+    wa, wb = lora_weights(tmp_path / "a"), lora_weights(tmp_path / "b")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_dir, prompt_file, tmp_path):
+    run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1",
+                                          "--grad_accum=2"))
+    two = small(tiny_pipeline_dir, prompt_file, tmp_path / "two", "--epochs=1", "--grad_accum=1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           os.path.join(ROOT, "train_alignprop.py"), *two]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    a, b = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+    assert read_log(tmp_path / "one")[0]["reward_mean"] == pytest.approx(read_log(tmp_path / "two")[0]["reward_mean"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--reward=jpeg_compressibility"], "train_ddpo.py"),
+    (["--reward=beauty"], "unknown reward"),
+    (["--truncation=zero"], "--truncation"),
+    (["--truncation=9"], "--truncation"),
+    (["--truncation=rand", "--k_min=3", "--k_max=2"], "k_min"),
+    (["--eta=-1"], "--eta"),
+    (["--prompts=no_such_set"], "unknown prompt set"),
+])
+def test_bad_input_is_a_clear_error_with_nothing_written(tiny_pipeline_dir, prompt_file, tmp_path, flags, message):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as e:
+        run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, out), *flags)
+    assert message in str(e.value) and str(e.value).startswith("error:")
+    assert not out.exists()
