@@ -1,12 +1,225 @@
 """The offline "shapes" world: synthetic images and captions, a tiny text-to-image latent diffusion
-model trained on them, and the world's own rewards. (Being built; see issue 2.)"""
+model trained on them, and the world's own rewards.
+
+A reader without a GPU or hub access still gets a real Stable-Diffusion-shaped model: an
+`AutoencoderKL`, a `CLIPTextModel` with the real CLIP tokenizer and a `UNet2DConditionModel`, saved
+as a diffusers `StableDiffusionPipeline` folder, so every other script treats it exactly like SD 1.5.
+Next to it: a tiny CLIP judge (the world's PickScore) and an aesthetic MLP on the judge's image
+embedding (the world's LAION predictor), trained to predict a programmatic "appeal" score.
+
+    python shapes.py                  # build the default world (cached), print its folder last
+    python shapes.py --evaluate       # also measure it (judge accuracy, guidance sweep, grids)
+"""
 import gzip
+import hashlib
+import itertools
+import json
+import math
 import os
+import re
+import shutil
+import sys
+import time
 
 import open_clip
+import torch
+import torch.nn.functional as F
 from open_clip.tokenizer import bytes_to_unicode
+from tqdm import tqdm
 from transformers import CLIPTokenizer
 
+# ---------------------------------------------------------------------------------------------
+# Build configuration: `python shapes.py --key=value` overrides these; ensure_world(**overrides)
+# does the same from code. Each distinct configuration is built into its own cache folder.
+seed = 0  # the whole build is deterministic given this seed (and the number of threads)
+cache = ""  # folder of built worlds (default: $SHAPES_CACHE, else .cache/shapes next to this file)
+micro = False  # a seconds-long build of the same code, for the tests (quality meaningless)
+vae_steps = 1200  # autoencoder training steps
+vae_batch = 16  # autoencoder batch size
+judge_steps = 1500  # CLIP judge training steps
+judge_batch = 128  # CLIP judge batch size
+unet_steps = 1800  # denoiser training steps (the text encoder trains with it)
+unet_batch = 64  # denoiser batch size
+unet_lr = 1e-3  # denoiser AdamW peak learning rate (cosine decay after a short warm-up)
+ema = 0.999  # EMA decay of the saved denoiser weights
+p_empty = 0.1  # fraction of empty captions, so classifier-free guidance has an unconditional model
+p_high_t = 0.5  # fraction of training timesteps drawn from the noisy end (t >= 650)
+evaluate = False  # after building, measure judge accuracy and the guidance sweep, write grids
+eval_per_prompt = 4  # samples per prompt (72 prompts) at each guidance scale when evaluating
+eval_steps = 20  # DDIM steps when evaluating
+
+BUILD_VERSION = 1  # bump when the build's code changes what it produces (invalidates caches)
+MICRO = dict(vae_steps=2, vae_batch=4, judge_steps=2, judge_batch=8, unet_steps=2, unet_batch=4,
+             eval_per_prompt=1, eval_steps=2)
+
+# ---------------------------------------------------------------------------------------------
+# The world: one shape, in one colour, on a plain background, 32x32 RGB in [0, 1].
+SIZE = 32
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOURS = {"red": (0.90, 0.12, 0.12), "green": (0.15, 0.70, 0.20), "blue": (0.15, 0.30, 0.95),
+           "yellow": (0.95, 0.85, 0.10), "purple": (0.55, 0.20, 0.75), "orange": (1.00, 0.55, 0.05)}
+BACKGROUNDS = {"light": 0.90, "grey": 0.50, "dark": 0.10}
+COLOUR_NAMES, BACKGROUND_NAMES = tuple(COLOURS), tuple(BACKGROUNDS)
+PALETTE = torch.tensor(list(COLOURS.values()))
+GREYS = torch.tensor(list(BACKGROUNDS.values()))
+# How far each shape reaches from its centre, in units of its size r (keeps shapes inside the image).
+EXTENT = torch.tensor([1.0, 0.9, 1.4, 1.0])
+R_MIN, R_MAX = 6.0, 10.0  # shape size range, pixels
+
+
+def caption(colour, shape, background, marked=False):
+    """"a red circle on a dark background"; marked: "a (red) (circle) on a (dark) background",
+    the parentheses marking the phrases DiffExp's random prompt weighting may up-weight."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    if marked:
+        return f"{article} ({colour}) ({shape}) on a ({background}) background"
+    return f"{article} {colour} {shape} on a {background} background"
+
+
+# Every caption of the world, in label order: index = (colour * 4 + shape) * 3 + background.
+LABELS = list(itertools.product(range(len(COLOURS)), range(len(SHAPES)), range(len(BACKGROUNDS))))
+CAPTIONS = [caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b]) for c, s, b in LABELS]
+
+
+def prompts():
+    """The world's prompt set (72 prompts, phrases marked), as configurator.load_prompts('shapes')."""
+    return [caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b], marked=True) for c, s, b in LABELS]
+
+
+def parse_prompt(prompt):
+    """(colour, shape, background) indices named in a prompt, each None when absent."""
+    words = re.findall(r"[a-z]+", prompt.lower().replace("gray", "grey"))
+    find = lambda names: next((names.index(w) for w in words if w in names), None)
+    return find(COLOUR_NAMES), find(SHAPES), find(BACKGROUND_NAMES)
+
+
+def sample_scenes(n, generator):
+    """n random scenes: label indices, size r and centre (pixels), drawn from `generator`."""
+    g = generator
+    shape = torch.randint(len(SHAPES), (n,), generator=g)
+    colour = torch.randint(len(COLOURS), (n,), generator=g)
+    background = torch.randint(len(BACKGROUNDS), (n,), generator=g)
+    r = R_MIN + (R_MAX - R_MIN) * torch.rand(n, generator=g)
+    margin = r * EXTENT[shape] + 1.0
+    centre = margin[:, None] + (SIZE - 2 * margin[:, None]) * torch.rand(n, 2, generator=g)
+    return dict(shape=shape, colour=colour, background=background, r=r, centre=centre)
+
+
+def shape_field(shape, dx, dy):
+    """Shape `shape` (an index into SHAPES) of size r, centred at the origin, covers exactly the
+    points whose field is below r. dx, dy: offsets from the centre in pixels (y grows downwards)."""
+    dx = dx.abs()
+    if shape == 0:  # circle of radius r
+        return torch.sqrt(dx ** 2 + dy ** 2)
+    if shape == 1:  # square of half side 0.9 r
+        return torch.maximum(dx, dy.abs()) / 0.9
+    if shape == 2:  # equilateral triangle pointing up, circumradius 1.4 r (inradius 0.7 r): inside
+        s, c = math.sin(math.pi / 3), math.cos(math.pi / 3)  # the half-planes of its three edges
+        return torch.maximum(dy, s * dx - c * dy) / 0.7
+    # cross: two 2r x 0.8r bars
+    return torch.minimum(torch.maximum(dx, dy.abs() / 0.4), torch.maximum(dx / 0.4, dy.abs()))
+
+
+SUPERSAMPLE = 4  # anti-aliasing: a pixel's coverage is measured at 4 x 4 points inside it
+
+
+def render(scenes):
+    """Images [n, 3, 32, 32] in [0, 1], anti-aliased."""
+    shape, r, centre = scenes["shape"], scenes["r"], scenes["centre"]
+    points = (torch.arange(SIZE * SUPERSAMPLE, dtype=torch.float32) + 0.5) / SUPERSAMPLE
+    cover = torch.zeros(len(shape), 1, SIZE, SIZE)
+    for k in range(len(SHAPES)):
+        i = torch.nonzero(shape == k)[:, 0]
+        dx = points[None, None, :] - centre[i, 0, None, None]
+        dy = points[None, :, None] - centre[i, 1, None, None]
+        inside = (shape_field(k, dx, dy) < r[i, None, None]).float()
+        cover[i] = F.avg_pool2d(inside[:, None], SUPERSAMPLE)
+    fg = PALETTE[scenes["colour"]][:, :, None, None]
+    bg = GREYS[scenes["background"]][:, None, None, None]
+    return bg * (1 - cover) + fg * cover
+
+
+def make_batch(n, generator):
+    """(images [n,3,32,32], captions, labels [n] indexing CAPTIONS): fresh data, deterministic per generator."""
+    scenes = sample_scenes(n, generator)
+    labels = (scenes["colour"] * len(SHAPES) + scenes["shape"]) * len(BACKGROUNDS) + scenes["background"]
+    return render(scenes), [CAPTIONS[i] for i in labels.tolist()], labels
+
+
+# ---------------------------------------------------------------------------------------------
+# Programmatic readings of an image: the pixel checker (what is drawn) and the appeal score.
+
+def _foreground(images):
+    """Background colour (median of the border pixels), per-pixel distance from it in [0, 1]."""
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], 2)
+    bg = border.median(2).values  # [B, 3]
+    dist = (images - bg[:, :, None, None]).norm(dim=1) / math.sqrt(3)  # [B, H, W]
+    return bg, dist
+
+
+def appeal(images):
+    """The world's programmatic aesthetic ("appeal") score in [0, 10], differentiable.
+
+    The mean of three terms in [0, 1], from a soft foreground mask (pixels away from the border's
+    colour):
+      size:     the shape's area as a fraction of the image, best at 1/4; it falls back to 0 at 1/2,
+                so a model that only learns "bigger is better" is caught over-optimising;
+      centre:   1 at the image centre, 0 at 8 pixels or more from it;
+      contrast: the foreground's mean colour distance from the background, full at 0.6.
+    """
+    images = images.float()
+    if images.shape[-1] != SIZE or images.shape[-2] != SIZE:
+        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    _, dist = _foreground(images)
+    mask = torch.sigmoid((dist - 0.1) / 0.01)
+    area = mask.mean((1, 2))
+    size = torch.where(area <= 0.25, area / 0.25, (1 - (area - 0.25) / 0.25).clamp(min=0))
+    weight = mask / (mask.sum((1, 2), keepdim=True) + 1e-6)
+    xy = torch.arange(SIZE, dtype=images.dtype, device=images.device) + 0.5
+    cx, cy = (weight.sum(1) * xy).sum(1), (weight.sum(2) * xy).sum(1)
+    centre = 1 - (torch.sqrt((cx - SIZE / 2) ** 2 + (cy - SIZE / 2) ** 2 + 1e-8) / 8).clamp(max=1)
+    contrast = ((weight * dist).sum((1, 2)) / 0.6).clamp(max=1)
+    return 10 * (size + centre + contrast) / 3
+
+
+def check(images):
+    """The pixel checker: read colour, shape and background off the pixels, no learning involved.
+
+    Background: nearest grey to the border's median colour. Foreground: pixels more than half the
+    shape's contrast away from it (the 0.5-coverage contour the renderer draws). Colour: nearest
+    palette entry to the mean of the foreground's core. Shape: best intersection-over-union against
+    each shape drawn at the foreground's centroid over a range of sizes. Returns label indices [B]
+    plus the centroid [B, 2] and area fraction [B] (for diversity figures).
+    """
+    images = images.detach().float().cpu()
+    if images.shape[-1] != SIZE or images.shape[-2] != SIZE:
+        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    bg, dist = _foreground(images)
+    B = images.shape[0]
+    contrast = dist.flatten(1).quantile(0.98, dim=1)
+    core = dist >= 0.8 * contrast[:, None, None]
+    fg_colour = (images * core[:, None]).sum((2, 3)) / core.sum((1, 2))[:, None].clamp(min=1)
+    colour = torch.cdist(fg_colour, PALETTE).argmin(1)
+    background = (bg.mean(1)[:, None] - GREYS[None]).abs().argmin(1)
+    mask = (dist > 0.5 * contrast[:, None, None]).float()
+    xy = torch.arange(SIZE, dtype=torch.float32) + 0.5
+    area = mask.sum((1, 2))
+    centroid = torch.stack([(mask.sum(1) * xy).sum(1), (mask.sum(2) * xy).sum(1)], 1) / area[:, None].clamp(min=1)
+    # every (shape, size) template at each image's centroid (all four shapes are centred on it)
+    radii = torch.linspace(3, 13, 41)
+    pixels = torch.arange(SIZE, dtype=torch.float32) + 0.5
+    dx, dy = pixels[None, None, :] - centroid[:, 0, None, None], pixels[None, :, None] - centroid[:, 1, None, None]
+    fields = torch.stack([shape_field(k, dx, dy) for k in range(len(SHAPES))], 1)  # [B, 4, 32, 32]
+    templates = (fields[:, :, None] < radii[None, None, :, None, None]).float()
+    inter = (templates * mask[:, None, None]).sum((3, 4))
+    union = templates.sum((3, 4)) + area[:, None, None] - inter
+    iou = (inter / union.clamp(min=1)).amax(2)  # best size per shape: [B, S]
+    return dict(colour=colour, shape=iou.argmax(1), background=background, centroid=centroid,
+                area=area / SIZE ** 2, iou=iou.amax(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# The real CLIP tokenizer, offline.
 
 def clip_tokenizer(model_max_length=77):
     """The real CLIP BPE tokenizer (49408 tokens, as SD 1.5's), built offline from the vocabulary
@@ -22,3 +235,525 @@ def clip_tokenizer(model_max_length=77):
                         model_max_length=model_max_length)
     assert len(tok) == 49408, len(tok)
     return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# The models. Small versions of SD 1.5's three parts, plus the judge. Prompts are 16 tokens, not
+# 77: the world's captions are at most 11 tokens, and 77 tokens cost ~30% of the UNet's time.
+MAX_TOKENS = 16
+TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def new_vae():
+    # x2 down to a 16x16x4 latent; x4 variants lost colour or shape. No mid-block attention.
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, sample_size=SIZE, mid_block_add_attention=False)
+
+
+def new_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(**TEXT))
+
+
+def new_unet():
+    # Cross-attention at 8x8 and 4x4 (and the 4x4 mid block), none at 16x16. Note diffusers'
+    # historical naming: `attention_head_dim` here is the number of heads (2 heads of 32 channels).
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT["hidden_size"], attention_head_dim=2, norm_num_groups=16)
+
+
+def new_scheduler():
+    # v-prediction with the cosine schedule (Nichol & Dhariwal 2021), whose last timestep has
+    # (almost) zero SNR: SD's scaled-linear schedule leaves much of the image visible at t=999 for a
+    # 16x16 latent, and epsilon-prediction then blew up. Sample with "trailing" DDIM timesteps so
+    # sampling starts at t=999 (Lin et al. 2024, "Common diffusion noise schedules are flawed").
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="v_prediction", timestep_spacing="trailing",
+                         clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+
+
+def new_judge():
+    # A tiny CLIP (Radford et al. 2021): a ViT with 4x4 patches and a 2-layer text transformer.
+    from transformers import CLIPConfig, CLIPModel
+    return CLIPModel(CLIPConfig(text_config=TEXT, projection_dim=64, vision_config=dict(
+        image_size=SIZE, patch_size=4, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4)))
+
+
+def new_aesthetic():
+    # A small MLP on the judge's L2-normalised image embedding, as the LAION predictor sits on CLIP's.
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 1))
+
+
+def tokenize(tokenizer, texts):
+    return tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def judge_image_features(judge, images):
+    """Projected image embeddings, [B, 64], from images in [0, 1] at 32x32 (any size is resized)."""
+    if images.shape[-1] != SIZE or images.shape[-2] != SIZE:
+        images = F.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True, align_corners=False)
+    return judge.visual_projection(judge.vision_model(pixel_values=images * 2 - 1).pooler_output)
+
+
+def judge_text_features(judge, input_ids):
+    return judge.text_projection(judge.text_model(input_ids=input_ids).pooler_output)
+
+
+def judge_logits(judge, images, text_features):
+    """CLIP's scaled cosine similarity of each image with each text: [B, T]."""
+    img = F.normalize(judge_image_features(judge, images), dim=-1)
+    return judge.logit_scale.exp() * img @ F.normalize(text_features, dim=-1).T
+
+
+def cosine_lr(step, total, peak, warmup=50):
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    return peak * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+
+# ---------------------------------------------------------------------------------------------
+# The build, in stages. Each stage draws its data from its own generator, so changing one stage's
+# length leaves the others' data unchanged.
+
+def _generator(cfg, stage):
+    return torch.Generator().manual_seed(cfg["seed"] * 1000 + stage)
+
+
+def train_vae(cfg):
+    """Stage 1: the autoencoder. Returns (vae, scaling_factor, PSNR in dB on held-out images)."""
+    torch.manual_seed(cfg["seed"])
+    vae, g = new_vae(), _generator(cfg, 1)
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    for step in (bar := tqdm(range(cfg["vae_steps"]), desc="vae", dynamic_ncols=True)):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg["vae_steps"], 1e-3)
+        x = make_batch(cfg["vae_batch"], g)[0] * 2 - 1
+        posterior = vae.encode(x).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        # SD's autoencoder objective without its GAN and perceptual terms: reconstruction plus a
+        # tiny KL pull towards N(0, 1) (Rombach et al. 2022, Sec. 3 and App. G)
+        loss = F.mse_loss(recon, x) + 1e-6 * posterior.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        x = make_batch(32 if cfg["micro"] else 512, _generator(cfg, 101))[0]
+        mean = vae.encode(x * 2 - 1).latent_dist.mean
+        recon = (vae.decode(mean).sample / 2 + 0.5).clamp(0, 1)
+        psnr = (-10 * torch.log10(F.mse_loss(recon, x))).item()
+    # The denoiser is trained on the posterior *mean*: sampled latents are about half noise at this
+    # size. Scale it to unit variance, as SD's scaling_factor does (0.18215 for SD's VAE).
+    return vae, 1.0 / mean.std().item(), psnr
+
+
+def train_judge(cfg, vae):
+    """Stage 2: the CLIP judge. Returns (judge, held-out accuracy per attribute).
+
+    CLIP's contrastive loss, image-to-text half, with every caption of the world as the negatives
+    (a batch repeats captions, so in-batch negatives would include false ones). Half of each batch
+    goes through the autoencoder first, so the judge also knows what decoded images look like.
+    """
+    torch.manual_seed(cfg["seed"] + 1)
+    judge, g, tok = new_judge(), _generator(cfg, 2), clip_tokenizer(MAX_TOKENS)
+    ids = tokenize(tok, CAPTIONS)
+    opt = torch.optim.AdamW(judge.parameters(), lr=1e-3, weight_decay=0.05)
+    for step in (bar := tqdm(range(cfg["judge_steps"]), desc="judge", dynamic_ncols=True)):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg["judge_steps"], 1e-3)
+        images, _, labels = make_batch(cfg["judge_batch"], g)
+        half = cfg["judge_batch"] // 2
+        with torch.no_grad():
+            images[:half] = (vae.decode(vae.encode(images[:half] * 2 - 1).latent_dist.mean).sample / 2 + 0.5).clamp(0, 1)
+        loss = F.cross_entropy(judge_logits(judge, images, judge_text_features(judge, ids)), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            judge.logit_scale.clamp_(0, math.log(100))  # as CLIP does
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+    judge.eval().requires_grad_(False)
+    images, _, labels = make_batch(32 if cfg["micro"] else 1024, _generator(cfg, 102))
+    return judge, attribute_accuracy(judge_read(judge, tok, images), labels)
+
+
+def judge_read(judge, tokenizer, images):
+    """What the judge sees: colour, shape and background indices [B] (each the argmax of the
+    caption probabilities summed over the other two attributes)."""
+    with torch.no_grad():
+        text = judge_text_features(judge, tokenize(tokenizer, CAPTIONS))
+        probs = judge_logits(judge, images, text).softmax(-1).view(-1, len(COLOURS), len(SHAPES), len(BACKGROUNDS))
+    return dict(colour=probs.sum((2, 3)).argmax(1), shape=probs.sum((1, 3)).argmax(1),
+                background=probs.sum((1, 2)).argmax(1))
+
+
+def attribute_accuracy(read, labels):
+    colour, rest = labels // (len(SHAPES) * len(BACKGROUNDS)), labels % (len(SHAPES) * len(BACKGROUNDS))
+    truth = dict(colour=colour, shape=rest // len(BACKGROUNDS), background=rest % len(BACKGROUNDS))
+    return {k: (read[k] == truth[k]).float().mean().item() for k in truth}
+
+
+def train_aesthetic(cfg, judge):
+    """Stage 3: the aesthetic MLP, regressing appeal() from the judge's image embedding.
+    Returns (mlp, held-out correlation with appeal)."""
+    torch.manual_seed(cfg["seed"] + 2)
+    mlp, g = new_aesthetic(), _generator(cfg, 3)
+    n = 64 * max(1, cfg["judge_steps"] // 8)  # 12k images in the default build
+
+    def embed(images):
+        with torch.no_grad():
+            return F.normalize(judge_image_features(judge, images), dim=-1)
+
+    chunks = [make_batch(256, g)[0] for _ in range(max(1, n // 256))]
+    x = torch.cat([embed(c) for c in chunks])
+    y = torch.cat([appeal(c) for c in chunks])
+    opt = torch.optim.AdamW(mlp.parameters(), lr=3e-3, weight_decay=0.0)
+    steps = max(2, 4 * cfg["judge_steps"] // 3)
+    for step in tqdm(range(steps), desc="aesthetic", dynamic_ncols=True):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, steps, 3e-3)
+        i = torch.randint(len(x), (256,), generator=g)
+        loss = F.mse_loss(mlp(x[i])[:, 0], y[i])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    mlp.eval().requires_grad_(False)
+    test = make_batch(32 if cfg["micro"] else 1024, _generator(cfg, 103))[0]
+    pred, truth = mlp(embed(test))[:, 0], appeal(test)
+    return mlp, torch.corrcoef(torch.stack([pred, truth]))[0, 1].item()
+
+
+def train_unet(cfg, vae, scaling_factor):
+    """Stage 4: the denoiser and the text encoder, together. Returns (unet with EMA weights, text encoder)."""
+    torch.manual_seed(cfg["seed"] + 3)
+    unet, text_encoder, scheduler = new_unet(), new_text_encoder(), new_scheduler()
+    tok, g = clip_tokenizer(MAX_TOKENS), _generator(cfg, 4)
+    ids = tokenize(tok, CAPTIONS + [""])  # the last one is the empty caption
+    params = list(unet.parameters()) + list(text_encoder.parameters())
+    ema_params = [p.detach().clone() for p in unet.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg["unet_lr"], weight_decay=0.01)
+    B, T = cfg["unet_batch"], scheduler.config.num_train_timesteps
+    for step in (bar := tqdm(range(cfg["unet_steps"]), desc="unet", dynamic_ncols=True)):
+        for group in opt.param_groups:
+            group["lr"] = cosine_lr(step, cfg["unet_steps"], cfg["unet_lr"], warmup=100)
+        images, _, labels = make_batch(B, g)
+        with torch.no_grad():
+            latents = vae.encode(images * 2 - 1).latent_dist.mean * scaling_factor
+        labels = torch.where(torch.rand(B, generator=g) < cfg["p_empty"], len(CAPTIONS), labels)
+        # Every caption once through the text encoder, then gather: cheaper than B of them.
+        text = text_encoder(input_ids=ids).last_hidden_state[labels]
+        # Timesteps: uniform, except that a fraction comes from the noisy end, where the layout
+        # (which shape, where) is decided; the prototype drew no shapes until it did this.
+        t = torch.randint(T, (B,), generator=g)
+        high = torch.randint(650, T, (B,), generator=g)
+        t = torch.where(torch.rand(B, generator=g) < cfg["p_high_t"], high, t)
+        noise = torch.randn(latents.shape, generator=g)
+        noisy = scheduler.add_noise(latents, noise, t)
+        target = scheduler.get_velocity(latents, noise, t)  # v = sqrt(a) eps - sqrt(1-a) x0 (Salimans & Ho 2022)
+        loss = F.mse_loss(unet(noisy, t, text).sample, target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        decay = min(cfg["ema"], (1 + step) / (10 + step))  # EMA with warm-up
+        torch._foreach_lerp_(ema_params, [p.detach() for p in unet.parameters()], 1 - decay)
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    with torch.no_grad():
+        for p, e in zip(unet.parameters(), ema_params):
+            p.copy_(e)
+    return unet.eval().requires_grad_(False), text_encoder.eval().requires_grad_(False)
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache: one folder per build configuration. A folder is built under a temporary name and
+# renamed into place only once complete, with a manifest of every file's SHA-256 written last; a
+# folder whose manifest is missing or does not match its files is rebuilt, never loaded.
+BUILD_KEYS = ("seed", "micro", "vae_steps", "vae_batch", "judge_steps", "judge_batch", "unet_steps",
+              "unet_batch", "unet_lr", "ema", "p_empty", "p_high_t")
+MANIFEST = "world.json"
+
+
+def build_config(**overrides):
+    """The build configuration: this file's defaults, the micro sizes if micro=True, then overrides."""
+    unknown = set(overrides) - set(BUILD_KEYS) - {"cache"}
+    if unknown:
+        raise ValueError(f"unknown shapes build option(s) {sorted(unknown)}; known: {', '.join(BUILD_KEYS)}, cache")
+    cfg = {k: globals()[k] for k in BUILD_KEYS + ("cache",)}
+    if overrides.get("micro", cfg["micro"]):
+        cfg.update({k: v for k, v in MICRO.items() if k in cfg})
+    cfg.update(overrides)
+    return cfg
+
+
+def world_dir(cfg):
+    """Where the world built with `cfg` lives: named by the seed and a hash of the configuration."""
+    root = cfg["cache"] or os.environ.get("SHAPES_CACHE") or os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), ".cache", "shapes")
+    key = json.dumps({k: cfg[k] for k in BUILD_KEYS} | {"version": BUILD_VERSION}, sort_keys=True)
+    name = f"{'micro' if cfg['micro'] else 'world'}-seed{cfg['seed']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
+    return os.path.join(root, name)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _files(folder):
+    return sorted(os.path.relpath(os.path.join(d, f), folder) for d, _, fs in os.walk(folder) for f in fs
+                  if f != MANIFEST)
+
+
+def is_complete(folder):
+    """True if `folder` holds a finished build: a manifest whose file list and hashes all match."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f)["files"]
+        return sorted(files) == _files(folder) and all(_sha256(os.path.join(folder, p)) == h for p, h in files.items())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+
+
+def ensure_world(**overrides):
+    """The folder of the world built with this configuration, building it first if it is missing
+    or incomplete. Safe to call from several processes at once (a file lock lets one build)."""
+    import fcntl
+    cfg = build_config(**overrides)
+    folder = world_dir(cfg)
+    if is_complete(folder):
+        return folder
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    with open(folder + ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not is_complete(folder):  # another process may have built it while we waited
+            if os.path.exists(folder):
+                print(f"shapes: {folder} is incomplete or corrupt; rebuilding it", file=sys.stderr)
+                shutil.rmtree(folder)
+            tmp = f"{folder}.tmp{os.getpid()}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            build(tmp, cfg)
+            os.rename(tmp, folder)
+    return folder
+
+
+def build(folder, cfg):
+    """Train every part of the world and save it into `folder` (see ensure_world for the cache)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+    times, start = {}, time.time()
+    vae, scaling_factor, psnr = train_vae(cfg)
+    times["vae"] = time.time() - start
+    judge, judge_accuracy = train_judge(cfg, vae)
+    times["judge"] = time.time() - start - sum(times.values())
+    aesthetic, aesthetic_corr = train_aesthetic(cfg, judge)
+    times["aesthetic"] = time.time() - start - sum(times.values())
+    unet, text_encoder = train_unet(cfg, vae, scaling_factor)
+    times["unet"] = time.time() - start - sum(times.values())
+    vae.register_to_config(scaling_factor=scaling_factor)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(MAX_TOKENS),
+                                   unet=unet, scheduler=new_scheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    judge.save_pretrained(os.path.join(folder, "judge"))
+    os.makedirs(os.path.join(folder, "aesthetic"))
+    save_file(aesthetic.state_dict(), os.path.join(folder, "aesthetic", "model.safetensors"))
+    times["save"] = time.time() - start - sum(times.values())
+    times["total"] = time.time() - start
+    manifest = dict(config={k: cfg[k] for k in BUILD_KEYS}, version=BUILD_VERSION,
+                    vae_psnr_db=round(psnr, 2), scaling_factor=scaling_factor,
+                    judge_accuracy=judge_accuracy, aesthetic_correlation=round(aesthetic_corr, 4),
+                    seconds={k: round(v, 1) for k, v in times.items()}, threads=torch.get_num_threads(),
+                    files={p: _sha256(os.path.join(folder, p)) for p in _files(folder)})
+    with open(os.path.join(folder, MANIFEST), "w") as f:  # last: its presence marks a finished build
+        json.dump(manifest, f, indent=1)
+    print("shapes: stage seconds " + ", ".join(f"{k} {v:.0f}" for k, v in times.items())
+          + f" | VAE {psnr:.1f} dB, judge accuracy " + ", ".join(f"{k} {v:.3f}" for k, v in judge_accuracy.items())
+          + f", aesthetic r={aesthetic_corr:.3f}", file=sys.stderr)
+
+
+# ---------------------------------------------------------------------------------------------
+# The world's rewards, in rewards.py's call shape: fn(images [B,3,H,W] in [0,1], prompts) -> [B],
+# with a `differentiable` flag. Frozen weights; no no_grad on the image path.
+REWARDS = ("shapes_alignment", "shapes_aesthetic", "shapes_appeal", "shapes_correct")
+
+
+def load_judge(folder=None, device="cpu"):
+    from transformers import CLIPModel
+    folder = folder or ensure_world()
+    return CLIPModel.from_pretrained(os.path.join(folder, "judge")).to(device).eval().requires_grad_(False)
+
+
+def load_aesthetic(folder=None, device="cpu"):
+    from safetensors.torch import load_file
+    folder = folder or ensure_world()
+    mlp = new_aesthetic()
+    mlp.load_state_dict(load_file(os.path.join(folder, "aesthetic", "model.safetensors")))
+    return mlp.to(device).eval().requires_grad_(False)
+
+
+def strip_marks(prompt):
+    return " ".join(prompt.replace("(", " ").replace(")", " ").split())
+
+
+def reward(name, folder=None, device="cpu"):
+    """One of REWARDS as fn(images, prompts) -> Tensor[B]:
+      shapes_alignment: the judge's logit_scale * cosine(image, prompt), the world's PickScore;
+      shapes_aesthetic: the MLP's predicted appeal, the world's LAION aesthetic score;
+      shapes_appeal:    appeal() itself, the ground truth the MLP imitates (for reporting);
+      shapes_correct:   the pixel checker's fraction of colour, shape, background matching the prompt.
+    """
+    if name not in REWARDS:
+        raise ValueError(f"unknown shapes reward {name!r}; use one of {', '.join(REWARDS)}")
+    if name == "shapes_appeal":
+        fn = lambda images, prompts: appeal(images)
+        fn.differentiable = True
+    elif name == "shapes_correct":
+        def fn(images, prompts):
+            read, score = check(images), torch.zeros(len(prompts))
+            for i, p in enumerate(prompts):
+                wanted = parse_prompt(p)
+                score[i] = sum(int(read[k][i]) == w for k, w in zip(("colour", "shape", "background"), wanted)
+                               if w is not None) / max(1, sum(w is not None for w in wanted))
+            return score.to(images.device)
+        fn.differentiable = False
+    elif name == "shapes_aesthetic":
+        judge, mlp = load_judge(folder, device), load_aesthetic(folder, device)
+        fn = lambda images, prompts: mlp(F.normalize(judge_image_features(judge, images.float()), dim=-1))[:, 0]
+        fn.differentiable = True
+    else:
+        judge, tok, cache_ = load_judge(folder, device), clip_tokenizer(MAX_TOKENS), {}
+
+        def fn(images, prompts):
+            texts = [strip_marks(p) for p in prompts]
+            new = [t for t in dict.fromkeys(texts) if t not in cache_]
+            if new:
+                with torch.no_grad():
+                    feats = F.normalize(judge_text_features(judge, tokenize(tok, new).to(device)), dim=-1)
+                cache_.update(zip(new, feats))
+            text = torch.stack([cache_[t] for t in texts])
+            img = F.normalize(judge_image_features(judge, images.float()), dim=-1)
+            return judge.logit_scale.exp() * (img * text).sum(-1)
+        fn.differentiable = True
+    return fn
+
+
+# ---------------------------------------------------------------------------------------------
+# Measuring the world (python shapes.py --evaluate): the numbers and grids in the README.
+GUIDANCE = (1.0, 3.0, 5.0, 7.5)
+GRID_PROMPTS = [CAPTIONS[i] for i in (0, 10, 17, 30, 35, 44, 51, 69)]
+
+
+def diversity(images, groups):
+    """Diversity among images of one prompt, averaged over prompts: the mean pairwise RMS pixel
+    distance, and the std of the shape's centroid (pixels, pixel checker)."""
+    read, dists, stds = check(images), [], []
+    for idx in groups:
+        x = images[idx].flatten(1).float().cpu()
+        d = torch.cdist(x, x) / math.sqrt(x.shape[1])
+        dists.append(d.sum() / (len(idx) * (len(idx) - 1)))
+        stds.append(read["centroid"][idx].std(0).norm() / math.sqrt(2))
+    return torch.stack(dists).mean().item(), torch.stack(stds).mean().item()
+
+
+def measure(images, labels, judge, tok, aesthetic_mlp):
+    """Judge and pixel-checker agreement with the captions, diversity, appeal and aesthetic."""
+    n = len(labels)
+    groups = [torch.nonzero(labels == l)[:, 0] for l in labels.unique()]
+    groups = [g for g in groups if len(g) > 1]
+    div, centroid_std = diversity(images, groups)
+    with torch.no_grad():
+        aes = aesthetic_mlp(F.normalize(judge_image_features(judge, images), dim=-1))[:, 0]
+    return dict(n=n, judge=attribute_accuracy(judge_read(judge, tok, images), labels),
+                pixels=attribute_accuracy(check(images), labels), diversity=round(div, 4),
+                centroid_std=round(centroid_std, 2), appeal=round(appeal(images).mean().item(), 3),
+                aesthetic=round(aes.mean().item(), 3))
+
+
+def save_grid(images, rows, path, scale=3):
+    """A PNG grid: one row per prompt (caption on the left), one column per seed."""
+    from PIL import Image, ImageDraw
+    n_cols = len(images) // len(rows)
+    tile, label_w = SIZE * scale + 2, 260
+    grid = Image.new("RGB", (label_w + n_cols * tile, len(rows) * tile), "white")
+    draw = ImageDraw.Draw(grid)
+    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+    for r, text in enumerate(rows):
+        draw.text((4, r * tile + tile // 2 - 6), text, fill="black")
+        for c in range(n_cols):
+            im = Image.fromarray(pixels[r * n_cols + c]).resize((SIZE * scale,) * 2, Image.NEAREST)
+            grid.paste(im, (label_w + c * tile + 1, r * tile + 1))
+    grid.save(path)
+
+
+def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
+    """Sample every caption at each guidance scale through diffusers' own StableDiffusionPipeline
+    (loaded with no project code), judge the samples, write grids; print a markdown table."""
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    judge, aesthetic_mlp, tok = load_judge(folder), load_aesthetic(folder), clip_tokenizer(MAX_TOKENS)
+    labels = torch.arange(len(CAPTIONS)).repeat_interleave(per_prompt)
+    rows = {}
+    # real data: the same captions, fresh positions and sizes (the judge never saw these images)
+    scenes = sample_scenes(len(labels), torch.Generator().manual_seed(12345))
+    c, s, b = [torch.tensor(v) for v in zip(*[LABELS[i] for i in labels])]
+    scenes.update(colour=c, shape=s, background=b)
+    rows["real images"] = measure(render(scenes), labels, judge, tok, aesthetic_mlp)
+    samples = {}
+    for w in GUIDANCE:
+        t0, images = time.time(), []
+        for i in tqdm(range(0, len(CAPTIONS), 8), desc=f"guidance {w}", dynamic_ncols=True):
+            gen = [torch.Generator().manual_seed(1000 * j + k) for j in range(i, i + 8) for k in range(per_prompt)]
+            images.append(pipe(CAPTIONS[i:i + 8], num_images_per_prompt=per_prompt, guidance_scale=w,
+                               num_inference_steps=steps, generator=gen, output_type="pt").images)
+        samples[w] = torch.cat(images)
+        rows[f"guidance {w}"] = measure(samples[w], labels, judge, tok, aesthetic_mlp)
+        rows[f"guidance {w}"]["images_per_s"] = round(len(labels) / (time.time() - t0), 1)
+    # grids: the same seeds (initial noise) at guidance 1 and 5
+    os.makedirs(assets, exist_ok=True)
+    for w in (1.0, 5.0):
+        gen = [torch.Generator().manual_seed(k) for _ in GRID_PROMPTS for k in range(8)]
+        images = pipe(GRID_PROMPTS, num_images_per_prompt=8, guidance_scale=w, num_inference_steps=steps,
+                      generator=gen, output_type="pt").images
+        save_grid(images, GRID_PROMPTS, os.path.join(assets, f"shapes_guidance{w:g}.png"))
+    lines = [f"DDIM {steps} steps, eta 0, {per_prompt} samples x {len(CAPTIONS)} prompts per row; "
+             "agreement with the prompt as read by the judge / by the pixel checker", "",
+             "| images | colour | shape | background | diversity (RMS px) | centroid std (px) | appeal | aesthetic |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, m in rows.items():
+        cells = [f"{m['judge'][k]:.2f} / {m['pixels'][k]:.2f}" for k in ("colour", "shape", "background")]
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['diversity']:.3f} | {m['centroid_std']:.1f} "
+                     f"| {m['appeal']:.2f} | {m['aesthetic']:.2f} |")
+    table = "\n".join(lines)
+    with open(os.path.join(assets, "shapes_quality.json"), "w") as f:
+        json.dump(dict(folder=os.path.basename(folder), steps=steps, per_prompt=per_prompt, rows=rows), f, indent=1)
+    print(table, file=sys.stderr)
+    return rows
+
+
+if __name__ == "__main__":
+    import configurator
+    defaults = {k: globals()[k] for k in BUILD_KEYS + ("cache",)}
+    config = configurator.configure(globals())
+    world = ensure_world(**{k: config[k] for k, v in defaults.items() if config[k] != v})
+    with open(os.path.join(world, MANIFEST)) as f:
+        seconds = json.load(f)["seconds"]
+    print("stage seconds (when built): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    if evaluate:
+        evaluate_world(world, per_prompt=eval_per_prompt, steps=eval_steps)
+    print(world)

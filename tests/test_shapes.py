@@ -1,0 +1,239 @@
+"""The shapes world: rendering checked against geometry, the pixel checker and appeal score against
+hand computations, and a micro build (seconds) for the plumbing: cache, pipeline folder, rewards."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import shapes
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def scene(shape, colour="red", background="dark", r=8.0, centre=(16.0, 16.0)):
+    return dict(shape=torch.tensor([shapes.SHAPES.index(shape)]), colour=torch.tensor([shapes.COLOUR_NAMES.index(colour)]),
+                background=torch.tensor([shapes.BACKGROUND_NAMES.index(background)]), r=torch.tensor([r]),
+                centre=torch.tensor([centre]))
+
+
+# ------------------------------------------------------------------------------------ the world
+
+def test_batches_are_deterministic_per_seed_and_in_range():
+    a, caps_a, la = shapes.make_batch(16, torch.Generator().manual_seed(3))
+    b, caps_b, lb = shapes.make_batch(16, torch.Generator().manual_seed(3))
+    c, _, _ = shapes.make_batch(16, torch.Generator().manual_seed(4))
+    assert a.shape == (16, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
+    assert torch.equal(a, b) and caps_a == caps_b and torch.equal(la, lb)
+    assert not torch.equal(a, c)
+    assert caps_a == [shapes.CAPTIONS[i] for i in la.tolist()]
+
+
+@pytest.mark.parametrize("shape,area", [
+    ("circle", math.pi * 8 ** 2),
+    ("square", (2 * 0.9 * 8) ** 2),
+    ("triangle", 3 * math.sqrt(3) / 4 * (1.4 * 8) ** 2),  # equilateral, circumradius 1.4 r
+    ("cross", 2 * (2 * 8) * (0.8 * 8) - (0.8 * 8) ** 2),  # two 2r x 0.8r bars, overlap counted once
+])
+def test_rendered_area_matches_geometry(shape, area):
+    # coverage summed over pixels = the shape's area, to anti-aliasing error along the edge
+    image = shapes.render(scene(shape, "yellow", "dark", r=8.0, centre=(16.3, 15.8)))
+    fg, bg = torch.tensor(shapes.COLOURS["yellow"]), shapes.BACKGROUNDS["dark"]
+    coverage = ((image[0, 0] - bg) / (fg[0] - bg)).sum().item()
+    assert coverage == pytest.approx(area, rel=0.03)
+
+
+def test_rendered_colours_and_placement():
+    image = shapes.render(scene("square", "blue", "light", r=6.0, centre=(10.0, 20.0)))[0]
+    assert torch.allclose(image[:, 20, 10], torch.tensor(shapes.COLOURS["blue"]))  # row = y, column = x
+    assert torch.allclose(image[:, 0, 0], torch.full((3,), shapes.BACKGROUNDS["light"]))
+    assert torch.allclose(image[:, 20, 20], torch.full((3,), shapes.BACKGROUNDS["light"]))  # right of it
+
+
+def test_shapes_stay_inside_the_image():
+    scenes = shapes.sample_scenes(2000, torch.Generator().manual_seed(0))
+    images = shapes.render(scenes)
+    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], 2)
+    background = shapes.GREYS[scenes["background"]][:, None, None]
+    assert torch.allclose(border, background.expand_as(border))
+    assert scenes["r"].min() >= shapes.R_MIN and scenes["r"].max() <= shapes.R_MAX
+
+
+def test_captions_and_prompts():
+    assert shapes.caption("orange", "cross", "grey") == "an orange cross on a grey background"
+    assert shapes.caption("red", "circle", "dark", marked=True) == "a (red) (circle) on a (dark) background"
+    prompts = shapes.prompts()
+    assert len(set(prompts)) == 72 == len(shapes.CAPTIONS)
+    assert [shapes.strip_marks(p) for p in prompts] == shapes.CAPTIONS
+    for i, (c, s, b) in enumerate(shapes.LABELS):
+        assert shapes.parse_prompt(prompts[i]) == (c, s, b)
+    assert shapes.parse_prompt("a gray square") == (None, 1, shapes.BACKGROUND_NAMES.index("grey"))
+    import configurator
+    assert configurator.load_prompts("shapes") == prompts
+
+
+def test_pixel_checker_reads_real_images():
+    images, _, labels = shapes.make_batch(300, torch.Generator().manual_seed(1))
+    read = shapes.check(images)
+    assert shapes.attribute_accuracy(read, labels) == {"colour": 1.0, "shape": 1.0, "background": 1.0}
+    # and at another resolution (what a user's 512x512 images would be resized from)
+    big = torch.nn.functional.interpolate(images[:20], size=96, mode="nearest")
+    assert shapes.attribute_accuracy(shapes.check(big), labels[:20]) == {"colour": 1.0, "shape": 1.0, "background": 1.0}
+
+
+def test_pixel_checker_centroid_and_area():
+    read = shapes.check(shapes.render(scene("circle", r=7.0, centre=(11.0, 19.0))))
+    assert read["centroid"][0].tolist() == pytest.approx([11.0, 19.0], abs=0.1)
+    assert read["area"][0].item() == pytest.approx(math.pi * 49 / 1024, rel=0.05)
+
+
+# ------------------------------------------------------------------------------------ appeal
+
+def hand_appeal(area, dist_from_centre, contrast):
+    size = area / 0.25 if area <= 0.25 else max(0.0, 1 - (area - 0.25) / 0.25)
+    return 10 * (size + (1 - min(dist_from_centre / 8, 1)) + min(contrast / 0.6, 1)) / 3
+
+
+def test_appeal_against_hand_computation():
+    # a 16x16 square (area exactly 1/4) centred, white on black: contrast 1
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, 8:24, 8:24] = 1.0
+    assert shapes.appeal(image).item() == pytest.approx(hand_appeal(0.25, 0, 1.0), abs=0.05)
+    # an 8x8 grey square, off centre by (8, 4) pixels: contrast 0.4 in every channel
+    image = torch.full((1, 3, 32, 32), 0.1)
+    image[:, :, 16:24, 20:28] = 0.5
+    assert shapes.appeal(image).item() == pytest.approx(hand_appeal(64 / 1024, math.hypot(8, 4), 0.4), abs=0.05)
+    # a shape filling half the image scores nothing for size
+    image = torch.zeros(1, 3, 32, 32)
+    image[:, :, 1:31, 8:24] = 1.0  # 30 x 16 = 480 pixels, border still mostly black
+    assert shapes.appeal(image).item() == pytest.approx(hand_appeal(480 / 1024, 0, 1.0), abs=0.1)
+
+
+def test_appeal_is_differentiable_and_ranks_sensibly():
+    big = shapes.render(scene("square", "red", "light", r=9.0))
+    small = shapes.render(scene("square", "yellow", "light", r=5.0, centre=(7.0, 7.0)))
+    images = torch.cat([big, small]).requires_grad_(True)
+    score = shapes.appeal(images)
+    assert score[0] > score[1]
+    score.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------ the micro build
+
+@pytest.fixture(scope="session")
+def world(tmp_path_factory):
+    cache = str(tmp_path_factory.mktemp("shapes_cache"))
+    return shapes.ensure_world(micro=True, cache=cache), cache
+
+
+def test_build_config_refuses_unknown_keys():
+    with pytest.raises(ValueError, match="unet_steps"):
+        shapes.build_config(unet_step=3)
+    assert shapes.build_config(micro=True)["unet_steps"] == shapes.MICRO["unet_steps"]
+    assert shapes.build_config(micro=True, unet_steps=5)["unet_steps"] == 5
+
+
+def test_world_is_a_plain_diffusers_pipeline_folder(world):
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    folder, _ = world
+    pipe = StableDiffusionPipeline.from_pretrained(folder)  # diffusers alone, no project code
+    pipe.set_progress_bar_config(disable=True)
+    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+        manifest = json.load(f)
+    assert isinstance(pipe.scheduler, DDIMScheduler)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == shapes.MAX_TOKENS
+    # the tokenizer gives the same ids as the real CLIP tokenizer (open_clip's own implementation)
+    import open_clip
+    ids = pipe.tokenizer("a red circle on a dark background").input_ids
+    assert ids == open_clip.tokenize(["a red circle on a dark background"])[0][:len(ids)].tolist()
+    assert pipe.vae.config.scaling_factor == pytest.approx(manifest["scaling_factor"])
+    assert pipe.unet.config.sample_size == 16  # a 16x16x4 latent
+    images = pipe("a red circle on a dark background", num_inference_steps=2, guidance_scale=3.0,
+                  output_type="pt", generator=torch.Generator().manual_seed(0)).images
+    assert images.shape == (1, 3, 32, 32)
+    assert set(manifest["seconds"]) >= {"vae", "judge", "aesthetic", "unet", "total"}
+
+
+def test_cache_is_reused_and_a_corrupt_build_is_rebuilt_identically(world):
+    folder, cache = world
+    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+        hashes = json.load(f)["files"]
+    assert shapes.ensure_world(micro=True, cache=cache) == folder  # reused
+    weights = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
+    with open(weights, "r+b") as f:
+        f.truncate(100)  # a half-written file
+    assert not shapes.is_complete(folder)
+    assert shapes.ensure_world(micro=True, cache=cache) == folder
+    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+        assert json.load(f)["files"] == hashes  # deterministic: the same bytes again
+    import shutil
+    copy = folder + "-copy"
+    shutil.copytree(folder, copy)
+    assert shapes.is_complete(copy)
+    with open(os.path.join(copy, "stray.txt"), "w") as f:  # a file the manifest does not know
+        f.write("x")
+    assert not shapes.is_complete(copy)
+    os.remove(os.path.join(copy, shapes.MANIFEST))  # interrupted before the manifest was written
+    assert not shapes.is_complete(copy)
+
+
+def test_other_configurations_get_other_folders(world):
+    folder, cache = world
+    other = shapes.world_dir(shapes.build_config(micro=True, cache=cache, seed=1))
+    assert other != folder and not shapes.is_complete(other)
+
+
+@pytest.mark.parametrize("name", shapes.REWARDS)
+def test_rewards_call_shape_and_gradients(world, name):
+    folder, _ = world
+    fn = shapes.reward(name, folder)
+    images, captions, _ = shapes.make_batch(3, torch.Generator().manual_seed(0))
+    images = torch.nn.functional.interpolate(images, size=64, mode="bilinear").requires_grad_(fn.differentiable)
+    out = fn(images, captions)
+    assert out.shape == (3,) and torch.isfinite(out).all()
+    if fn.differentiable:
+        out.sum().backward()
+        assert images.grad.abs().sum() > 0
+
+
+def test_alignment_reward_is_the_judge_similarity_and_ignores_marks(world):
+    folder, _ = world
+    fn, judge = shapes.reward("shapes_alignment", folder), shapes.load_judge(folder)
+    images, captions, labels = shapes.make_batch(4, torch.Generator().manual_seed(0))
+    marked = [shapes.prompts()[i] for i in labels.tolist()]
+    assert torch.allclose(fn(images, marked), fn(images, captions))
+    # independent re-computation through transformers' own CLIPModel forward
+    ids = shapes.tokenize(shapes.clip_tokenizer(shapes.MAX_TOKENS), captions)
+    with torch.no_grad():
+        out = judge(input_ids=ids, pixel_values=images * 2 - 1)
+    assert torch.allclose(fn(images, captions), out.logits_per_image.diagonal(), atol=1e-4)
+
+
+def test_correctness_reward_counts_attributes():
+    fn = shapes.reward("shapes_correct")
+    images, captions, labels = shapes.make_batch(2, torch.Generator().manual_seed(5))
+    c, s, b = shapes.LABELS[labels[1].item()]
+    wrong = shapes.caption(shapes.COLOUR_NAMES[(c + 1) % 6], shapes.SHAPES[s], shapes.BACKGROUND_NAMES[b])
+    assert fn(images, [captions[0], wrong]).tolist() == pytest.approx([1.0, 2 / 3])
+    assert fn(images[:1], ["a circle"]).item() in (0.0, 1.0)
+
+
+def test_unknown_reward_is_a_clear_error():
+    with pytest.raises(ValueError, match="shapes_alignment"):
+        shapes.reward("shapes_beauty")
+
+
+def test_cli_prints_the_folder_last(world):
+    folder, cache = world
+    out = subprocess.run([sys.executable, os.path.join(ROOT, "shapes.py"), "--micro", f"--cache={cache}"],
+                         capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == folder
+    bad = subprocess.run([sys.executable, os.path.join(ROOT, "shapes.py"), "--unet_step=3"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "--unet_steps" in bad.stderr
