@@ -40,6 +40,7 @@ import sample
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
 reward = "shapes_aesthetic"  # a differentiable rewards.py reward: shapes_aesthetic, aesthetic, pickscore, ...
 prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
+reward_options = ""          # extra rewards.load options, "key=value,key=value" (e.g. mlp_path=...)
 out = ""                     # run folder; default out/alignprop-<reward>[-explore]-s<seed>
 seed = 0                     # seeds sampling noise and prompts; same seed = same run
 # sampling
@@ -173,8 +174,9 @@ def main():
     try:
         if reward in rewards.REWARDS:  # before anything is loaded: suggest DDPO instead
             rewards.require_differentiable(reward)
-        reward_fn = rewards.load(reward, device=dev)
-    except (ValueError, rewards.RewardUnavailable) as e:
+        opts = dict(kv.split("=", 1) for kv in reward_options.split(",") if kv)
+        reward_fn = rewards.load(reward, device=dev, **opts)
+    except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     try:
         pipe = sample.load_pipeline(model, device=dev)

@@ -40,6 +40,7 @@ import sample
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
 reward = "shapes_aesthetic"  # rewards.py name: shapes_aesthetic, shapes_alignment, aesthetic, pickscore, jpeg_...
 prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
+reward_options = ""          # extra rewards.load options, "key=value,key=value" (e.g. mlp_path=...)
 out = ""                     # run folder; default out/ddpo-<reward>[-explore]-s<seed>
 seed = 0                     # seeds sampling noise, prompts and shuffling; same seed = same run
 # sampling (DDPO paper, Appendix: 50 DDIM steps, eta 1, guidance 5 on SD 1.5)
@@ -153,8 +154,9 @@ def main():
     dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
     master = rank == 0
     try:
-        reward_fn = rewards.load(reward, device=dev)
-    except (ValueError, rewards.RewardUnavailable) as e:
+        opts = dict(kv.split("=", 1) for kv in reward_options.split(",") if kv)
+        reward_fn = rewards.load(reward, device=dev, **opts)
+    except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     try:
         pipe = sample.load_pipeline(model, device=dev)
