@@ -35,7 +35,7 @@ from PIL import Image
 # name -> differentiable; the trainers check this before loading anything heavy
 REWARDS = {"aesthetic": True, "pickscore": True, "jpeg_compressibility": False,
            "jpeg_incompressibility": False, "shapes_alignment": True, "shapes_aesthetic": True,
-           "shapes_appeal": True}
+           "shapes_appeal": True, "shapes_correct": False}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP paper's normalisation (OpenAI CLIP)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # The published predictor weights (christophschuhmann/improved-aesthetic-predictor on GitHub)
@@ -290,25 +290,45 @@ def load_pickscore(device="cpu", model="yuvalkirstain/PickScore_v1",
 
 
 def load_shapes(name, device="cpu", path=None, judge=None, head=None):
-    """The shapes world's rewards (shapes.py): its CLIP judge, the appeal head on the judge's image
-    embedding, and the programmatic appeal. `path`: the world's folder (built on first use)."""
+    """The shapes world's rewards, from the models and pixel readings of shapes.py (which owns the
+    judge's input format): `shapes_alignment` (the judge's logit_scale * cos(image, caption), the
+    world's PickScore), `shapes_aesthetic` (the appeal head on the judge's L2-normalised image
+    embedding, the world's LAION predictor), `shapes_appeal` (the programmatic appeal the head
+    imitates: the ground truth, to see over-optimisation) and `shapes_correct` (the pixel checker's
+    fraction of colour/shape/background read as the prompt asks). `path`: the world's folder (built
+    on first use); tests pass `judge`/`head` models instead."""
     import shapes
-    if name == "shapes_appeal":  # the ground truth the head imitates: for reports and cheap tests
-        probe = torch.rand(1, 3, 32, 32, requires_grad=True)  # does the pixel formula carry a graph?
-        return _named(lambda images, prompts=None: shapes.appeal_score(images), name,
-                      shapes.appeal_score(probe).requires_grad)
+    if name == "shapes_appeal":
+        return _named(lambda images, prompts=None: shapes.appeal(images).float(), name, True)
+    if name == "shapes_correct":
+        def correct(images, prompts):
+            read = shapes.check(images)
+            score = []
+            for i, p in enumerate(prompts):
+                wanted = [(k, w) for k, w in zip(("colour", "shape", "background"), shapes.parse_prompt(strip_marks(p)))
+                          if w is not None]
+                score.append(sum(int(read[k][i]) == w for k, w in wanted) / max(1, len(wanted)))
+            return torch.tensor(score, device=images.device)
+        return _named(correct, name, False)
     if judge is None or (head is None and name == "shapes_aesthetic"):
-        path = path or shapes.ensure_built()
-        judge = judge if judge is not None else shapes.load_judge(path, device)
-    # the judge was trained on images at its own resolution with OpenAI CLIP's normalisation
-    size = judge.config.vision_config.image_size
+        path = path or shapes.ensure_world()
+    judge = _frozen(judge if judge is not None else shapes.load_judge(path, device), device)
+
+    def image_embeds(images):  # no no_grad: the reward's gradient flows back to the images
+        e = shapes.judge_image_features(judge, images.to(device, torch.float32))
+        return e / e.norm(dim=-1, keepdim=True)
+
     if name == "shapes_alignment":
-        tok = shapes.clip_tokenizer(model_max_length=judge.config.text_config.max_position_embeddings)
-        return clip_score_reward(judge, tok, size, size, OPENAI_MEAN, OPENAI_STD, name, device)
-    head = _frozen(head if head is not None else shapes.load_aesthetic_head(path, device), device)
-    judge = _frozen(judge, device)
-    return embedding_head_reward(lambda x: clip_image_embeds(judge, x), head, size, OPENAI_MEAN,
-                                 OPENAI_STD, name, device)
+        tok = shapes.clip_tokenizer(shapes.MAX_TOKENS)
+
+        def alignment(images, prompts):
+            with torch.no_grad():  # the text side has no gradient to give
+                t = shapes.judge_text_features(judge, shapes.tokenize(tok, [strip_marks(p) for p in prompts]).to(device))
+                t = t / t.norm(dim=-1, keepdim=True)
+            return (judge.logit_scale.exp() * (image_embeds(images) * t).sum(-1)).float()
+        return _named(alignment, name, True)
+    head = _frozen(head if head is not None else shapes.load_aesthetic(path, device), device)
+    return _named(lambda images, prompts=None: head(image_embeds(images)).reshape(len(images)).float(), name, True)
 
 
 def load(name, device="cpu", **options):

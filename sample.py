@@ -71,7 +71,7 @@ def load_pipeline(model="shapes", device="cpu", dtype=None):
     because the trainers attach their trainable LoRA weights to it (run it under autocast on GPU)."""
     if model == "shapes":
         import shapes
-        path = shapes.ensure_built()
+        path = shapes.ensure_world()
     elif os.path.isdir(model):
         path = model
     elif model.count("/") == 1 and not model.startswith((".", "/", "~")):
