@@ -114,11 +114,12 @@ def lora_weights(out):
 def test_run_logs_k_and_rewards(tiny_pipeline_dir, prompt_file, tmp_path):
     out = tmp_path / "run"
     run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, out, "--truncation=rand",
-                                          "--k_min=2", "--k_max=3", "--explore"))
+                                          "--k_min=2", "--k_max=3", "--explore",
+                                          "--explore_frac=0.5"))
     log = read_log(out)
     assert [r["reward_queries"] for r in log] == [4, 8]
     assert all(k in (2, 3) for r in log for k in r["k"]) and all(len(r["k"]) == 2 for r in log)
-    assert [r["explore"] for r in log] == [True, False]  # the first 3/4 of 2 epochs
+    assert [r["explore"] for r in log] == [True, False]  # the first half of 2 epochs
     for name in ("config.json", "reward.png", "ckpt.pt", "eval_0001.png"):
         assert (out / name).exists(), name
     assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)
