@@ -1,0 +1,340 @@
+"""Where the time goes: one training epoch of each trainer, broken into its parts, and sampling speed.
+
+    python bench.py                                   # the shapes world, both trainers, CPU
+    python bench.py --trainers=ddpo --ddpo_args="--sample_batch_size=8 --explore"
+
+1. Each trainer runs for real (its own main(), in this process, in a temporary folder) for `warmup`
+   + `epochs` epochs. Its functions are wrapped with timers (time.perf_counter) before it starts:
+   sample.rollout and encode_prompts (sampling), guided_eps and ddim_step (sampling without
+   gradient, training forward with it; DDPO's ppo_loss too), decode (decoding), the reward,
+   torch.autograd.backward (training backward), clip_grad_norm_ and optimizer.step (optimizer).
+   A section's time excludes the sections nested in it (rollout's decode counts as decoding), so
+   the sections never overlap and overhead = epoch wall time - their sum. The epoch wall time is
+   the time between the ends of two consecutive epochs, so it includes writing the checkpoint, the
+   log and its plot (timed too, and shown as the part of the overhead it is).
+2. The overhead ratio: epoch wall time / the time of the UNet evaluations the epoch performs
+   (counted with a hook on the UNet: batch shapes and whether they carry gradient), each timed
+   alone with a pure UNet benchmark of the same shapes (forward, or forward+backward). 1.0 would
+   mean that nothing but the unavoidable UNet work takes any time.
+3. Sampling throughput (images/s, DDIM + VAE decode) with classifier-free guidance batched (one
+   UNet call on 2B latents per step, as sample.guided_eps does) and unbatched (two calls on B).
+
+Prints markdown tables (and writes them as JSON with --json_out).
+"""
+import functools
+import importlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import tempfile
+import time
+from collections import Counter, defaultdict
+
+import torch
+
+import configurator
+import rewards
+import sample
+
+# ------------------------------------------------------------------------------------------------
+# defaults (override with --key=value; `python bench.py --help` lists them)
+model = "shapes"             # 'shapes', a hub id, or a local diffusers folder (given to both trainers)
+trainers = "ddpo,alignprop"  # which trainers to time, comma-separated
+ddpo_args = ""               # other train_ddpo.py options, one string: "--sample_batch_size=8 --explore"
+alignprop_args = ""          # other train_alignprop.py options, one string
+warmup = 1                   # trainer epochs run before the timed ones (first calls allocate and cache)
+epochs = 1                   # timed trainer epochs (averaged)
+repeats = 3                  # timed repetitions per pure-UNet shape and per throughput point (median / total)
+batch_sizes = "1,2,4,8,16,32"  # sampling throughput batch sizes
+num_steps = 20               # DDIM steps for the throughput measurement
+guidance = 5.0               # CFG scale for the throughput measurement
+json_out = ""                # also write all results as JSON to this file
+# ------------------------------------------------------------------------------------------------
+
+SECTIONS = ["sampling", "decoding", "reward", "train forward", "train backward", "optimizer", "overhead"]
+TRAINER_MODULES = {"ddpo": "train_ddpo", "alignprop": "train_alignprop"}
+NOT_IN_ARGS = ("model", "out", "epochs", "stop_after", "eval_every")  # bench sets these
+
+# ------------------------------------------------------------------------------------------------
+# Exclusive section timers: a stack of open sections; a section's time excludes its children's.
+
+_times = defaultdict(float)
+_stack = []
+
+
+def _sync():  # on a GPU, time the work, not its asynchronous launch
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _enter(name):
+    _sync()
+    _stack.append([name, time.perf_counter(), 0.0])
+
+
+def _leave():
+    _sync()
+    name, t0, children = _stack.pop()
+    dt = time.perf_counter() - t0
+    _times[name] += dt - children
+    if _stack:
+        _stack[-1][2] += dt
+
+
+def timed(section, fn):
+    """`fn`, its time added to `section` (a name, or a function returning one at call time)."""
+    @functools.wraps(fn)  # keeps the attributes too (a reward's .name and .differentiable)
+    def wrapper(*a, **k):
+        _enter(section() if callable(section) else section)
+        try:
+            return fn(*a, **k)
+        finally:
+            _leave()
+    return wrapper
+
+
+def by_grad():
+    """The same UNet call is sampling without gradient and training with it."""
+    return "train forward" if torch.is_grad_enabled() else "sampling"
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. A real trainer epoch, timed
+
+def time_trainer(name, extra):
+    """Run trainer `name` (ddpo or alignprop) for warmup + epochs epochs with its functions timed.
+    Returns the timed epochs' sections, wall times and UNet calls, the pipeline, and the config."""
+    module = importlib.reload(importlib.import_module(TRAINER_MODULES[name]))
+    out = tempfile.mkdtemp(prefix=f"bench-{name}-")
+    argv = [f"--model={model}", *extra, f"--out={out}", "--epochs=1000000",  # no last-epoch evaluation
+            f"--stop_after={warmup + epochs}", "--eval_every=1000000"]
+    calls, marks, state = [], [], {}
+
+    def count_unet_call(unet, args, kwargs):
+        x, emb = args[0] if args else kwargs["sample"], kwargs["encoder_hidden_states"]
+        calls.append((tuple(x.shape), tuple(emb.shape), torch.is_grad_enabled()))
+
+    def load_pipeline(*a, **k):
+        state["pipe"] = pipe = real["load_pipeline"](*a, **k)
+        state["hook"] = pipe.unet.register_forward_pre_hook(count_unet_call, with_kwargs=True)
+        return pipe
+
+    def write_log(*a, **k):  # the end of an epoch: close its books
+        timed("writing", real["write_log"])(*a, **k)
+        _sync()
+        marks.append(dict(t=time.perf_counter(), times=dict(_times), calls=Counter(calls),
+                          logged=a[1][-1]["seconds"], queries=a[1][-1]["reward_queries"]))
+        _times.clear()
+        calls.clear()
+
+    patches = [(sample, "load_pipeline", load_pipeline), (configurator, "write_log", write_log),
+               (configurator, "atomic_write", timed("writing", configurator.atomic_write)),  # checkpoint
+               (sample, "rollout", timed("sampling", sample.rollout)),
+               (sample, "encode_prompts", timed("sampling", sample.encode_prompts)),
+               (sample, "guided_eps", timed(by_grad, sample.guided_eps)),
+               (sample, "ddim_step", timed(by_grad, sample.ddim_step)),
+               (sample, "decode", timed("decoding", sample.decode)),
+               (sample, "_decode", timed("decoding", sample._decode)),  # the name rollout calls
+               (rewards, "load", lambda *a, **k: timed("reward", real["load"](*a, **k))),
+               (torch.autograd, "backward", timed("train backward", torch.autograd.backward)),
+               (torch.nn.utils, "clip_grad_norm_", timed("optimizer", torch.nn.utils.clip_grad_norm_))]
+    if hasattr(module, "ppo_loss"):
+        patches.append((module, "ppo_loss", timed("train forward", module.ppo_loss)))
+    real = {attr: getattr(obj, attr) for obj, attr, _ in patches}
+    optim = importlib.import_module("torch.optim.optimizer")
+    hooks = [optim.register_optimizer_step_pre_hook(lambda *a: _enter("optimizer")),
+             optim.register_optimizer_step_post_hook(lambda *a: _leave())]
+    try:
+        for obj, attr, new in patches:
+            setattr(obj, attr, new)
+        _times.clear()
+        module.config = configurator.configure(vars(module), argv)
+        module.main()
+    finally:
+        for obj, attr, _ in patches:
+            setattr(obj, attr, real[attr])
+        for h in hooks + ([state["hook"]] if "hook" in state else []):
+            h.remove()
+        _times.clear()
+        _stack.clear()
+        shutil.rmtree(out, ignore_errors=True)
+    timed_marks = marks[warmup:]
+    walls = [m["t"] - prev["t"] for prev, m in zip(marks[warmup - 1:], timed_marks)]
+    return dict(marks=timed_marks, walls=walls, pipe=state["pipe"], config=dict(module.config),
+                queries=timed_marks[0]["queries"] - marks[warmup - 1]["queries"])
+
+
+def unet_seconds(unet, x_shape, emb_shape, grad):
+    """Median time of one UNet evaluation on random inputs of these shapes: forward only, or
+    forward and backward into the trainable (LoRA) weights when the trainer's call carried gradient."""
+    dev = unet.device
+    x, emb = torch.randn(x_shape, device=dev), torch.randn(emb_shape, device=dev)
+    t = torch.full((x_shape[0],), 500, device=dev)
+
+    def call():
+        with torch.set_grad_enabled(grad):
+            y = unet(x, t, encoder_hidden_states=emb).sample
+            if grad:
+                y.backward(torch.ones_like(y))
+    call()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync()
+        t0 = time.perf_counter()
+        call()
+        _sync()
+        times.append(time.perf_counter() - t0)
+    unet.zero_grad(set_to_none=True)
+    return statistics.median(times)
+
+
+def bench_trainer(name, extra):
+    """The breakdown of one epoch of trainer `name` (seconds and fractions), its UNet calls and
+    the overhead ratio."""
+    r = time_trainer(name, extra)
+    n = len(r["marks"])
+    wall = sum(r["walls"]) / n
+    seconds = {s: sum(m["times"].get(s, 0.0) for m in r["marks"]) / n for s in SECTIONS[:-1]}
+    seconds["overhead"] = wall - sum(seconds.values())  # including the writing of files
+    writing = sum(m["times"].get("writing", 0.0) for m in r["marks"]) / n
+    calls = r["marks"][0]["calls"]
+    if any(m["calls"] != calls for m in r["marks"]):
+        raise SystemExit(f"error: the timed {name} epochs made different UNet calls; time one epoch (--epochs=1)")
+    unet = r["pipe"].unet
+    kinds = [dict(x=list(x), emb=list(e), grad=g, count=c, seconds_each=unet_seconds(unet, x, e, g))
+             for (x, e, g), c in sorted(calls.items(), key=lambda kv: kv[0][2])]
+    unet_total = sum(k["count"] * k["seconds_each"] for k in kinds)
+    return dict(trainer=name, args=" ".join(extra), wall=wall, logged=sum(m["logged"] for m in r["marks"]) / n,
+                queries=r["queries"], seconds=seconds, fractions={s: v / wall for s, v in seconds.items()},
+                writing=writing,
+                unet_calls=kinds, unet_seconds=unet_total, overhead_ratio=wall / unet_total, config=r["config"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Sampling throughput, CFG batched or not
+
+def two_call_eps(unet, x, t, cond, uncond, scale):
+    """Classifier-free guidance without batching: the unconditional and conditional predictions
+    from two UNet calls on B latents each (what sample.guided_eps does in one call on 2B)."""
+    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
+    out_uncond = unet(x.to(unet.dtype), t, encoder_hidden_states=uncond.expand_as(cond).to(unet.dtype)).sample
+    out_cond = unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
+    return out_uncond.to(x.dtype) + scale * (out_cond - out_uncond).to(x.dtype)
+
+
+def throughput(pipe, batch, batched):
+    """Images per second of sample.rollout (DDIM with CFG, then VAE decode) at this batch size."""
+    cond = sample.encode_prompts(pipe, ["a red circle on a dark background"] * batch)
+    uncond = sample.encode_prompts(pipe, [""])
+    real = sample.guided_eps
+    sample.guided_eps = real if batched else two_call_eps  # the name rollout calls
+    try:
+        with torch.no_grad():
+            run = lambda: sample.rollout(pipe, cond, uncond, guidance, num_steps=num_steps, eta=0.0,
+                                         generator=torch.Generator().manual_seed(0))
+            run()  # warm-up
+            _sync()
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                run()
+            _sync()
+            return batch * repeats / (time.perf_counter() - t0)
+    finally:
+        sample.guided_eps = real
+
+
+# ------------------------------------------------------------------------------------------------
+# Tables
+
+def machine():
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} with {torch.get_num_threads()} threads"
+
+
+def describe(b):
+    c = b["config"]
+    if b["trainer"] == "ddpo":
+        return (f"DDPO: {c['num_batches']} x {c['sample_batch_size']} samples, {c['num_steps']} steps, "
+                f"train batch {c['train_batch_size']}, timestep fraction {c['timestep_fraction']:g}")
+    return (f"AlignProp: {c['steps_per_epoch']} steps x {c['grad_accum']} x {c['batch_size']} samples, "
+            f"{c['num_steps']} steps, truncation K={c['truncation']}")
+
+
+def markdown(results, speeds):
+    cols = results
+    lines = [f"Machine: {machine()}; model `{model}`.", ""]
+    for b in cols:
+        lines.append(f"- {describe(b)}; {b['queries']} reward queries per epoch" + (f"; options `{b['args']}`" if b["args"] else ""))
+    lines += ["", "| one epoch | " + " | ".join(f"{b['trainer']} s | {b['trainer']} share" for b in cols) + " |",
+              "|---|" + "---:|---:|" * len(cols)]
+    for s in SECTIONS:
+        lines.append(f"| {s} | " + " | ".join(f"{b['seconds'][s]:.3f} | {b['fractions'][s]:.1%}" for b in cols) + " |")
+    lines.append("| (overhead: of which writing checkpoint, log, plot) | "
+                 + " | ".join(f"({b['writing']:.3f}) | ({b['writing'] / b['wall']:.1%})" for b in cols) + " |")
+    lines.append("| **wall time** | " + " | ".join(f"**{b['wall']:.3f}** | 100% " for b in cols) + " |")
+    calls = lambda b: " + ".join(f"{k['count']} x {'fwd+bwd' if k['grad'] else 'fwd'} [{k['x'][0]}]" for k in b["unet_calls"])
+    lines.append("| UNet calls [batch] | " + " | ".join(f"{calls(b)} | " for b in cols) + " |")
+    lines.append("| pure UNet time | " + " | ".join(f"{b['unet_seconds']:.3f} | " for b in cols) + " |")
+    lines.append("| **overhead ratio** (wall / pure UNet) | " + " | ".join(f"**{b['overhead_ratio']:.2f}** | " for b in cols) + " |")
+    if speeds:
+        lines += ["", f"Sampling throughput, images/s ({num_steps} DDIM steps, guidance {guidance:g}, VAE decode included):", "",
+                  "| batch | CFG batched (one UNet call on 2B) | unbatched (two calls on B) | speed-up |", "|---:|---:|---:|---:|"]
+        for s in speeds:
+            lines.append(f"| {s['batch']} | {s['batched']:.2f} | {s['unbatched']:.2f} | {s['batched'] / s['unbatched']:.2f}x |")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    names = [n.strip() for n in trainers.split(",") if n.strip()]
+    if bad := [n for n in names if n not in TRAINER_MODULES]:
+        raise SystemExit(f"error: --trainers takes {', '.join(TRAINER_MODULES)} (comma-separated), got {bad[0]!r}")
+    try:
+        sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
+    except ValueError:
+        raise SystemExit(f"error: --batch_sizes must be comma-separated integers, got {batch_sizes!r}")
+    if warmup < 1 or epochs < 1 or repeats < 1 or any(b < 1 for b in sizes):
+        raise SystemExit("error: --warmup, --epochs, --repeats and every batch size must be >= 1 "
+                         "(the first timed epoch starts where a warm-up epoch ends)")
+    extras = {}
+    for n in names:
+        extras[n] = shlex.split(ddpo_args if n == "ddpo" else alignprop_args)
+        for a in extras[n]:
+            key = a[2:].partition("=")[0].replace("-", "_")
+            if key in NOT_IN_ARGS:
+                raise SystemExit(f"error: --{n}_args must not set --{key}: bench.py sets it")
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load > 0.5 * cores:
+        print(f"warning: load average {load:.1f} on {cores} cores: other processes are running, and the "
+              "timings will be slow and noisy (quote numbers measured on a quiet machine)", flush=True)
+    results = []
+    for n in names:
+        print(f"timing {warmup} + {epochs} epochs of {TRAINER_MODULES[n]}.py ...", flush=True)
+        results.append(bench_trainer(n, extras[n]))
+    speeds = []
+    if sizes:
+        pipe = sample.load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu")
+        for b in sizes:
+            print(f"sampling throughput, batch {b} ...", flush=True)
+            speeds.append(dict(batch=b, batched=throughput(pipe, b, True), unbatched=throughput(pipe, b, False)))
+    text = markdown(results, speeds)
+    print("\n" + text)
+    if json_out:
+        data = dict(machine=machine(), model=model, trainers=results, throughput=speeds)
+        with open(json_out, "w") as f:
+            json.dump(data, f, indent=2)
+    return results, speeds
+
+
+if __name__ == "__main__":
+    configurator.configure(globals())
+    main()

@@ -1,0 +1,406 @@
+"""The paper's experiment in miniature: does DiffExp exploration make reward fine-tuning more
+sample-efficient? (Chae et al., AAAI 2025, Figure 1b: reward against the number of reward queries.)
+
+One command trains a baseline arm and an `--explore` arm of one trainer over several seeds, with the
+same budget of reward queries per arm (every run gets the same epochs and batch sizes), then draws
+the reward curves with +-1 std bands over seeds and writes a table:
+
+    python compare.py --trainer=ddpo                          # shapes world, 3 seeds per arm
+    python compare.py --trainer=alignprop --ablation          # DiffExp's ablation, 4 arms (below)
+    python compare.py --trainer=ddpo --args="--epochs=12 --w_low=0"   # anything else: to the trainer
+
+Every run is an ordinary trainer run (`python train_<trainer>.py ... --seed=S --out=<folder>`,
+a subprocess) in out/compare-<trainer>-<reward>/<arm>-s<seed>/. Re-running the same command
+resumes: finished runs (a complete log.jsonl and LoRA weights) are skipped, unfinished ones are
+re-run with the same command, which resumes from their checkpoint. Afterwards every run's final LoRA
+samples a held-out prompt set plainly (constant guidance, unweighted prompts, fixed noise: the
+images `python sample.py --lora=<run> ...` draws) and is scored with the same reward.
+
+--ablation runs DiffExp's two parts separately: neither (the baseline), the CFG schedule only
+(cfg_only), the prompt weighting only (weights_only), and both (explore).
+
+Outputs in the compare folder: reward.png (the curves), table.md and table.json, heldout.png (the
+held-out images of every arm's first seed, with their diversity), logs/<run>.txt (each run's output).
+"""
+import importlib
+import json
+import os
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+
+import configurator
+
+# ------------------------------------------------------------------------------------------------
+# defaults (override with --key=value; `python compare.py --help` lists them)
+trainer = "ddpo"             # which trainer: ddpo or alignprop
+model = "shapes"             # passed to the trainer: 'shapes', a hub id, or a local diffusers folder
+reward = "shapes_aesthetic"  # passed to the trainer (and scores the held-out images)
+prompts = "shapes"           # training prompt set or file (minus the held-out prompts, see heldout)
+seeds = 3                    # runs per arm, seeds 0..seeds-1
+ablation = False             # also the arms cfg_only (CFG schedule only) and weights_only (prompt weighting only)
+args = ""                    # other trainer options, one string: --args="--epochs=12 --lr=3e-4"
+heldout = "auto"             # held-out prompts: a set or file; auto: unseen_animals for animals, else every 7th prompt
+heldout_prompts = 12         # at most this many held-out prompts are sampled (evenly spaced)
+heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0..n-1, the same for every run)
+jobs = 0                     # trainer processes at once; 0 = one per 2 cores (torch threads are split between them)
+out = ""                     # compare folder; default out/compare-<trainer>-<reward>
+# ------------------------------------------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+TRAINERS = {"ddpo": "train_ddpo", "alignprop": "train_alignprop"}
+# arm -> trainer flags. "neither" is the baseline: exploring with both parts off samples exactly
+# like it, so it is not run twice.
+ARMS = {"baseline": [], "explore": ["--explore"]}
+ABLATION_ARMS = {"cfg_only": ["--explore", "--explore_weights=false"],
+                 "weights_only": ["--explore", "--explore_cfg=false"]}
+# compare sets these per run; letting --args set them would break the comparison or the resume
+OWN_KEYS = ("model", "reward", "prompts", "seed", "out", "explore", "explore_cfg", "explore_weights", "stop_after")
+HOLDOUT_STRIDE = 7  # auto hold-out: prompts 0, 7, 14, ... (7 is coprime to the shapes world's 6x4x3 grid)
+
+
+def held_out_split(prompt_list):
+    """(training prompts, held-out prompts) for --heldout=auto on a set without its own held-out
+    set: every 7th prompt is held out. On the shapes world (72 captions, colour x shape x background)
+    that holds out 11 combinations whose colours, shapes and backgrounds all still occur in training:
+    the evaluation asks whether the fine-tuning generalises to unseen combinations."""
+    if len(prompt_list) < 2:
+        raise SystemExit(f"error: the prompt set {prompts!r} has {len(prompt_list)} prompt; holding some out "
+                         "needs at least 2, or pass --heldout=<prompt set or file>")
+    held = prompt_list[::HOLDOUT_STRIDE]
+    return [p for p in prompt_list if p not in held], held
+
+
+def trainer_config(argv):
+    """The trainer's config for `argv`, resolved by the trainer's own defaults and parser, exactly as
+    the trainer writes it to config.json: a bad key or value in --args fails here, with the
+    trainer's message, before anything runs."""
+    module = importlib.import_module(TRAINERS[trainer])
+    try:
+        return configurator.configure(dict(vars(module)), argv)
+    except SystemExit as e:
+        raise SystemExit(f"error: in --args ({TRAINERS[trainer]}.py): {str(e).removeprefix('error: ')}")
+
+
+def plan():
+    """Check the input and return the runs: [dict(name, arm, seed, dir, argv, config)], plus the
+    training and held-out prompts. Nothing is written."""
+    if trainer not in TRAINERS:
+        raise SystemExit(f"error: --trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
+    if seeds < 1 or heldout_prompts < 1 or heldout_seeds < 1 or jobs < 0:
+        raise SystemExit("error: --seeds, --heldout_prompts and --heldout_seeds must be >= 1 and --jobs >= 0")
+    extra = shlex.split(args)
+    for a in extra:
+        key = a[2:].partition("=")[0].replace("-", "_") if a.startswith("--") else ""
+        if key in OWN_KEYS or (key.startswith("no_") and key[3:] in OWN_KEYS):
+            raise SystemExit(f"error: --args must not set --{key}: compare.py sets it for every run "
+                             f"(use compare's own --{key.removeprefix('no_')} where it has one)")
+    folder = out or f"out/compare-{trainer}-{reward}"
+    train_list = configurator.load_prompts(prompts)
+    train_prompts = prompts
+    if heldout == "auto" and prompts == "animals":
+        held = configurator.load_prompts("unseen_animals")
+    elif heldout == "auto":
+        train_list, held = held_out_split(train_list)
+        train_prompts = os.path.join(folder, "train_prompts.txt")  # written before the runs start
+    else:
+        held = configurator.load_prompts(heldout)
+    n = min(heldout_prompts, len(held))
+    held = [held[i * len(held) // n] for i in range(n)]  # evenly spaced
+    arms = dict(ARMS, **(ABLATION_ARMS if ablation else {}))
+    runs = []
+    for arm, flags in arms.items():
+        for s in range(seeds):
+            name, run_dir = f"{arm}-s{s}", os.path.join(folder, f"{arm}-s{s}")
+            argv = [f"--model={model}", f"--reward={reward}", f"--prompts={train_prompts}", *extra,
+                    f"--seed={s}", f"--out={run_dir}", *flags]
+            runs.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, config=trainer_config(argv)))
+    if train_prompts != prompts and os.path.exists(train_prompts):
+        with open(train_prompts) as f:
+            if f.read() != "".join(p + "\n" for p in train_list):
+                raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
+                                 f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
+    for r in runs:  # a folder holding a run with other options: the trainer would refuse it later
+        configurator.check_run(r["dir"], r["config"], ignore=("stop_after",))
+    return folder, runs, train_list, train_prompts, held
+
+
+def read_log(run_dir):
+    path = os.path.join(run_dir, "log.jsonl")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def finished(run):
+    return (len(read_log(run["dir"])) >= run["config"]["epochs"]
+            and os.path.exists(os.path.join(run["dir"], "lora", "pytorch_lora_weights.safetensors")))
+
+
+def train_all(folder, runs):
+    """Run every unfinished run's trainer command, `jobs` at a time; return how many ran. Each run's
+    output goes to logs/<run>.txt; here, one line per finished epoch (read from its log.jsonl)."""
+    todo = [r for r in runs if not finished(r)]
+    for r in runs:
+        if r not in todo:
+            print(f"{r['name']}: finished earlier, skipped", flush=True)
+    n_jobs = min(jobs or max(1, (os.cpu_count() or 1) // 2), max(1, len(todo)))
+    threads = max(1, (os.cpu_count() or 1) // n_jobs)  # share the cores: oversubscribed torch threads crawl
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
+    script = os.path.join(ROOT, TRAINERS[trainer] + ".py")
+    if todo:
+        print(f"running {len(todo)} of {len(runs)} runs, {n_jobs} at a time ({threads} torch threads each); "
+              f"each is: python {TRAINERS[trainer]}.py {shlex.join(todo[0]['argv'])}", flush=True)
+    running, total, failed = [], len(todo), None  # running: dict(run, proc, log, start, epochs seen)
+    try:
+        while (todo or running) and not failed:
+            while todo and len(running) < n_jobs:
+                r = todo.pop(0)
+                log = open(os.path.join(folder, "logs", r["name"] + ".txt"), "a")
+                log.write(f"$ {sys.executable} {script} {shlex.join(r['argv'])}\n")
+                log.flush()
+                proc = subprocess.Popen([sys.executable, script, *r["argv"]], stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+                seen = len(read_log(r["dir"]))
+                running.append(dict(run=r, proc=proc, log=log, start=time.time(), seen=seen))
+                print(f"{r['name']}: started" + (f", resuming after epoch {seen - 1}" if seen else ""), flush=True)
+            time.sleep(0.5)
+            for job in list(running):
+                r, history = job["run"], read_log(job["run"]["dir"])
+                for h in history[job["seen"]:]:
+                    print(f"{r['name']}: epoch {h['epoch'] + 1}/{r['config']['epochs']}, reward {h['reward_mean']:.4f}, "
+                          f"{h['reward_queries']} queries{', exploring' if h['explore'] else ''}", flush=True)
+                job["seen"] = max(job["seen"], len(history))
+                if job["proc"].poll() is None:
+                    continue
+                running.remove(job)
+                job["log"].close()
+                if job["proc"].returncode != 0:
+                    failed = (r, job["proc"].returncode)
+                    break
+                print(f"[{total - len(todo) - len(running)}/{total}] {r['name']}: done in "
+                      f"{time.time() - job['start']:.0f} s", flush=True)
+    finally:  # Ctrl-C or a failure: stop the runs we started (each resumes from its last checkpoint)
+        for job in running:
+            job["proc"].terminate()
+            job["proc"].wait()
+            job["log"].close()
+    if failed:
+        r, code = failed
+        path = os.path.join(folder, "logs", r["name"] + ".txt")
+        with open(path) as f:
+            lines = [l for l in f.read().splitlines() if l.strip()]
+        raise SystemExit(f"error: run {r['name']} failed (exit code {code}): {lines[-1] if lines else ''} "
+                         f"(full output: {path}); fix it and re-run the same command to resume")
+    return total
+
+
+# ------------------------------------------------------------------------------------------------
+# Evaluation on held-out prompts: each run's final LoRA, sampled plainly with fixed noise
+
+def sample_heldout(pipe, held, cfg):
+    """Images [P, S, 3, H, W] of the held-out prompts, exactly those that
+    `python sample.py --prompts=<file> --num_seeds=S --guidance=G --steps=T --eta=E` draws (its grid
+    function, with the run's guidance, steps and eta)."""
+    import sample
+    settings = dict(steps=cfg["num_steps"], guidance=cfg["guidance"], eta=cfg["eta"], seed=0, batch_size=16)
+    saved = {k: getattr(sample, k) for k in settings}
+    vars(sample).update(settings)  # sample_grid reads the CLI's settings from its module
+    try:
+        import torch
+        with torch.no_grad():
+            return sample.sample_grid(pipe, held, list(range(heldout_seeds)), exploring=False)
+    finally:
+        vars(sample).update(saved)
+
+
+def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache):
+    """Held-out reward and diversity of the pipeline with the LoRA in `lora_dir` (None: the
+    pretrained model), cached in `cache` (with uint8 images for the figure) until the settings or
+    the LoRA weights change."""
+    import torch
+    import explore as diffexp
+    import lora
+    import sample
+    weights = os.path.join(lora_dir, "pytorch_lora_weights.safetensors") if lora_dir else None
+    settings = dict(prompts=held, seeds=heldout_seeds, guidance=cfg["guidance"], num_steps=cfg["num_steps"],
+                    eta=cfg["eta"], reward=cfg["reward"], weights_mtime=os.path.getmtime(weights) if weights else None)
+    if os.path.exists(cache):
+        c = torch.load(cache, weights_only=False)
+        if c["settings"] == settings:
+            return c
+    if weights:
+        lora.load(pipe.unet, weights)
+    elif lora.layers(pipe.unet):
+        raise RuntimeError("evaluate the pretrained model before any LoRA is loaded")
+    images = sample_heldout(pipe, held, cfg)
+    clean = [diffexp.parse_phrases(p)[0] for p in held for _ in range(heldout_seeds)]
+    with torch.no_grad():
+        r = reward_fn(images.flatten(0, 1).to(pipe.unet.device), clean).float().cpu()
+    c = dict(settings=settings, reward=r.mean().item(), diversity=sample.diversity(images),
+             images=(images * 255).round().to(torch.uint8))
+    configurator.atomic_write(cache, lambda tmp: torch.save(c, tmp))
+    return c
+
+
+def evaluate_all(folder, runs, held):
+    """Evaluate every run (and the pretrained model) on the held-out prompts."""
+    import torch
+    import rewards
+    import sample
+    cfg = runs[0]["config"]
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    opts = dict(kv.split("=", 1) for kv in cfg.get("reward_options", "").split(",") if kv)
+    reward_fn = rewards.load(cfg["reward"], device=dev, **opts)
+    pipe = sample.load_pipeline(cfg["model"], device=dev)
+    print(f"held-out evaluation: {len(held)} prompts x {heldout_seeds} seeds, guidance {cfg['guidance']:g}, "
+          f"{cfg['num_steps']} steps, eta {cfg['eta']:g}", flush=True)
+    results = {"pretrained": evaluate(pipe, reward_fn, held, cfg, None, os.path.join(folder, "pretrained_heldout.pt"))}
+    for r in runs:
+        results[r["name"]] = evaluate(pipe, reward_fn, held, cfg, os.path.join(r["dir"], "lora"),
+                                      os.path.join(r["dir"], "heldout.pt"))
+        print(f"{r['name']}: held-out reward {results[r['name']]['reward']:.4f}, "
+              f"diversity {results[r['name']]['diversity']:.4f}", flush=True)
+    return results
+
+
+# ------------------------------------------------------------------------------------------------
+# Summary: curves, queries-to-baseline, table, figures
+
+def mean_std(values):
+    """Mean and sample standard deviation (n-1) over seeds; std 0 for a single seed."""
+    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
+                per_seed=list(values))
+
+
+def queries_to_reach(queries, curve, target):
+    """The reward queries at which `curve` first reaches `target`, linearly interpolated between the
+    last epoch below it and the first at or above it; None if it never does."""
+    for i, (q, r) in enumerate(zip(queries, curve)):
+        if r >= target:
+            if i == 0:
+                return float(q)
+            q0, r0 = queries[i - 1], curve[i - 1]
+            return q0 + (target - r0) / (r - r0) * (q - q0)
+    return None
+
+
+def summarise(runs, evals):
+    arms = {}
+    for arm in dict.fromkeys(r["arm"] for r in runs):
+        logs = [read_log(r["dir"]) for r in runs if r["arm"] == arm]
+        queries = [h["reward_queries"] for h in logs[0]]
+        if any([h["reward_queries"] for h in log] != queries for log in logs):
+            raise SystemExit(f"error: the runs of arm {arm} logged different reward-query counts; "
+                             "their folders hold runs of different lengths")
+        per_epoch = [[log[e]["reward_mean"] for log in logs] for e in range(len(queries))]
+        names = [r["name"] for r in runs if r["arm"] == arm]
+        evals_at_end = [log[-1].get("eval_reward") for log in logs]
+        arms[arm] = dict(
+            flags=(ARMS | ABLATION_ARMS)[arm],
+            curve=dict(queries=queries, mean=[statistics.fmean(v) for v in per_epoch],
+                       std=[mean_std(v)["std"] for v in per_epoch]),
+            # the last point whose samples were drawn exploring (None: never explored)
+            explore_until=max((h["reward_queries"] for h in logs[0] if h["explore"]), default=None),
+            final_reward=mean_std([log[-1]["reward_mean"] for log in logs]),
+            eval_reward=mean_std(evals_at_end) if None not in evals_at_end else None,
+            heldout_reward=mean_std([evals[n]["reward"] for n in names]),
+            heldout_diversity=mean_std([evals[n]["diversity"] for n in names]),
+            train_seconds=sum(h["seconds"] for log in logs for h in log))
+    target = arms["baseline"]["final_reward"]["mean"]
+    for a in arms.values():
+        a["queries_to_baseline"] = queries_to_reach(a["curve"]["queries"], a["curve"]["mean"], target)
+    return arms
+
+
+def table_markdown(summary):
+    arms, c = summary["arms"], summary
+    base_q = arms["baseline"]["queries_to_baseline"]
+    pm = lambda m: f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "–"
+    lines = [f"**{c['trainer']}** on `{c['model']}`, reward `{c['reward']}`, prompts `{c['prompts']}`; "
+             f"{c['seeds']} seed{'s' if c['seeds'] > 1 else ''} per arm (mean ± std over seeds); every run: {c['reward_queries']} reward queries. "
+             f"Trainer options: `{c['args'] or '(defaults)'}`.", "",
+             "| arm | final reward (training samples) | reward queries to reach the baseline's final reward "
+             "| eval reward (training prompts) | held-out reward | held-out diversity |",
+             "|---|---|---|---|---|---|",
+             f"| pretrained | – | – | – | {c['pretrained']['reward']:.4f} | {c['pretrained']['diversity']:.4f} |"]
+    for name, a in arms.items():
+        q = a["queries_to_baseline"]
+        q = "not reached" if q is None else f"{q:.0f} ({q / base_q:.2f}x)" if q >= 100 else f"{q:.1f} ({q / base_q:.2f}x)"
+        lines.append(f"| {name} | {pm(a['final_reward'])} | {q} | {pm(a['eval_reward'])} | "
+                     f"{pm(a['heldout_reward'])} | {pm(a['heldout_diversity'])} |")
+    lines += ["", f"Held-out prompts ({len(c['heldout'])}, {c['heldout_seeds']} seeds each): "
+              + "; ".join(f"`{p}`" for p in c["heldout"]) + ".",
+              f"Training time: {c['train_seconds'] / 60:.1f} min in all (sum of the runs' epochs); "
+              f"this invocation: {c['wall_seconds'] / 60:.1f} min wall."]
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(summary, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    for name, a in summary["arms"].items():
+        q, m, s = a["curve"]["queries"], a["curve"]["mean"], a["curve"]["std"]
+        line, = ax.plot(q, m, label=name)
+        ax.fill_between(q, [x - d for x, d in zip(m, s)], [x + d for x, d in zip(m, s)], color=line.get_color(), alpha=0.2)
+    ax.axhline(summary["arms"]["baseline"]["final_reward"]["mean"], color="gray", ls="--", lw=0.8,
+               label="baseline's final reward")
+    ends = {a["explore_until"] for a in summary["arms"].values() if a["explore_until"]}
+    for q in ends:
+        ax.axvline(q, color="gray", ls=":", lw=0.8, label="exploration ends")
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel("reward of the training samples")
+    ax.set_title(f"{summary['trainer']}, {summary['reward']}: mean ± std over {summary['seeds']} seeds")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    configurator.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    plt.close(fig)
+
+
+def main():
+    t0 = time.time()
+    folder, runs, train_list, train_prompts, held = plan()
+    os.makedirs(folder, exist_ok=True)
+    if train_prompts != prompts:  # the auto hold-out: the runs train on the rest of the set
+        text = "".join(p + "\n" for p in train_list)
+        configurator.atomic_write(train_prompts, lambda tmp: open(tmp, "w").write(text))
+    with open(os.path.join(folder, "heldout_prompts.txt"), "w") as f:  # for `sample.py --prompts=`
+        f.write("".join(p + "\n" for p in held))
+    ran = train_all(folder, runs)
+    print(f"training: {ran} runs ran, {len(runs) - ran} finished earlier", flush=True)
+    evals = evaluate_all(folder, runs, held)
+    summary = dict(trainer=trainer, model=model, reward=reward, prompts=prompts, args=args,
+                   seeds=seeds, reward_queries=read_log(runs[0]["dir"])[-1]["reward_queries"],
+                   heldout=held, heldout_seeds=heldout_seeds,
+                   pretrained={k: evals["pretrained"][k] for k in ("reward", "diversity")},
+                   arms=summarise(runs, evals), runs_ran=ran)
+    summary["train_seconds"] = sum(a["train_seconds"] for a in summary["arms"].values())
+    summary["wall_seconds"] = time.time() - t0
+    plot_curves(summary, os.path.join(folder, "reward.png"))
+    # the held-out images: one block per arm (its first seed's run), rows = prompts, columns = seeds
+    import sample
+    import explore as diffexp
+    blocks = [evals["pretrained"]] + [evals[f"{arm}-s0"] for arm in summary["arms"]]
+    titles = ["pretrained"] + list(summary["arms"])
+    sample.save_grid([b["images"].float() / 255 for b in blocks], [diffexp.parse_phrases(p)[0] for p in held],
+                     os.path.join(folder, "heldout.png"),
+                     titles=[f"{t}: diversity {b['diversity']:.3f}, reward {b['reward']:.3f}" for t, b in zip(titles, blocks)],
+                     seeds=list(range(heldout_seeds)))
+    text = json.dumps(summary, indent=2) + "\n"
+    configurator.atomic_write(os.path.join(folder, "table.json"), lambda tmp: open(tmp, "w").write(text))
+    md = table_markdown(summary)
+    configurator.atomic_write(os.path.join(folder, "table.md"), lambda tmp: open(tmp, "w").write(md))
+    print("\n" + md)
+    print(f"figures: {folder}/reward.png, {folder}/heldout.png; table: {folder}/table.md, {folder}/table.json")
+    return summary
+
+
+if __name__ == "__main__":
+    configurator.configure(globals())
+    main()

@@ -1,0 +1,190 @@
+"""compare.py on the tiny pipeline: a 2-arm x 2-seed DDPO comparison whose table is checked against
+the runs' own log files, resume (an unfinished run is resumed, finished runs are not re-run), the
+held-out evaluation against sample.py's CLI and the reward itself, and bad input."""
+import importlib
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import configurator
+from conftest import read_log, run_trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)", "an (orange) (triangle)",
+           "a (green cross)", "a (purple circle)", "a (yellow square)", "a (red) (triangle)",
+           "a (blue) (cross) on a (light background)", "a (grey) (circle)"]
+TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --num_batches=1 --train_batch_size=2 --epochs=3 "
+                "--explore_frac=0.5 --eval_prompts=2 --eval_seeds=1")
+
+
+def configured(*argv):
+    """A fresh compare module with `argv` applied, as `python compare.py <argv>` would have it."""
+    mod = importlib.reload(importlib.import_module("compare"))
+    configurator.configure(vars(mod), [str(a) for a in argv])
+    return mod
+
+
+def compare_argv(model, prompt_file, out, *extra):
+    return [f"--model={model}", "--reward=jpeg_incompressibility", f"--prompts={prompt_file}", "--seeds=2",
+            "--heldout_seeds=2", f"--args={TRAINER_ARGS}", f"--out={out}", *extra]
+
+
+@pytest.fixture(scope="module")
+def nine_prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "nine.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def compared(tiny_pipeline_dir, nine_prompts, tmp_path_factory):
+    """One comparison, run once for the tests below. Before it, baseline-s0 is started by hand with
+    compare's own command and stopped after one epoch, so compare finds one unfinished run."""
+    out = tmp_path_factory.mktemp("compare") / "c"
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, out, "--jobs=2")
+    runs = configured(*argv).plan()[1]
+    os.makedirs(out)
+    # the documented auto hold-out: every 7th prompt (here the 1st and 8th) is held out
+    (out / "train_prompts.txt").write_text("".join(p + "\n" for i, p in enumerate(PROMPTS) if i % 7))
+    run_trainer("train_ddpo", *runs[0]["argv"], "--stop_after=1")
+    assert runs[0]["name"] == "baseline-s0" and len(read_log(runs[0]["dir"])) == 1
+    summary = configured(*argv).main()
+    return dict(out=out, argv=argv, summary=summary, runs=runs)
+
+
+def test_table_matches_an_independent_computation_from_the_logs(compared):
+    out, summary = compared["out"], compared["summary"]
+    table = json.loads((out / "table.json").read_text())
+    assert table["arms"].keys() == {"baseline", "explore"} == summary["arms"].keys()
+    logs = {f"{arm}-s{s}": read_log(out / f"{arm}-s{s}") for arm in ("baseline", "explore") for s in (0, 1)}
+    assert all([h["reward_queries"] for h in log] == [2, 4, 6] for log in logs.values())  # same budget
+    target = statistics.fmean(logs[f"baseline-s{s}"][-1]["reward_mean"] for s in (0, 1))
+    for arm, a in table["arms"].items():
+        finals = [logs[f"{arm}-s{s}"][-1]["reward_mean"] for s in (0, 1)]
+        assert a["final_reward"]["mean"] == pytest.approx(sum(finals) / 2)
+        assert a["final_reward"]["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)  # n-1 std of 2
+        curve = [(logs[f"{arm}-s0"][e]["reward_mean"] + logs[f"{arm}-s1"][e]["reward_mean"]) / 2 for e in range(3)]
+        assert a["curve"]["mean"] == pytest.approx(curve)
+        # first crossing of the baseline's final mean, interpolated linearly between epochs
+        i = next((i for i, r in enumerate(curve) if r >= target), None)
+        expected = None if i is None else 2.0 if i == 0 else \
+            2 * i + 2 * (target - curve[i - 1]) / (curve[i] - curve[i - 1])
+        assert a["queries_to_baseline"] == (None if expected is None else pytest.approx(expected))
+        evals = [logs[f"{arm}-s{s}"][-1]["eval_reward"] for s in (0, 1)]
+        assert a["eval_reward"]["mean"] == pytest.approx(sum(evals) / 2)
+        row = next(l for l in (out / "table.md").read_text().splitlines() if l.startswith(f"| {arm} |"))
+        assert f"{a['final_reward']['mean']:.4f} ± {a['final_reward']['std']:.4f}" in row
+        assert ("not reached" in row) == (expected is None)
+    assert table["arms"]["baseline"]["queries_to_baseline"] is not None  # it reaches its own final value
+    # the explore arm explored while epoch < 0.5 * 3 (explore_frac=0.5), the baseline never
+    assert [h["explore"] for h in logs["explore-s0"]] == [True, True, False]
+    assert not any(h["explore"] for h in logs["baseline-s1"])
+    for name in ("reward.png", "heldout.png", "table.md"):
+        assert (out / name).stat().st_size > 0
+
+
+def test_runs_are_trainer_runs_with_the_same_budget_and_held_out_prompts_never_trained_on(compared):
+    out = compared["out"]
+    configs = {r["name"]: json.loads((out / r["name"] / "config.json").read_text()) for r in compared["runs"]}
+    for name, c in configs.items():
+        assert c["seed"] == int(name[-1]) and c["explore"] == name.startswith("explore")
+        assert c["prompts"] == str(out / "train_prompts.txt") and c["epochs"] == 3 and c["num_steps"] == 3
+    trained = configurator.load_prompts(str(out / "train_prompts.txt"))
+    held = compared["summary"]["heldout"]
+    assert held == [PROMPTS[0], PROMPTS[7]] and not set(held) & set(trained)
+    assert sorted(trained + held) == sorted(PROMPTS)
+
+
+def test_an_unfinished_run_was_resumed_and_a_second_invocation_reruns_nothing(compared, capsys):
+    out, summary = compared["out"], compared["summary"]
+    assert summary["runs_ran"] == 4
+    assert "resuming" in (out / "logs" / "baseline-s0.txt").read_text()  # the trainer's own resume
+    assert [r["epoch"] for r in read_log(out / "baseline-s0")] == [0, 1, 2]
+    files = [out / r["name"] / f for r in compared["runs"] for f in ("log.jsonl", "ckpt.pt", "heldout.pt")]
+    before = {f: f.stat().st_mtime_ns for f in files}
+    again = configured(*compared["argv"]).main()
+    printed = capsys.readouterr().out
+    assert again["runs_ran"] == 0 and printed.count("finished earlier, skipped") == 4
+    assert "started" not in printed
+    assert {f: f.stat().st_mtime_ns for f in files} == before  # nothing retrained, nothing re-evaluated
+    assert again["arms"]["explore"]["heldout_reward"] == summary["arms"]["explore"]["heldout_reward"]
+
+
+def test_held_out_evaluation_is_what_sample_cli_draws_scored_by_the_reward(compared, tiny_pipeline_dir):
+    import rewards
+    out, summary = compared["out"], compared["summary"]
+    run = out / "explore-s1"
+    cached = torch.load(run / "heldout.pt", weights_only=False)
+    assert cached["images"].shape[:2] == (2, 2)  # 2 held-out prompts x 2 seeds
+    # the held-out reward is the reward's mean over those images (JPEG sizes need uint8 pixels anyway)
+    r = rewards.load("jpeg_incompressibility")(cached["images"].flatten(0, 1).float() / 255, summary["heldout"] * 2)
+    assert cached["reward"] == pytest.approx(r.mean().item(), rel=1e-6)
+    assert summary["arms"]["explore"]["heldout_reward"]["per_seed"][1] == cached["reward"]
+    # the same images as sample.py's CLI with the run's LoRA and sampling settings
+    cfg = json.loads((run / "config.json").read_text())
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--model={tiny_pipeline_dir}",
+                          f"--lora={run / 'lora'}", f"--prompts={out / 'heldout_prompts.txt'}", "--num_seeds=2",
+                          f"--guidance={cfg['guidance']}", f"--steps={cfg['num_steps']}", f"--eta={cfg['eta']}",
+                          f"--out={out / 'cli.png'}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    cli_diversity = float(re.search(r"plain: ([0-9.]+)", res.stdout).group(1))
+    assert cached["diversity"] == pytest.approx(cli_diversity, abs=1e-4)
+
+
+def test_queries_to_reach_interpolates_the_first_crossing():
+    import compare
+    assert compare.queries_to_reach([10, 20, 30], [0.0, 1.0, 3.0], 2.0) == pytest.approx(25.0)
+    assert compare.queries_to_reach([10, 20, 30], [0.0, 2.5, 1.0], 2.0) == pytest.approx(18.0)  # first, not last
+    assert compare.queries_to_reach([10, 20], [5.0, 6.0], 2.0) == 10.0
+    assert compare.queries_to_reach([10, 20], [0.0, 1.0], 2.0) is None
+
+
+def test_ablation_plans_four_arms_differing_only_in_the_exploration_switches(tiny_pipeline_dir, nine_prompts, tmp_path):
+    folder, runs, *_ = configured(*compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", "--ablation")).plan()
+    assert [r["name"] for r in runs] == [f"{a}-s{s}" for a in ("baseline", "explore", "cfg_only", "weights_only")
+                                         for s in (0, 1)]
+    switches = {r["arm"]: (r["config"]["explore"], r["config"]["explore_cfg"], r["config"]["explore_weights"])
+                for r in runs}
+    assert switches == {"baseline": (False, True, True), "explore": (True, True, True),
+                        "cfg_only": (True, True, False), "weights_only": (True, False, True)}
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("explore", "explore_cfg", "explore_weights", "seed", "out")}
+    assert all(strip(r["config"]) == strip(runs[0]["config"]) for r in runs)
+    assert not os.path.exists(folder)  # planning writes nothing
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--trainer=sgd"], "--trainer must be one of ddpo, alignprop"),
+    (["--seeds=0"], "--seeds"),
+    (["--args=--seed=3"], "--args must not set --seed"),
+    (["--args=--no-explore"], "--args must not set --no_explore"),
+    (["--args=--epoch=2"], "did you mean --epochs"),
+    (["--args=--lr=fast"], "--lr expects a number"),
+    (["--heldout=no_such_set"], "unknown prompt set"),
+])
+def test_bad_input_is_a_one_line_error_with_nothing_written(tiny_pipeline_dir, nine_prompts, tmp_path, extra, message):
+    with pytest.raises(SystemExit) as e:
+        configured(*compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c"), *extra).main()
+    assert str(e.value).startswith("error:") and message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_single_prompt_cannot_be_held_out(tiny_pipeline_dir, tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("a (red circle)\n")
+    with pytest.raises(SystemExit, match="needs at least 2.*--heldout"):
+        configured(*compare_argv(tiny_pipeline_dir, one, tmp_path / "c")).main()
+
+
+def test_a_failing_run_names_the_run_and_the_trainer_error(tiny_pipeline_dir, nine_prompts, tmp_path):
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", "--reward=beauty", "--seeds=1", "--jobs=1")
+    with pytest.raises(SystemExit) as e:
+        configured(*argv).main()
+    assert re.match(r"error: run baseline-s\d failed \(exit code 1\): error: unknown reward 'beauty'", str(e.value))
+    assert "re-run the same command" in str(e.value)
+    assert not (tmp_path / "c" / "baseline-s0" / "log.jsonl").exists()
