@@ -65,9 +65,6 @@ def test_ddpo_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file, cap
 
 
 def test_alignprop_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file):
-    import shapes
-    if not hasattr(shapes, "appeal_score"):  # TODO(lead): drop this once shapes.py's rewrite has landed
-        pytest.skip("the shapes_appeal reward needs shapes.appeal_score (shapes.py is being rewritten)")
     bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=alignprop", "--batch_sizes=", "--repeats=1",
                        f"--alignprop_args=--reward=shapes_appeal --prompts={prompt_file} --num_steps=3 "
                        "--batch_size=2 --steps_per_epoch=2 --truncation=1")

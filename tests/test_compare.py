@@ -137,6 +137,20 @@ def test_held_out_evaluation_is_what_sample_cli_draws_scored_by_the_reward(compa
     assert cached["diversity"] == pytest.approx(cli_diversity, abs=1e-4)
 
 
+def test_alignprop_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
+    out = tmp_path / "c"
+    summary = configured(f"--model={tiny_pipeline_dir}", "--trainer=alignprop", "--reward=shapes_appeal",
+                         f"--prompts={nine_prompts}", "--seeds=1", "--jobs=2", "--heldout_seeds=2", f"--out={out}",
+                         "--args=--num_steps=2 --batch_size=2 --steps_per_epoch=1 --epochs=1 --eval_prompts=1 "
+                         "--eval_seeds=1").main()
+    for arm in ("baseline", "explore"):
+        log = read_log(out / f"{arm}-s0")
+        assert json.loads((out / f"{arm}-s0" / "config.json").read_text())["explore"] == (arm == "explore")
+        assert summary["arms"][arm]["final_reward"] == dict(mean=log[-1]["reward_mean"], std=0.0,
+                                                           per_seed=[log[-1]["reward_mean"]])
+    assert summary["reward_queries"] == 2 and (out / "reward.png").exists()
+
+
 def test_queries_to_reach_interpolates_the_first_crossing():
     import compare
     assert compare.queries_to_reach([10, 20, 30], [0.0, 1.0, 3.0], 2.0) == pytest.approx(25.0)
