@@ -200,17 +200,14 @@ def bench_trainer(name, extra):
     seconds = {s: sum(m["times"].get(s, 0.0) for m in r["marks"]) / n for s in SECTIONS[:-1]}
     seconds["overhead"] = wall - sum(seconds.values())  # including the writing of files
     writing = sum(m["times"].get("writing", 0.0) for m in r["marks"]) / n
-    calls = r["marks"][0]["calls"]
-    if any(m["calls"] != calls for m in r["marks"]):
-        raise SystemExit(f"error: the timed {name} epochs made different UNet calls; time one epoch (--epochs=1)")
+    calls = sum((m["calls"] for m in r["marks"]), Counter())  # epochs may differ (AlignProp's random K)
     unet = r["pipe"].unet
-    kinds = [dict(x=list(x), emb=list(e), grad=g, count=c, seconds_each=unet_seconds(unet, x, e, g))
+    kinds = [dict(x=list(x), emb=list(e), grad=g, count=c / n, seconds_each=unet_seconds(unet, x, e, g))
              for (x, e, g), c in sorted(calls.items(), key=lambda kv: kv[0][2])]
     unet_total = sum(k["count"] * k["seconds_each"] for k in kinds)
     return dict(trainer=name, args=" ".join(extra), wall=wall, logged=sum(m["logged"] for m in r["marks"]) / n,
                 queries=r["queries"], seconds=seconds, fractions={s: v / wall for s, v in seconds.items()},
-                writing=writing,
-                unet_calls=kinds, unet_seconds=unet_total, overhead_ratio=wall / unet_total, config=r["config"])
+                writing=writing, unet_calls=kinds, unet_seconds=unet_total, overhead_ratio=wall / unet_total, config=r["config"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -282,7 +279,7 @@ def markdown(results, speeds):
     lines.append("| (overhead: of which writing checkpoint, log, plot) | "
                  + " | ".join(f"({b['writing']:.3f}) | ({b['writing'] / b['wall']:.1%})" for b in cols) + " |")
     lines.append("| **wall time** | " + " | ".join(f"**{b['wall']:.3f}** | 100% " for b in cols) + " |")
-    calls = lambda b: " + ".join(f"{k['count']} x {'fwd+bwd' if k['grad'] else 'fwd'} [{k['x'][0]}]" for k in b["unet_calls"])
+    calls = lambda b: " + ".join(f"{k['count']:g} x {'fwd+bwd' if k['grad'] else 'fwd'} [{k['x'][0]}]" for k in b["unet_calls"])
     lines.append("| UNet calls [batch] | " + " | ".join(f"{calls(b)} | " for b in cols) + " |")
     lines.append("| pure UNet time | " + " | ".join(f"{b['unet_seconds']:.3f} | " for b in cols) + " |")
     lines.append("| **overhead ratio** (wall / pure UNet) | " + " | ".join(f"**{b['overhead_ratio']:.2f}** | " for b in cols) + " |")
