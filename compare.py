@@ -254,8 +254,7 @@ def evaluate_all(folder, runs, held):
     import sample
     cfg = runs[0]["config"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
-    opts = dict(kv.split("=", 1) for kv in cfg.get("reward_options", "").split(",") if kv)
-    reward_fn = rewards.load(cfg["reward"], device=dev, **opts)
+    reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg.get("reward_options", "")))
     pipe = sample.load_pipeline(cfg["model"], device=dev)
     print(f"held-out evaluation: {len(held)} prompts x {heldout_seeds} seeds, guidance {cfg['guidance']:g}, "
           f"{cfg['num_steps']} steps, eta {cfg['eta']:g}", flush=True)

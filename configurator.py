@@ -246,3 +246,26 @@ def plot_rewards(history, path, title=None):
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
+
+
+def distributed(device="auto"):
+    """One process per device under torchrun (gloo on CPU, NCCL on GPU), or a single process.
+    Returns (ddp, rank, world_size, torch.device)."""
+    import torch
+    import torch.distributed as dist
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return ddp, rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+
+
+def parse_options(text):
+    """'a=1,b=x' -> {'a': '1', 'b': 'x'} (e.g. --reward_options)."""
+    pairs = [kv for kv in text.split(",") if kv.strip()]
+    bad = [kv for kv in pairs if "=" not in kv]
+    if bad:
+        raise SystemExit(f"error: option {bad[0]!r} is not key=value; write e.g. --reward_options=mlp_path=/x.pth")
+    return dict(kv.strip().split("=", 1) for kv in pairs)

@@ -266,6 +266,31 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
                       timesteps=timesteps, guidance=scales, cond=cond, uncond=uncond, images=images, eta=eta)
 
 
+def seeded_generator(seed, *keys):
+    """A CPU generator seeded from a run seed and a few integers (epoch, batch, rank, ...): the same
+    keys give the same numbers whatever the process count, and after a resume."""
+    s = seed
+    for k in keys:
+        s = (s * 1_000_003 + k) % (2**63 - 1)
+    return torch.Generator().manual_seed(s)
+
+
+@torch.no_grad()
+def evaluate(pipe, reward_fn, prompts, guidance, num_steps, eta, per_prompt, path=None, title=""):
+    """The trainers' evaluation: every prompt `per_prompt` times, sampled plainly (constant
+    guidance, unweighted prompts) from fixed noise, so every epoch and every run sees the same
+    starting points. Scores the images and, if `path`, writes their grid. Returns the mean reward."""
+    todo = [p for p in prompts for _ in range(per_prompt)]
+    cond = encode_prompts(pipe, todo)
+    traj = rollout(pipe, cond, encode_prompts(pipe, [""]), guidance, num_steps=num_steps, eta=eta,
+                   generator=torch.Generator().manual_seed(1234))
+    clean = [diffexp.parse_phrases(p)[0] for p in prompts]
+    r = reward_fn(traj.images, [c for c in clean for _ in range(per_prompt)]).float()
+    if path:
+        save_grid(traj.images, clean, path, titles=[title])
+    return r.mean().item()
+
+
 # --------------------------------------------------------------------------------------------
 # CLI: image grids, plain and with exploration
 

@@ -116,12 +116,7 @@ def ppo_loss(log_prob, old_log_prob, adv):
 
 
 def generator(*keys):
-    """A CPU generator seeded from the run seed and a few integers (epoch, batch, ...): the same
-    keys give the same numbers whatever the process count or an interruption before them."""
-    s = seed
-    for k in keys:
-        s = (s * 1_000_003 + k) % (2**63 - 1)
-    return torch.Generator().manual_seed(s)
+    return sample.seeded_generator(seed, *keys)
 
 
 def main():
@@ -144,18 +139,10 @@ def main():
     configurator.check_run(out, config, ignore=("stop_after",))
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
-    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    else:
-        rank, world = 0, 1
-    dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    ddp, rank, world, dev = configurator.distributed(device)
     master = rank == 0
     try:
-        opts = dict(kv.split("=", 1) for kv in reward_options.split(",") if kv)
-        reward_fn = rewards.load(reward, device=dev, **opts)
+        reward_fn = rewards.load(reward, device=dev, **configurator.parse_options(reward_options))
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     try:
@@ -186,8 +173,7 @@ def main():
             print(f"resuming {out} from epoch {start_epoch}")
 
     # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
-    step = max(1, len(prompt_list) // eval_prompts)
-    eval_list = [p for p in prompt_list[::step][:eval_prompts] for _ in range(eval_seeds)]
+    eval_list = prompt_list[::max(1, len(prompt_list) // eval_prompts)][:eval_prompts]
 
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
@@ -290,7 +276,10 @@ def main():
                    **{k: sum(v) / len(v) for k, v in stats.items() if k != "ratio_dev"},
                    ratio_dev=max(stats["ratio_dev"]), seconds=0.0)
         if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
-            rec["eval_reward"] = evaluate(pipe, reward_fn, eval_list, uncond_one, epoch, master, dev)
+            rec["eval_reward"] = sample.evaluate(
+                pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
+                os.path.join(out, f"eval_{epoch:04d}.png") if master else None,
+                f"epoch {epoch}: plain sampling, guidance {guidance:g}")
         rec["seconds"] = round(time.time() - t0, 2)
         history.append(rec)
         if master:
@@ -310,21 +299,6 @@ def main():
     if ddp:
         dist.destroy_process_group()
 
-
-def evaluate(pipe, reward_fn, eval_list, uncond_one, epoch, master, dev):
-    """Plain sampling (constant guidance, unweighted prompts) with fixed noise; every process
-    computes the same images, rank 0 saves the grid. Returns the mean reward."""
-    g = torch.Generator().manual_seed(1234)
-    cond = sample.encode_prompts(pipe, eval_list)
-    with torch.no_grad():
-        traj = sample.rollout(pipe, cond, uncond_one.expand(len(eval_list), -1, -1), guidance,
-                              num_steps=num_steps, eta=eta, generator=g)
-        clean = [diffexp.parse_phrases(p)[0] for p in eval_list]
-        r = reward_fn(traj.images, clean).float()
-    if master:
-        sample.save_grid(traj.images, clean[::eval_seeds], os.path.join(out, f"eval_{epoch:04d}.png"),
-                         titles=[f"epoch {epoch}: plain sampling, guidance {guidance:g}"])
-    return r.mean().item()
 
 
 def _all_gather(x):
