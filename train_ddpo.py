@@ -59,18 +59,19 @@ explore_weights = True       # ablation: use random prompt weighting when explor
 epochs = 24                  # number of sample-then-train rounds
 sample_batch_size = 16       # images per sampling call
 num_batches = 4              # sampling calls per epoch
+samples_per_prompt = 8       # images per drawn prompt in a sampling call: several, so each prompt's statistics are its own
 train_batch_size = 16        # samples per training micro-batch
 grad_accum = 1               # micro-batches per optimizer step (each over all trained timesteps)
 inner_epochs = 1             # passes over each epoch's samples
 timestep_fraction = 1.0      # fraction of each chain's steps trained on
 # policy gradient (DDPO Sec. 4.3 and its released hyper-parameters)
-clip_range = 1e-4            # PPO clip range on the per-step likelihood ratio
+clip_range = 1e-3            # PPO clip range on the per-step likelihood ratio (DDPO on SD 1.5: 1e-4)
 adv_clip = 5.0               # advantages clipped to +-adv_clip
 per_prompt_stats = True      # normalise rewards per prompt (running buffer) rather than per batch
 stat_buffer = 32             # rewards kept per prompt
-stat_min_count = 16          # below this many, a prompt uses the whole batch's statistics
+stat_min_count = 8           # below this many, a prompt uses the whole batch's statistics (DDPO: 16)
 # optimisation
-lr = 1e-3                    # AdamW learning rate on the LoRA weights (3e-4 for SD 1.5)
+lr = 3e-3                    # AdamW learning rate on the LoRA weights (DDPO on SD 1.5: 3e-4)
 weight_decay = 1e-4          # AdamW weight decay
 max_grad_norm = 1.0          # gradient-norm clip
 lora_rank = 4                # LoRA rank (alpha = rank)
@@ -127,6 +128,8 @@ def main():
                          "likelihood for the policy gradient (DDPO uses eta=1.0)")
     if not 0 < timestep_fraction <= 1:
         raise SystemExit(f"error: --timestep_fraction must be in (0, 1], got {timestep_fraction}")
+    if samples_per_prompt < 1 or sample_batch_size % samples_per_prompt:
+        raise SystemExit(f"error: --samples_per_prompt={samples_per_prompt} must divide sample_batch_size={sample_batch_size}")
     samples_per_epoch = sample_batch_size * num_batches
     if samples_per_epoch % (train_batch_size * grad_accum):
         raise SystemExit(f"error: samples per epoch (sample_batch_size*num_batches = {samples_per_epoch}) "
@@ -186,7 +189,8 @@ def main():
         batches = []
         for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not master, leave=False):
             g = generator(epoch, b * world + rank)  # a different stream per process and batch
-            idx = torch.randint(len(prompt_list), (sample_batch_size,), generator=g)
+            idx = torch.randint(len(prompt_list), (sample_batch_size // samples_per_prompt,), generator=g)
+            idx = idx.repeat_interleave(samples_per_prompt)
             batch_prompts = [prompt_list[i] for i in idx]
             weights = None
             if exploring and explore_weights:  # DiffExp random prompt weighting, drawn afresh

@@ -46,7 +46,7 @@ def test_ddpo_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file, cap
     bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=ddpo", "--batch_sizes=1,2", "--repeats=1",
                        "--num_steps=2", "--epochs=2",
                        f"--ddpo_args=--reward=jpeg_incompressibility --prompts={prompt_file} --num_steps=3 "
-                       "--sample_batch_size=2 --num_batches=2 --train_batch_size=4")
+                       "--sample_batch_size=2 --samples_per_prompt=2 --num_batches=2 --train_batch_size=4")
     (b,), speeds = bench.main()
     check_breakdown(b)
     assert b["queries"] == 4  # 2 batches x 2 samples per epoch

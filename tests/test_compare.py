@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)", "an (orange) (triangle)",
            "a (green cross)", "a (purple circle)", "a (yellow square)", "a (red) (triangle)",
            "a (blue) (cross) on a (light background)", "a (grey) (circle)"]
-TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --num_batches=1 --train_batch_size=2 --epochs=3 "
+TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --samples_per_prompt=1 --num_batches=1 --train_batch_size=2 --epochs=3 "
                 "--explore_frac=0.5 --eval_prompts=2 --eval_seeds=1")
 
 

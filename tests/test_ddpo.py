@@ -17,7 +17,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def small(tiny_pipeline_dir, prompt_file, out, *extra):
     return [f"--model={tiny_pipeline_dir}", "--reward=jpeg_incompressibility", f"--prompts={prompt_file}",
-            "--num_steps=4", "--sample_batch_size=4", "--num_batches=2", "--train_batch_size=4",
+            "--num_steps=4", "--sample_batch_size=4", "--samples_per_prompt=2", "--num_batches=2", "--train_batch_size=4",
             "--epochs=2", "--eval_every=100", "--eval_prompts=2", "--eval_seeds=2", f"--out={out}", *extra]
 
 
@@ -135,7 +135,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
 @pytest.mark.parametrize("flags, message", [
     (["--reward=beauty"], "beauty"),
     (["--prompts=no_such_set"], "unknown prompt set"),
-    (["--sample_batch_size=3"], "must be a multiple"),
+    (["--train_batch_size=3"], "must be a multiple"),
+    (["--samples_per_prompt=3"], "must divide sample_batch_size"),
     (["--eta=0"], "--eta must be > 0"),
     (["--timestep_fraction=1.5"], "timestep_fraction"),
     (["--timestep_fraction=0"], "timestep_fraction"),
@@ -177,5 +178,5 @@ def test_non_finite_reward_names_the_reward_and_prompt(tiny_pipeline_dir, prompt
 def test_changed_config_in_an_existing_run_folder_is_refused(tiny_pipeline_dir, prompt_file, tmp_path):
     out = tmp_path / "run"
     run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out, "--epochs=1"))
-    with pytest.raises(SystemExit, match=r"different config \(lr: 0.001 -> 0.01\).*resume.*--out"):
+    with pytest.raises(SystemExit, match=r"different config \(lr: 0.003 -> 0.01\).*resume.*--out"):
         run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out, "--epochs=1"), "--lr=0.01")
