@@ -150,8 +150,10 @@ def main():
     if eta < 0:
         raise SystemExit(f"error: --eta must be >= 0, got {eta}")
     prompt_list = configurator.load_prompts(prompts)
-    for p in prompt_list:
-        diffexp.parse_phrases(p)  # malformed phrase marks fail here, not mid-run
+    try:  # malformed phrase marks fail here, not mid-run
+        [diffexp.parse_phrases(p) for p in prompt_list]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     out = out or f"out/alignprop-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
     configurator.check_run(out, config, ignore=("stop_after",))

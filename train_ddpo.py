@@ -135,8 +135,10 @@ def main():
         raise SystemExit(f"error: samples per epoch (sample_batch_size*num_batches = {samples_per_epoch}) "
                          f"must be a multiple of train_batch_size*grad_accum = {train_batch_size * grad_accum}")
     prompt_list = configurator.load_prompts(prompts)
-    for p in prompt_list:
-        diffexp.parse_phrases(p)  # malformed phrase marks fail here, not mid-run
+    try:  # malformed phrase marks fail here, not mid-run
+        [diffexp.parse_phrases(p) for p in prompt_list]
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     out = out or f"out/ddpo-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
     configurator.check_run(out, config, ignore=("stop_after",))

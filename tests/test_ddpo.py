@@ -154,6 +154,10 @@ def test_unknown_model_and_empty_prompt_file(prompt_file, tmp_path):
     empty.write_text("\n")
     with pytest.raises(SystemExit, match="no prompts"):
         run_trainer("train_ddpo", f"--prompts={empty}", f"--out={tmp_path / 'r'}")
+    nested = tmp_path / "nested.txt"
+    nested.write_text("a ((red) circle)\n")
+    with pytest.raises(SystemExit, match="error: nested parentheses"):
+        run_trainer("train_ddpo", f"--prompts={nested}", f"--out={tmp_path / 'r'}")
     res = subprocess.run([sys.executable, os.path.join(ROOT, "train_ddpo.py"), "--model=no-such-org/no-such-model",
                           f"--prompts={prompt_file}", "--reward=jpeg_compressibility", f"--out={tmp_path / 'r'}"],
                          cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=60)
