@@ -194,44 +194,39 @@ def test_other_configurations_get_other_folders(world):
     assert other != folder and not shapes.is_complete(other)
 
 
-@pytest.mark.parametrize("name", shapes.REWARDS)
-def test_rewards_call_shape_and_gradients(world, name):
+def test_judge_similarity_matches_clipmodel_forward(world):
+    # the world's PickScore: our feature path against transformers' own CLIPModel forward
     folder, _ = world
-    fn = shapes.reward(name, folder)
-    images, captions, _ = shapes.make_batch(3, torch.Generator().manual_seed(0))
-    images = torch.nn.functional.interpolate(images, size=64, mode="bilinear").requires_grad_(fn.differentiable)
-    out = fn(images, captions)
-    assert out.shape == (3,) and torch.isfinite(out).all()
-    if fn.differentiable:
-        out.sum().backward()
-        assert images.grad.abs().sum() > 0
-
-
-def test_alignment_reward_is_the_judge_similarity_and_ignores_marks(world):
-    folder, _ = world
-    fn, judge = shapes.reward("shapes_alignment", folder), shapes.load_judge(folder)
-    images, captions, labels = shapes.make_batch(4, torch.Generator().manual_seed(0))
-    marked = [shapes.prompts()[i] for i in labels.tolist()]
-    assert torch.allclose(fn(images, marked), fn(images, captions))
-    # independent re-computation through transformers' own CLIPModel forward
+    judge = shapes.load_judge(folder)
+    images, captions, _ = shapes.make_batch(4, torch.Generator().manual_seed(0))
     ids = shapes.tokenize(shapes.clip_tokenizer(shapes.MAX_TOKENS), captions)
     with torch.no_grad():
+        ours = shapes.judge_logits(judge, images, shapes.judge_text_features(judge, ids))
         out = judge(input_ids=ids, pixel_values=images * 2 - 1)
-    assert torch.allclose(fn(images, captions), out.logits_per_image.diagonal(), atol=1e-4)
+    assert torch.allclose(ours, out.logits_per_image, atol=1e-4)
+    # any resolution: a nearest-neighbour x2 upscale is resized back to the same pixels
+    big = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")
+    assert torch.allclose(shapes.judge_image_features(judge, big), shapes.judge_image_features(judge, images), atol=1e-4)
 
 
-def test_correctness_reward_counts_attributes():
-    fn = shapes.reward("shapes_correct")
+def test_aesthetic_score_is_differentiable_and_frozen(world):
+    folder, _ = world
+    judge, mlp = shapes.load_judge(folder), shapes.load_aesthetic(folder)
+    assert not any(p.requires_grad for p in list(judge.parameters()) + list(mlp.parameters()))
+    images = shapes.make_batch(3, torch.Generator().manual_seed(0))[0].requires_grad_(True)
+    score = shapes.aesthetic_score(judge, mlp, images)
+    assert score.shape == (3,)
+    score.sum().backward()
+    assert images.grad.abs().sum() > 0
+
+
+def test_correctness_counts_attributes():
     images, captions, labels = shapes.make_batch(2, torch.Generator().manual_seed(5))
     c, s, b = shapes.LABELS[labels[1].item()]
     wrong = shapes.caption(shapes.COLOUR_NAMES[(c + 1) % 6], shapes.SHAPES[s], shapes.BACKGROUND_NAMES[b])
-    assert fn(images, [captions[0], wrong]).tolist() == pytest.approx([1.0, 2 / 3])
-    assert fn(images[:1], ["a circle"]).item() in (0.0, 1.0)
-
-
-def test_unknown_reward_is_a_clear_error():
-    with pytest.raises(ValueError, match="shapes_alignment"):
-        shapes.reward("shapes_beauty")
+    marked = shapes.prompts()[labels[0].item()]
+    assert shapes.correctness(images, [marked, wrong]).tolist() == pytest.approx([1.0, 2 / 3])
+    assert shapes.correctness(images[:1], ["a circle"]).item() == float(labels[0].item() // 3 % 4 == 0)
 
 
 def test_cli_prints_the_folder_last(world):
