@@ -76,3 +76,18 @@ def prompt_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("a (red circle) on a (dark background)\na (blue square)\nan (orange) (triangle)\n")
     return str(path)
+
+
+def lora_weights(out):
+    """The LoRA file a trainer run saved in `out`."""
+    from safetensors.torch import load_file
+    return load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
+
+
+def torchrun(script, *argv, nproc=2):
+    """Run `script` under torchrun (gloo on CPU), one thread per process; returns the result."""
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           os.path.join(root, script), *[str(a) for a in argv]]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))

@@ -2,18 +2,14 @@
 randomised K, resume and multi-process equivalence, and bad input."""
 import importlib
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import lora
 import sample
-from conftest import read_log, run_trainer
+from conftest import lora_weights, read_log, run_trainer, torchrun
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)"]
 
 
@@ -107,10 +103,6 @@ def small(tiny_pipeline_dir, prompt_file, out, *extra):
             "--eval_prompts=2", "--eval_seeds=2", f"--out={out}", *extra]
 
 
-def lora_weights(out):
-    return load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
-
-
 def test_run_logs_k_and_rewards(tiny_pipeline_dir, prompt_file, tmp_path):
     out = tmp_path / "run"
     run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, out, "--truncation=rand",
@@ -145,9 +137,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
     run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1",
                                           "--grad_accum=2"))
     two = small(tiny_pipeline_dir, prompt_file, tmp_path / "two", "--epochs=1", "--grad_accum=1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_alignprop.py"), *two]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = torchrun("train_alignprop.py", *two)
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
     for k in a:

@@ -6,9 +6,8 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
-from conftest import read_log, run_trainer
+from conftest import lora_weights, read_log, run_trainer, torchrun
 
 import train_ddpo
 
@@ -19,10 +18,6 @@ def small(tiny_pipeline_dir, prompt_file, out, *extra):
     return [f"--model={tiny_pipeline_dir}", "--reward=jpeg_incompressibility", f"--prompts={prompt_file}",
             "--num_steps=4", "--sample_batch_size=4", "--samples_per_prompt=2", "--num_batches=2", "--train_batch_size=4",
             "--epochs=2", "--eval_every=100", "--eval_prompts=2", "--eval_seeds=2", f"--out={out}", *extra]
-
-
-def lora_weights(out):
-    return load_file(os.path.join(out, "lora", "pytorch_lora_weights.safetensors"))
 
 
 def test_ppo_loss_against_hand_computation():
@@ -121,9 +116,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
     common = small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1")
     run_trainer("train_ddpo", *common, "--num_batches=2", "--grad_accum=2")
     two = small(tiny_pipeline_dir, prompt_file, tmp_path / "two", "--epochs=1", "--num_batches=1", "--grad_accum=1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           os.path.join(ROOT, "train_ddpo.py"), *two]
-    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = torchrun("train_ddpo.py", *two)
     assert res.returncode == 0, res.stderr[-2000:]
     a, b = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
