@@ -1,7 +1,6 @@
 """AlignProp / DRaFT: which UNet calls carry gradient, the gradient against finite differences,
 randomised K, resume and multi-process equivalence, and bad input."""
 import importlib
-import os
 
 import pytest
 import torch
