@@ -18,6 +18,9 @@
    mean that nothing but the unavoidable UNet work takes any time.
 3. Sampling throughput (images/s, DDIM + VAE decode) with classifier-free guidance batched (one
    UNet call on 2B latents per step, as sample.guided_eps does) and unbatched (two calls on B).
+4. AlignProp's truncation (--truncations=1,10,all): peak memory and seconds per update for each K,
+   with and without gradient checkpointing. Each setting is a separate train_alignprop.py process,
+   so its peak resident memory (VmHWM, read by the process itself as it exits) is its own.
 
 Prints markdown tables (and writes them as JSON with --json_out).
 """
@@ -29,6 +32,8 @@ import platform
 import shlex
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
@@ -51,6 +56,7 @@ repeats = 3                  # timed repetitions per pure-UNet shape and per thr
 batch_sizes = "1,2,4,8,16,32"  # sampling throughput batch sizes
 num_steps = 20               # DDIM steps for the throughput measurement
 guidance = 5.0               # CFG scale for the throughput measurement
+truncations = ""             # AlignProp K values for the memory/time table, e.g. "1,10,all" ("" = skip)
 json_out = ""                # also write all results as JSON to this file
 # ------------------------------------------------------------------------------------------------
 
@@ -245,6 +251,61 @@ def throughput(pipe, batch, batched):
 
 
 # ------------------------------------------------------------------------------------------------
+# 4. AlignProp's truncation: memory and time per K, with and without gradient checkpointing
+
+# A child Python that runs a script and then reports its peak resident memory. VmHWM is the
+# high-water mark of the process's own address space, which exec starts afresh; the rusage
+# ru_maxrss would also count the parent's memory at the fork (the pytest or bench process).
+PEAK_WRAPPER = """
+import runpy, sys
+sys.argv = sys.argv[1:]
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+finally:
+    with open("/proc/self/status") as f:
+        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
+    print(f"bench-peak-kb {kb}", flush=True)
+"""
+
+
+def run_child(script_argv, log_path):
+    """Run `python <script> <args>` to completion, output to `log_path`; return (exit code, its
+    peak resident memory in MB, or None if it could not report it)."""
+    with open(log_path, "w") as log:
+        code = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *script_argv], stdout=log,
+                              stderr=subprocess.STDOUT).returncode
+    with open(log_path) as f:
+        peaks = [line.split()[1] for line in f if line.startswith("bench-peak-kb ")]
+    return code, int(peaks[-1]) / 1024 if peaks else None
+
+
+def truncation_table(ks, extra):
+    """For each K and checkpointing off/on: a 4-epoch train_alignprop.py run in its own process;
+    seconds per update = the median of epochs 1-2 (epoch 0 warms up, the last one evaluates)."""
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_alignprop.py")
+    rows = []
+    for k in ks:
+        for ckpt in (False, True):
+            out = tempfile.mkdtemp(prefix="bench-k-")
+            cmd = [script, f"--model={model}", *extra, f"--truncation={k}",
+                   f"--checkpointing={str(ckpt).lower()}", "--epochs=4", "--eval_every=1000000", f"--out={out}/run"]
+            print(f"AlignProp K={k}, checkpointing {'on' if ckpt else 'off'} ...", flush=True)
+            code, peak_mb = run_child(cmd, os.path.join(out, "output.txt"))
+            if code != 0:
+                with open(os.path.join(out, "output.txt")) as f:
+                    tail = f.read()[-2000:]
+                raise SystemExit(f"error: train_alignprop.py failed with K={k}, checkpointing={ckpt}:\n{tail}")
+            with open(os.path.join(out, "run", "log.jsonl")) as f:
+                log = [json.loads(line) for line in f]
+            with open(os.path.join(out, "run", "config.json")) as f:
+                steps = json.load(f)["steps_per_epoch"]
+            rows.append(dict(k=k, checkpointing=ckpt, peak_mb=peak_mb,
+                             seconds_per_step=statistics.median(r["seconds"] for r in log[1:3]) / steps))
+            shutil.rmtree(out, ignore_errors=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
 # Tables
 
 def machine():
@@ -267,27 +328,34 @@ def describe(b):
             f"{c['num_steps']} steps, truncation K={c['truncation']}")
 
 
-def markdown(results, speeds):
+def markdown(results, speeds, ktable=()):
     cols = results
     lines = [f"Machine: {machine()}; model `{model}`.", ""]
     for b in cols:
         lines.append(f"- {describe(b)}; {b['queries']} reward queries per epoch" + (f"; options `{b['args']}`" if b["args"] else ""))
-    lines += ["", "| one epoch | " + " | ".join(f"{b['trainer']} s | {b['trainer']} share" for b in cols) + " |",
-              "|---|" + "---:|---:|" * len(cols)]
-    for s in SECTIONS:
-        lines.append(f"| {s} | " + " | ".join(f"{b['seconds'][s]:.3f} | {b['fractions'][s]:.1%}" for b in cols) + " |")
-    lines.append("| (overhead: of which writing checkpoint, log, plot) | "
-                 + " | ".join(f"({b['writing']:.3f}) | ({b['writing'] / b['wall']:.1%})" for b in cols) + " |")
-    lines.append("| **wall time** | " + " | ".join(f"**{b['wall']:.3f}** | 100% " for b in cols) + " |")
-    calls = lambda b: " + ".join(f"{k['count']:g} x {'fwd+bwd' if k['grad'] else 'fwd'} [{k['x'][0]}]" for k in b["unet_calls"])
-    lines.append("| UNet calls [batch] | " + " | ".join(f"{calls(b)} | " for b in cols) + " |")
-    lines.append("| pure UNet time | " + " | ".join(f"{b['unet_seconds']:.3f} | " for b in cols) + " |")
-    lines.append("| **overhead ratio** (wall / pure UNet) | " + " | ".join(f"**{b['overhead_ratio']:.2f}** | " for b in cols) + " |")
+    if cols:
+        lines += ["", "| one epoch | " + " | ".join(f"{b['trainer']} s | {b['trainer']} share" for b in cols) + " |",
+                  "|---|" + "---:|---:|" * len(cols)]
+        for s in SECTIONS:
+            lines.append(f"| {s} | " + " | ".join(f"{b['seconds'][s]:.3f} | {b['fractions'][s]:.1%}" for b in cols) + " |")
+        lines.append("| (overhead: of which writing checkpoint, log, plot) | "
+                     + " | ".join(f"({b['writing']:.3f}) | ({b['writing'] / b['wall']:.1%})" for b in cols) + " |")
+        lines.append("| **wall time** | " + " | ".join(f"**{b['wall']:.3f}** | 100% " for b in cols) + " |")
+        calls = lambda b: " + ".join(f"{k['count']:g} x {'fwd+bwd' if k['grad'] else 'fwd'} [{k['x'][0]}]" for k in b["unet_calls"])
+        lines.append("| UNet calls [batch] | " + " | ".join(f"{calls(b)} | " for b in cols) + " |")
+        lines.append("| pure UNet time | " + " | ".join(f"{b['unet_seconds']:.3f} | " for b in cols) + " |")
+        lines.append("| **overhead ratio** (wall / pure UNet) | " + " | ".join(f"**{b['overhead_ratio']:.2f}** | " for b in cols) + " |")
     if speeds:
         lines += ["", f"Sampling throughput, images/s ({num_steps} DDIM steps, guidance {guidance:g}, VAE decode included):", "",
                   "| batch | CFG batched (one UNet call on 2B) | unbatched (two calls on B) | speed-up |", "|---:|---:|---:|---:|"]
         for s in speeds:
             lines.append(f"| {s['batch']} | {s['batched']:.2f} | {s['unbatched']:.2f} | {s['batched'] / s['unbatched']:.2f}x |")
+    if ktable:
+        lines += ["", "AlignProp truncation (each row its own process; peak resident memory includes the process's "
+                  "Python, torch and models):", "",
+                  "| K steps with gradient | checkpointing | peak memory (MB) | seconds per update |", "|---|---|---:|---:|"]
+        for r in ktable:
+            lines.append(f"| {r['k']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} | {r['seconds_per_step']:.2f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -299,6 +367,9 @@ def main():
         sizes = [int(b) for b in batch_sizes.split(",") if b.strip()]
     except ValueError:
         raise SystemExit(f"error: --batch_sizes must be comma-separated integers, got {batch_sizes!r}")
+    ks = [k.strip() for k in truncations.split(",") if k.strip()]
+    if bad := [k for k in ks if k != "all" and not (k.isdigit() and int(k) >= 1)]:
+        raise SystemExit(f"error: --truncations takes K values (integers >= 1 or 'all', comma-separated), got {bad[0]!r}")
     if warmup < 1 or epochs < 1 or repeats < 1 or any(b < 1 for b in sizes):
         raise SystemExit("error: --warmup, --epochs, --repeats and every batch size must be >= 1 "
                          "(the first timed epoch starts where a warm-up epoch ends)")
@@ -323,10 +394,11 @@ def main():
         for b in sizes:
             print(f"sampling throughput, batch {b} ...", flush=True)
             speeds.append(dict(batch=b, batched=throughput(pipe, b, True), unbatched=throughput(pipe, b, False)))
-    text = markdown(results, speeds)
+    ktable = truncation_table(ks, shlex.split(alignprop_args))
+    text = markdown(results, speeds, ktable)
     print("\n" + text)
     if json_out:
-        data = dict(machine=machine(), model=model, trainers=results, throughput=speeds)
+        data = dict(machine=machine(), model=model, trainers=results, throughput=speeds, truncation=ktable)
         with open(json_out, "w") as f:
             json.dump(data, f, indent=2)
     return results, speeds

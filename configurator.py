@@ -236,7 +236,8 @@ def plot_rewards(history, path, title=None):
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
     q = [h["reward_queries"] for h in history]
     ax.plot(q, [h["reward_mean"] for h in history], label="training samples")
-    ev = [(h["reward_queries"], h["eval_reward"]) for h in history if "eval_reward" in h]
+    ev = [(0, h["eval_before"]) for h in history[:1] if "eval_before" in h]  # before any update
+    ev += [(h["reward_queries"], h["eval_reward"]) for h in history if "eval_reward" in h]
     if ev:
         ax.plot(*zip(*ev), "o-", label="evaluation (plain sampling)")
     ax.set_xlabel("reward queries")

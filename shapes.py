@@ -637,21 +637,6 @@ def load_aesthetic(folder=None, device="cpu"):
     return mlp.to(device).eval().requires_grad_(False)
 
 
-def strip_marks(prompt):
-    """The prompt without DiffExp's phrase marks: "a (red) (circle)" -> "a red circle"."""
-    return " ".join(prompt.replace("(", " ").replace(")", " ").split())
-
-
-def correctness(images, prompts):
-    """The pixel checker's fraction of the attributes a prompt names (colour, shape, background)
-    that the image shows: [B] in [0, 1]. Not differentiable."""
-    read, score = check(images), torch.zeros(len(prompts))
-    for i, p in enumerate(prompts):
-        wanted = [(k, w) for k, w in zip(("colour", "shape", "background"), parse_prompt(p)) if w is not None]
-        score[i] = sum(int(read[k][i]) == w for k, w in wanted) / max(1, len(wanted))
-    return score
-
-
 # ---------------------------------------------------------------------------------------------
 # Measuring the world (python shapes.py --evaluate): the numbers and grids in the README.
 GUIDANCE = (1.0, 3.0, 5.0, 7.5)
@@ -660,52 +645,26 @@ GRID_PROMPTS = [caption(*words) for words in [
     ("purple", "circle", "light"), ("orange", "triangle", "grey"), ("red", "square", "grey"), ("blue", "cross", "light")]]
 
 
-def diversity(images, groups):
-    """Diversity among images of one prompt, averaged over prompts: the mean pairwise RMS pixel
-    distance, and the std of the shape's centroid (pixels, pixel checker)."""
-    read, dists, stds = check(images), [], []
-    for idx in groups:
-        x = images[idx].flatten(1).float().cpu()
-        d = torch.cdist(x, x) / math.sqrt(x.shape[1])
-        dists.append(d.sum() / (len(idx) * (len(idx) - 1)))
-        stds.append(read["centroid"][idx].std(0).norm() / math.sqrt(2))
-    return torch.stack(dists).mean().item(), torch.stack(stds).mean().item()
-
-
-def measure(images, labels, judge, tok, aesthetic_mlp):
-    """Judge and pixel-checker agreement with the captions, diversity, appeal and aesthetic."""
-    n = len(labels)
-    groups = [torch.nonzero(labels == l)[:, 0] for l in labels.unique()]
-    groups = [g for g in groups if len(g) > 1]
-    div, centroid_std = diversity(images, groups)
+def measure(images, labels, judge, tok, aesthetic_mlp, per_prompt):
+    """Judge and pixel-checker agreement with the captions, appeal and aesthetic, and diversity:
+    sample.py's pixel diversity and the spread of the shape's position. `images` come in runs of
+    `per_prompt` images of one caption."""
+    import sample
+    by_prompt = images.reshape(-1, per_prompt, *images.shape[1:])
+    centroids = check(images)["centroid"].reshape(-1, per_prompt, 2)
+    centroid_std = (centroids.std(1).norm(dim=1) / math.sqrt(2)).mean().item()  # per-axis std, in pixels
     with torch.no_grad():
         aes = aesthetic_score(judge, aesthetic_mlp, images)
-    return dict(n=n, judge=attribute_accuracy(judge_read(judge, tok, images), labels),
-                pixels=attribute_accuracy(check(images), labels), diversity=round(div, 4),
+    return dict(n=len(labels), judge=attribute_accuracy(judge_read(judge, tok, images), labels),
+                pixels=attribute_accuracy(check(images), labels), diversity=round(sample.diversity(by_prompt), 4),
                 centroid_std=round(centroid_std, 2), appeal=round(appeal(images).mean().item(), 3),
                 aesthetic=round(aes.mean().item(), 3))
-
-
-def save_grid(images, rows, path, title="", scale=3):
-    """A PNG grid: one row per prompt (caption on the left), one column per seed."""
-    from PIL import Image, ImageDraw
-    n_cols = len(images) // len(rows)
-    tile, label_w, top = SIZE * scale + 2, 220, 20
-    grid = Image.new("RGB", (label_w + n_cols * tile, top + len(rows) * tile), "white")
-    draw = ImageDraw.Draw(grid)
-    draw.text((4, 4), title, fill="black")
-    pixels = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
-    for r, text in enumerate(rows):
-        draw.text((4, top + r * tile + tile // 2 - 6), text, fill="black")
-        for c in range(n_cols):
-            im = Image.fromarray(pixels[r * n_cols + c]).resize((SIZE * scale,) * 2, Image.NEAREST)
-            grid.paste(im, (label_w + c * tile + 1, top + r * tile + 1))
-    grid.save(path)
 
 
 def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
     """Sample every caption at each guidance scale through diffusers' own StableDiffusionPipeline
     (loaded with no project code), judge the samples, write grids; print a markdown table."""
+    import sample
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
@@ -716,7 +675,7 @@ def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
     scenes = sample_scenes(len(labels), torch.Generator().manual_seed(12345))
     c, s, b = [torch.tensor(v) for v in zip(*[LABELS[i] for i in labels])]
     scenes.update(colour=c, shape=s, background=b)
-    rows["real images"] = measure(render(scenes), labels, judge, tok, aesthetic_mlp)
+    rows["real images"] = measure(render(scenes), labels, judge, tok, aesthetic_mlp, per_prompt)
     samples = {}
     for w in GUIDANCE:
         t0, images = time.time(), []
@@ -725,7 +684,7 @@ def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
             images.append(pipe(CAPTIONS[i:i + 8], num_images_per_prompt=per_prompt, guidance_scale=w,
                                num_inference_steps=steps, generator=gen, output_type="pt").images)
         samples[w] = torch.cat(images)
-        rows[f"guidance {w}"] = measure(samples[w], labels, judge, tok, aesthetic_mlp)
+        rows[f"guidance {w}"] = measure(samples[w], labels, judge, tok, aesthetic_mlp, per_prompt)
         rows[f"guidance {w}"]["images_per_s"] = round(len(labels) / (time.time() - t0), 1)
     # grids: the same seeds (initial noise) at guidance 1 and 5
     os.makedirs(assets, exist_ok=True)
@@ -733,8 +692,8 @@ def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
         gen = [torch.Generator().manual_seed(k) for _ in GRID_PROMPTS for k in range(8)]
         images = pipe(GRID_PROMPTS, num_images_per_prompt=8, guidance_scale=w, num_inference_steps=steps,
                       generator=gen, output_type="pt").images
-        save_grid(images, GRID_PROMPTS, os.path.join(assets, f"shapes_guidance{w:g}.png"),
-                  title=f"guidance {w:g}, DDIM {steps} steps; columns: seeds 0-7, the same seeds in both grids")
+        sample.save_grid(images, GRID_PROMPTS, os.path.join(assets, f"shapes_guidance{w:g}.png"), seeds=range(8),
+                         titles=[f"guidance {w:g}, DDIM {steps} steps, eta 0 (the same seeds in both grids)"])
     lines = [f"DDIM {steps} steps, eta 0, {per_prompt} samples x {len(CAPTIONS)} prompts per row; "
              "agreement with the prompt as read by the judge / by the pixel checker", "",
              "| images | colour | shape | background | diversity (RMS px) | centroid std (px) | appeal | aesthetic |",

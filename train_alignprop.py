@@ -196,6 +196,13 @@ def main():
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
             break
+        if epoch == 0:  # where the evaluation curve starts: the model before any update
+            eval_before = sample.evaluate(
+                pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
+                os.path.join(out, "eval_base.png") if master else None,
+                f"before training: plain sampling, guidance {guidance:g}")
+            if master:
+                print(f"evaluation reward before training: {eval_before:.4f}")
         t0 = time.time()
         exploring = explore and diffexp.explore_active(epoch, epochs, explore_frac)
         stats = defaultdict(list)
@@ -241,6 +248,8 @@ def main():
                    reward_std=r_epoch.std().item(), reward_queries=queries,
                    loss=sum(stats["loss"]) / len(stats["loss"]),
                    grad_norm=sum(stats["grad_norm"]) / len(stats["grad_norm"]), k=stats["k"])
+        if epoch == 0:
+            rec["eval_before"] = eval_before
         if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
             rec["eval_reward"] = sample.evaluate(
                 pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,

@@ -91,3 +91,62 @@ def torchrun(script, *argv, nproc=2):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(root, script), *[str(a) for a in argv]]
     return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+# ---- tiny random reward models with the real rewards' code paths (aesthetic, PickScore) ----
+
+# the published predictor's state dict, as the LAION repo's nn.Sequential names it
+# (Linear layers at indices 0, 2, 4, 6, 7; dropouts in between have no weights)
+PUBLISHED_SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128),
+                    "layers.6": (16, 64), "layers.7": (1, 16)}
+
+
+def random_predictor_state(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sd = {}
+    for k, (o, i) in PUBLISHED_SHAPES.items():
+        sd[k + ".weight"] = torch.randn(o, i, generator=g) / i ** 0.5
+        sd[k + ".bias"] = torch.randn(o, generator=g) * 0.1
+    return sd
+
+
+@pytest.fixture(scope="session")
+def tiny_open_clip(tmp_path_factory):
+    """A tiny open_clip model registered as a custom config (through open_clip's factory, as
+    ViT-L-14 is), with 768-d embeddings so the predictor-shaped MLP fits; saved weights + MLP."""
+    import json
+    import open_clip
+    d = tmp_path_factory.mktemp("oc")
+    cfg = {"embed_dim": 768,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
+           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    (d / "rewards-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(d / "rewards-tiny-clip.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("rewards-tiny-clip", force_quick_gelu=True)
+    torch.save(model.state_dict(), d / "clip.pt")
+    torch.save(random_predictor_state(), d / "mlp.pth")
+    return "rewards-tiny-clip", str(d / "clip.pt"), str(d / "mlp.pth")
+
+
+@pytest.fixture(scope="session")
+def tiny_pickscore(tmp_path_factory):
+    """A tiny transformers CLIPModel and a CLIPProcessor (real CLIP tokenizer, CLIP image settings
+    at 32 px), saved as local folders as the hub ones would be."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+    from shapes import clip_tokenizer
+    torch.manual_seed(0)
+    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=1, num_attention_heads=2,
+                                      max_position_embeddings=77),
+                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                        num_attention_heads=2, image_size=32, patch_size=8),
+                     projection_dim=16)
+    model = CLIPModel(cfg).eval()
+    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
+                                                            crop_size={"height": 32, "width": 32}),
+                         tokenizer=clip_tokenizer())
+    d = tmp_path_factory.mktemp("pickscore")
+    model.save_pretrained(d / "model")
+    proc.save_pretrained(d / "processor")
+    return model, proc, str(d / "model"), str(d / "processor")

@@ -111,8 +111,9 @@ def test_run_logs_k_and_rewards(tiny_pipeline_dir, prompt_file, tmp_path):
     assert [r["reward_queries"] for r in log] == [4, 8]
     assert all(k in (2, 3) for r in log for k in r["k"]) and all(len(r["k"]) == 2 for r in log)
     assert [r["explore"] for r in log] == [True, False]  # the first half of 2 epochs
-    for name in ("config.json", "reward.png", "ckpt.pt", "eval_0001.png"):
+    for name in ("config.json", "reward.png", "ckpt.pt", "eval_base.png", "eval_0001.png"):
         assert (out / name).exists(), name
+    assert "eval_before" in log[0] and "eval_before" not in log[1]  # the untrained model's score
     assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)
 
 

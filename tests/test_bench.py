@@ -83,8 +83,35 @@ def test_alignprop_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file
     (["--warmup=0"], "--warmup"),
     (["--batch_sizes=1,two"], "--batch_sizes must be comma-separated integers"),
     (["--batch_sizes=0"], "every batch size must be >= 1"),
+    (["--truncations=1,rand"], "--truncations takes K values"),
 ])
 def test_bad_input_is_a_one_line_error(argv, message):
     with pytest.raises(SystemExit) as e:
         configured(*argv).main()
     assert str(e.value).startswith("error:") and message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_run_child_reports_each_childs_own_peak_memory(tmp_path):
+    """A child that touches 300 MB peaks >= 250 MB above one that does nothing, and neither carries
+    the parent's (this pytest process's) memory; a failing child still reports."""
+    bench = configured()
+    (tmp_path / "big.py").write_text("b = bytearray(300 * 2**20)\nb[::4096] = b'x' * len(b[::4096])\n")
+    (tmp_path / "small.py").write_text("pass\n")
+    (tmp_path / "fail.py").write_text("raise SystemExit(3)\n")
+    code_big, peak_big = bench.run_child([tmp_path / "big.py"], tmp_path / "big.txt")
+    code_small, peak_small = bench.run_child([tmp_path / "small.py"], tmp_path / "small.txt")
+    assert code_big == code_small == 0 and peak_big - peak_small >= 250
+    assert peak_small < 100  # a bare Python, not the parent's hundreds of MB
+    code, peak = bench.run_child([tmp_path / "fail.py"], tmp_path / "fail.txt")
+    assert code == 3 and 0 < peak < 100
+
+
+def test_truncation_table_rows_and_a_failing_setting(tiny_pipeline_dir, prompt_file):
+    args = (f"--model={tiny_pipeline_dir}", f"--alignprop_args=--prompts={prompt_file} --reward=shapes_appeal "
+            "--num_steps=3 --batch_size=2 --steps_per_epoch=1 --eval_prompts=1 --eval_seeds=1")
+    bench = configured(*args)
+    rows = bench.truncation_table(["1", "all"], bench.shlex.split(bench.alignprop_args))
+    assert [(r["k"], r["checkpointing"]) for r in rows] == [("1", False), ("1", True), ("all", False), ("all", True)]
+    assert all(r["peak_mb"] > 50 and r["seconds_per_step"] > 0 for r in rows)  # a Python + torch process
+    with pytest.raises(SystemExit, match="K=4"):  # more steps with gradient than the chain has
+        bench.truncation_table(["4"], bench.shlex.split(bench.alignprop_args))

@@ -76,6 +76,7 @@ def test_run_folder_contents_and_lora_loads_in_diffusers(tiny_pipeline_dir, prom
     log = read_log(out)
     assert [r["epoch"] for r in log] == [0, 1] and [r["reward_queries"] for r in log] == [8, 16]
     assert "eval_reward" in log[1] and "eval_reward" not in log[0]
+    assert "eval_before" in log[0] and "eval_before" not in log[1] and (out / "eval_base.png").exists()
     assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)  # it trained
 
 

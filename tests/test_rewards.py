@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import rewards
+from conftest import PUBLISHED_SHAPES, random_predictor_state
 
 # Our tensor preprocessing vs the PIL-based references: they round to uint8 after resizing (half a
 # grey level) and compute the filter in fixed point; we keep floats. Allowed: 2 grey levels.
@@ -71,21 +72,6 @@ def test_strip_marks_matches_explore():
 
 # ---------------------------------------------------------------- aesthetic
 
-# the published predictor's state dict, as the LAION repo's nn.Sequential names it
-# (Linear layers at indices 0, 2, 4, 6, 7; dropouts in between have no weights)
-PUBLISHED_SHAPES = {"layers.0": (1024, 768), "layers.2": (128, 1024), "layers.4": (64, 128),
-                    "layers.6": (16, 64), "layers.7": (1, 16)}
-
-
-def random_predictor_state(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for k, (o, i) in PUBLISHED_SHAPES.items():
-        sd[k + ".weight"] = torch.randn(o, i, generator=g) / i ** 0.5
-        sd[k + ".bias"] = torch.randn(o, generator=g) * 0.1
-    return sd
-
-
 def test_aesthetic_mlp_is_the_published_architecture():
     sd = random_predictor_state()
     mlp = rewards.AestheticMLP()
@@ -98,24 +84,6 @@ def test_aesthetic_mlp_is_the_published_architecture():
     torch.testing.assert_close(mlp(e), ref, rtol=1e-4, atol=1e-4)
     drops = [m.p for m in mlp.modules() if isinstance(m, torch.nn.Dropout)]
     assert drops == [0.2, 0.2, 0.1]
-
-
-@pytest.fixture(scope="module")
-def tiny_open_clip(tmp_path_factory):
-    """A tiny open_clip model registered as a custom config (through open_clip's factory, as
-    ViT-L-14 is), with 768-d embeddings so the predictor-shaped MLP fits; saved weights + MLP."""
-    import open_clip
-    d = tmp_path_factory.mktemp("oc")
-    cfg = {"embed_dim": 768,
-           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 8},
-           "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    (d / "rewards-tiny-clip.json").write_text(json.dumps(cfg))
-    open_clip.add_model_config(d / "rewards-tiny-clip.json")
-    torch.manual_seed(0)
-    model = open_clip.create_model("rewards-tiny-clip", force_quick_gelu=True)
-    torch.save(model.state_dict(), d / "clip.pt")
-    torch.save(random_predictor_state(), d / "mlp.pth")
-    return "rewards-tiny-clip", str(d / "clip.pt"), str(d / "mlp.pth")
 
 
 def test_aesthetic_path_and_gradient(tiny_open_clip):
@@ -144,29 +112,6 @@ def test_aesthetic_path_and_gradient(tiny_open_clip):
 
 
 # ---------------------------------------------------------------- PickScore
-
-@pytest.fixture(scope="module")
-def tiny_pickscore(tmp_path_factory):
-    """A tiny transformers CLIPModel and a CLIPProcessor (real CLIP tokenizer, CLIP image settings
-    at 32 px), saved as local folders as the hub ones would be."""
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-    from shapes import clip_tokenizer
-    torch.manual_seed(0)
-    cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=1, num_attention_heads=2,
-                                      max_position_embeddings=77),
-                     vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                        num_attention_heads=2, image_size=32, patch_size=8),
-                     projection_dim=16)
-    model = CLIPModel(cfg).eval()
-    proc = CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32},
-                                                            crop_size={"height": 32, "width": 32}),
-                         tokenizer=clip_tokenizer())
-    d = tmp_path_factory.mktemp("pickscore")
-    model.save_pretrained(d / "model")
-    proc.save_pretrained(d / "processor")
-    return model, proc, str(d / "model"), str(d / "processor")
-
 
 def test_pickscore_path_and_gradient(tiny_pickscore):
     model, proc, model_dir, proc_dir = tiny_pickscore
@@ -313,6 +258,20 @@ def test_shapes_correct_reads_real_images_right():
     assert not fn.differentiable
     assert fn(images, captions).mean() > 0.9
     assert fn(images, captions[1:] + captions[:1]).mean() < 0.7
+
+
+def test_shapes_correct_counts_the_named_attributes():
+    """The fraction of the attributes a prompt names that the image shows: one wrong colour out of
+    three attributes scores 2/3; a prompt naming only the shape scores on the shape alone."""
+    import shapes
+    images, _, labels = shapes.make_batch(2, torch.Generator().manual_seed(5))
+    c, s, b = shapes.LABELS[labels[1].item()]
+    wrong = shapes.caption(shapes.COLOUR_NAMES[(c + 1) % 6], shapes.SHAPES[s], shapes.BACKGROUND_NAMES[b])
+    right = shapes.prompts()[labels[0].item()]
+    fn = rewards.load("shapes_correct")
+    assert fn(images, [right, wrong]).tolist() == pytest.approx([1.0, 2 / 3])
+    shape0 = shapes.LABELS[labels[0].item()][1]
+    assert fn(images[:1], ["a circle"]).item() == float(shape0 == shapes.SHAPES.index("circle"))
 
 
 def test_shapes_rewards_with_given_models(tiny_pickscore):

@@ -1,0 +1,81 @@
+"""The README's GPU recipes for Stable Diffusion 1.5, run on a CPU.
+
+Every command in the README's recipe block runs here as written, except that the model becomes a
+tiny random SD-shaped folder, the reward's weights become tiny random ones, and the run is cut to
+one epoch (AlignProp: one update). A misspelt or mistyped flag, batch sizes that do not divide, a
+truncation the step count does not allow, or a reward that cannot train with that trainer fails
+here, before anyone rents a GPU for it."""
+import json
+import os
+import re
+import shlex
+
+import pytest
+
+from conftest import read_log, run_trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def readme_recipes():
+    """(script, {flag: value}) for each command between the README's recipe markers."""
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text = f.read()
+    block = re.search(r"<!-- gpu-recipes -->(.*?)<!-- /gpu-recipes -->", text, re.S).group(1)
+    commands = [c.strip() for c in block.replace("\\\n", " ").splitlines()
+                if c.strip().startswith(("torchrun", "python"))]
+    recipes = []
+    for c in commands:
+        words = shlex.split(c)
+        script = next(w for w in words if w.endswith(".py"))
+        flags = words[words.index(script) + 1:]
+        assert all(f.startswith("--") for f in flags), c
+        recipes.append((script[:-3], dict(f[2:].split("=", 1) if "=" in f else (f[2:], "true") for f in flags)))
+    return recipes
+
+
+RECIPES = readme_recipes()
+
+
+def same(value, text):
+    """Does a config value equal the flag's text ("3e-4" == 0.0003, "true" == True)?"""
+    try:
+        return float(value) == float(text)
+    except (TypeError, ValueError):
+        return str(value).lower() == text.lower()
+
+
+def test_the_readme_has_the_papers_four_settings():
+    """DDPO and AlignProp, each with aesthetic on the 45 animals and PickScore on the 135
+    animal-activity prompts, on SD 1.5, with DiffExp on."""
+    settings = {(s, f.get("reward"), f.get("prompts")) for s, f in RECIPES}
+    for script in ("train_ddpo", "train_alignprop"):
+        assert (script, "aesthetic", "animals") in settings
+        assert (script, "pickscore", "animal_activities") in settings
+    assert all(f["model"] == SD15 and f.get("explore") == "true" for _, f in RECIPES)
+
+
+@pytest.mark.parametrize("script, flags", RECIPES, ids=[f"{s}-{f.get('reward')}" for s, f in RECIPES])
+def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_open_clip, tiny_pickscore, tmp_path):
+    name, ckpt, mlp = tiny_open_clip
+    tiny_weights = {"aesthetic": f"clip_model={name},clip_pretrained={ckpt},mlp_path={mlp}",
+                    "pickscore": f"model={tiny_pickscore[2]},processor={tiny_pickscore[3]}"}
+    swapped = dict(model=tiny_pipeline_dir, reward_options=tiny_weights[flags["reward"]], out=str(tmp_path / "run"),
+                   epochs="1", eval_prompts="2", eval_seeds="1")
+    if script == "train_alignprop":
+        swapped["steps_per_epoch"] = "1"
+    argv = [f"--{k}={v}" for k, v in {**flags, **swapped}.items()]
+    mod = run_trainer(script, *argv)
+    (rec,) = read_log(tmp_path / "run")
+    with open(tmp_path / "run" / "config.json") as f:
+        config = json.load(f)
+    for k, v in flags.items():  # every recipe flag reached the run as the README wrote it
+        if k not in swapped:
+            assert same(config[k], v), (k, config[k], v)
+    if script == "train_ddpo":
+        assert rec["reward_queries"] == mod.sample_batch_size * mod.num_batches
+        assert rec["ratio_dev"] < 1e-5 and rec["explore"]
+    else:
+        assert rec["reward_queries"] == mod.batch_size * mod.grad_accum
+        assert all(1 <= k <= mod.num_steps for k in rec["k"])
