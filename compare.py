@@ -207,15 +207,9 @@ def sample_heldout(pipe, held, cfg):
     `python sample.py --prompts=<file> --num_seeds=S --guidance=G --steps=T --eta=E` draws (its grid
     function, with the run's guidance, steps and eta)."""
     import sample
-    settings = dict(steps=cfg["num_steps"], guidance=cfg["guidance"], eta=cfg["eta"], seed=0, batch_size=16)
-    saved = {k: getattr(sample, k) for k in settings}
-    vars(sample).update(settings)  # sample_grid reads the CLI's settings from its module
-    try:
-        import torch
-        with torch.no_grad():
-            return sample.sample_grid(pipe, held, list(range(heldout_seeds)), exploring=False)
-    finally:
-        vars(sample).update(saved)
+    import torch
+    with torch.no_grad():
+        return sample.sample_grid(pipe, held, list(range(heldout_seeds)), cfg["guidance"], cfg["num_steps"], cfg["eta"])
 
 
 def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache):
@@ -288,29 +282,43 @@ def queries_to_reach(queries, curve, target):
     return None
 
 
+def eval_curve(log):
+    """(reward queries, evaluation reward) of one run: the untrained model at 0 queries, then every
+    evaluation. Evaluations sample plainly (constant guidance, unweighted prompts, fixed noise), so
+    both arms are measured the same way; the training samples are not comparable across arms, as
+    the explore arm draws them with a low guidance scale on purpose."""
+    points = [(0, log[0]["eval_before"])] if "eval_before" in log[0] else []
+    return points + [(h["reward_queries"], h["eval_reward"]) for h in log if "eval_reward" in h]
+
+
+def band(per_point):
+    """Mean and std over seeds at each point: [[seed values] per point] -> dict of two lists."""
+    return dict(mean=[statistics.fmean(v) for v in per_point], std=[mean_std(v)["std"] for v in per_point])
+
+
 def summarise(runs, evals):
     arms = {}
     for arm in dict.fromkeys(r["arm"] for r in runs):
         logs = [read_log(r["dir"]) for r in runs if r["arm"] == arm]
         queries = [h["reward_queries"] for h in logs[0]]
-        if any([h["reward_queries"] for h in log] != queries for log in logs):
+        curves = [eval_curve(log) for log in logs]
+        if any([h["reward_queries"] for h in log] != queries for log in logs) or \
+                any([q for q, _ in c] != [q for q, _ in curves[0]] for c in curves):
             raise SystemExit(f"error: the runs of arm {arm} logged different reward-query counts; "
                              "their folders hold runs of different lengths")
-        per_epoch = [[log[e]["reward_mean"] for log in logs] for e in range(len(queries))]
         names = [r["name"] for r in runs if r["arm"] == arm]
-        evals_at_end = [log[-1].get("eval_reward") for log in logs]
         arms[arm] = dict(
             flags=(ARMS | ABLATION_ARMS)[arm],
-            curve=dict(queries=queries, mean=[statistics.fmean(v) for v in per_epoch],
-                       std=[mean_std(v)["std"] for v in per_epoch]),
+            curve=dict(queries=[q for q, _ in curves[0]], **band([[c[i][1] for c in curves] for i in range(len(curves[0]))])),
+            train_curve=dict(queries=queries, **band([[log[e]["reward_mean"] for log in logs] for e in range(len(queries))])),
             # the last point whose samples were drawn exploring (None: never explored)
             explore_until=max((h["reward_queries"] for h in logs[0] if h["explore"]), default=None),
-            final_reward=mean_std([log[-1]["reward_mean"] for log in logs]),
-            eval_reward=mean_std(evals_at_end) if None not in evals_at_end else None,
+            final_eval=mean_std([c[-1][1] for c in curves]),
+            final_train=mean_std([log[-1]["reward_mean"] for log in logs]),
             heldout_reward=mean_std([evals[n]["reward"] for n in names]),
             heldout_diversity=mean_std([evals[n]["diversity"] for n in names]),
             train_seconds=sum(h["seconds"] for log in logs for h in log))
-    target = arms["baseline"]["final_reward"]["mean"]
+    target = arms["baseline"]["final_eval"]["mean"]
     for a in arms.values():
         a["queries_to_baseline"] = queries_to_reach(a["curve"]["queries"], a["curve"]["mean"], target)
     return arms
@@ -320,17 +328,20 @@ def table_markdown(summary):
     arms, c = summary["arms"], summary
     base_q = arms["baseline"]["queries_to_baseline"]
     pm = lambda m: f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "–"
+    curve = arms["baseline"]["curve"]  # its first point is the untrained model (the same in every run)
+    before = f"{curve['mean'][0]:.4f}" if curve["queries"] and curve["queries"][0] == 0 else "–"
     lines = [f"**{c['trainer']}** on `{c['model']}`, reward `{c['reward']}`, prompts `{c['prompts']}`; "
              f"{c['seeds']} seed{'s' if c['seeds'] > 1 else ''} per arm (mean ± std over seeds); every run: {c['reward_queries']} reward queries. "
              f"Trainer options: `{c['args'] or '(defaults)'}`.", "",
-             "| arm | final reward (training samples) | reward queries to reach the baseline's final reward "
-             "| eval reward (training prompts) | held-out reward | held-out diversity |",
+             "| arm | final eval reward (training prompts, plain sampling) | reward queries to reach the baseline's "
+             "final eval reward | final training-sample reward | held-out reward | held-out diversity |",
              "|---|---|---|---|---|---|",
-             f"| pretrained | – | – | – | {c['pretrained']['reward']:.4f} | {c['pretrained']['diversity']:.4f} |"]
+             f"| pretrained | {before} | – | – | {c['pretrained']['reward']:.4f} | {c['pretrained']['diversity']:.4f} |"]
     for name, a in arms.items():
         q = a["queries_to_baseline"]
-        q = "not reached" if q is None else f"{q:.0f} ({q / base_q:.2f}x)" if q >= 100 else f"{q:.1f} ({q / base_q:.2f}x)"
-        lines.append(f"| {name} | {pm(a['final_reward'])} | {q} | {pm(a['eval_reward'])} | "
+        ratio = f" ({q / base_q:.2f}x)" if q is not None and base_q else ""
+        q = "not reached" if q is None else (f"{q:.0f}" if q >= 100 else f"{q:.1f}") + ratio
+        lines.append(f"| {name} | {pm(a['final_eval'])} | {q} | {pm(a['final_train'])} | "
                      f"{pm(a['heldout_reward'])} | {pm(a['heldout_diversity'])} |")
     lines += ["", f"Held-out prompts ({len(c['heldout'])}, {c['heldout_seeds']} seeds each): "
               + "; ".join(f"`{p}`" for p in c["heldout"]) + ".",
@@ -340,23 +351,27 @@ def table_markdown(summary):
 
 
 def plot_curves(summary, path):
+    """Left: evaluation reward (plain sampling) against reward queries, the comparison; right: the
+    reward of the training samples, which the explore arm draws differently while it explores."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-    for name, a in summary["arms"].items():
-        q, m, s = a["curve"]["queries"], a["curve"]["mean"], a["curve"]["std"]
-        line, = ax.plot(q, m, label=name)
-        ax.fill_between(q, [x - d for x, d in zip(m, s)], [x + d for x, d in zip(m, s)], color=line.get_color(), alpha=0.2)
-    ax.axhline(summary["arms"]["baseline"]["final_reward"]["mean"], color="gray", ls="--", lw=0.8,
-               label="baseline's final reward")
-    ends = {a["explore_until"] for a in summary["arms"].values() if a["explore_until"]}
-    for q in ends:
-        ax.axvline(q, color="gray", ls=":", lw=0.8, label="exploration ends")
-    ax.set_xlabel("reward queries")
-    ax.set_ylabel("reward of the training samples")
-    ax.set_title(f"{summary['trainer']}, {summary['reward']}: mean ± std over {summary['seeds']} seeds")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    for ax, key, ylabel in ((axes[0], "curve", "evaluation reward (plain sampling)"),
+                            (axes[1], "train_curve", "reward of the training samples")):
+        for name, a in summary["arms"].items():
+            q, m, s = a[key]["queries"], a[key]["mean"], a[key]["std"]
+            line, = ax.plot(q, m, "o-" if key == "curve" else "-", ms=3, label=name)
+            ax.fill_between(q, [x - d for x, d in zip(m, s)], [x + d for x, d in zip(m, s)], color=line.get_color(), alpha=0.2)
+        if key == "curve":
+            ax.axhline(summary["arms"]["baseline"]["final_eval"]["mean"], color="gray", ls="--", lw=0.8,
+                       label="baseline's final eval reward")
+        for q in {a["explore_until"] for a in summary["arms"].values() if a["explore_until"]}:
+            ax.axvline(q, color="gray", ls=":", lw=0.8, label="exploration ends")
+        ax.set_xlabel("reward queries")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{summary['trainer']}, {summary['reward']}: mean ± std over {summary['seeds']} seeds", fontsize=10)
     fig.tight_layout()
     configurator.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)

@@ -234,8 +234,11 @@ def plot_rewards(history, path, title=None):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5, 3.5), dpi=100)
-    q = [h["reward_queries"] for h in history]
-    ax.plot(q, [h["reward_mean"] for h in history], label="training samples")
+    q, r = [h["reward_queries"] for h in history], [h["reward_mean"] for h in history]
+    ax.plot(q, r, color="tab:blue", alpha=0.35, label="training samples (per epoch)")
+    k = min(8, len(r))  # an epoch's batch covers a few prompts only: show the trend as well
+    ax.plot(q[k - 1:], [sum(r[i - k + 1:i + 1]) / k for i in range(k - 1, len(r))], color="tab:blue",
+            label=f"training samples ({k}-epoch mean)")
     ev = [(0, h["eval_before"]) for h in history[:1] if "eval_before" in h]  # before any update
     ev += [(h["reward_queries"], h["eval_reward"]) for h in history if "eval_reward" in h]
     if ev:

@@ -329,8 +329,10 @@ def save_grid(images, row_captions, path, titles=None, seeds=None):
     canvas.save(path)
 
 
-def sample_grid(pipe, prompt_list, seeds, exploring):
-    """Images [P, S, 3, H, W]: every prompt with every seed's initial noise, plainly or exploring."""
+def sample_grid(pipe, prompt_list, seeds, guidance, steps, eta=0.0, exploring=False, w_low=1.0,
+                t_thres=800, seed=0, batch_size=16):
+    """Images [P, S, 3, H, W]: every prompt with every seed's initial noise, plainly or exploring
+    (DiffExp's guidance schedule and prompt weights; `seed` seeds the weights and the DDIM noise)."""
     unet = pipe.unet
     size = unet.config.sample_size
     noise = {s: torch.randn(unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(s))
@@ -371,10 +373,12 @@ def main():
         raise SystemExit(f"error: {e}")
     seeds = list(range(seed, seed + num_seeds))
     with torch.no_grad():
-        blocks = [sample_grid(pipe, prompt_list, seeds, exploring=False)]
+        settings = dict(guidance=guidance, steps=steps, eta=eta, w_low=w_low, t_thres=t_thres, seed=seed,
+                        batch_size=batch_size)
+        blocks = [sample_grid(pipe, prompt_list, seeds, exploring=False, **settings)]
         titles = [f"plain: guidance {guidance:g}"]
         if explore:
-            blocks.append(sample_grid(pipe, prompt_list, seeds, exploring=True))
+            blocks.append(sample_grid(pipe, prompt_list, seeds, exploring=True, **settings))
             titles.append(f"explore: guidance {w_low:g} for t > {t_thres}, then {guidance:g}; one phrase x U(1, 1.2)")
     if num_seeds > 1:
         for title, imgs in zip(titles, blocks):

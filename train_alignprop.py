@@ -74,7 +74,7 @@ loss_coef = 1.0              # loss = -loss_coef * mean reward
 lora_rank = 4                # LoRA rank (alpha = rank)
 # evaluation and logging
 eval_every = 4               # epochs between evaluations (plain sampling, fixed prompts and seeds)
-eval_prompts = 8             # prompts in the evaluation grid
+eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
 device = "auto"              # auto, cpu, cuda
 stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume

@@ -56,7 +56,7 @@ weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U
 explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
 explore_weights = True       # ablation: use random prompt weighting when exploring
 # batches (per process; a torchrun run multiplies the samples per epoch by the world size)
-epochs = 24                  # number of sample-then-train rounds
+epochs = 48                  # number of sample-then-train rounds
 sample_batch_size = 16       # images per sampling call
 num_batches = 4              # sampling calls per epoch
 samples_per_prompt = 8       # images per drawn prompt in a sampling call: several, so each prompt's statistics are its own
@@ -76,8 +76,8 @@ weight_decay = 1e-4          # AdamW weight decay
 max_grad_norm = 1.0          # gradient-norm clip
 lora_rank = 4                # LoRA rank (alpha = rank)
 # evaluation and logging
-eval_every = 4               # epochs between evaluations (plain sampling, fixed prompts and seeds)
-eval_prompts = 8             # prompts in the evaluation grid
+eval_every = 8               # epochs between evaluations (plain sampling, fixed prompts and seeds)
+eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
 device = "auto"              # auto, cpu, cuda
 stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume

@@ -20,7 +20,7 @@ PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)", "an (oran
            "a (green cross)", "a (purple circle)", "a (yellow square)", "a (red) (triangle)",
            "a (blue) (cross) on a (light background)", "a (grey) (circle)"]
 TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --samples_per_prompt=1 --num_batches=1 --train_batch_size=2 --epochs=3 "
-                "--explore_frac=0.5 --eval_prompts=2 --eval_seeds=1")
+                "--explore_frac=0.5 --eval_prompts=2 --eval_seeds=1 --eval_every=1")
 
 
 def configured(*argv):
@@ -64,23 +64,28 @@ def test_table_matches_an_independent_computation_from_the_logs(compared):
     assert table["arms"].keys() == {"baseline", "explore"} == summary["arms"].keys()
     logs = {f"{arm}-s{s}": read_log(out / f"{arm}-s{s}") for arm in ("baseline", "explore") for s in (0, 1)}
     assert all([h["reward_queries"] for h in log] == [2, 4, 6] for log in logs.values())  # same budget
-    target = statistics.fmean(logs[f"baseline-s{s}"][-1]["reward_mean"] for s in (0, 1))
+    # the compared curve: evaluation reward (plain sampling) at 0 queries (before training), then
+    # after every epoch (--eval_every=1)
+    curves = {n: [log[0]["eval_before"]] + [h["eval_reward"] for h in log] for n, log in logs.items()}
+    target = statistics.fmean(curves[f"baseline-s{s}"][-1] for s in (0, 1))
     for arm, a in table["arms"].items():
-        finals = [logs[f"{arm}-s{s}"][-1]["reward_mean"] for s in (0, 1)]
-        assert a["final_reward"]["mean"] == pytest.approx(sum(finals) / 2)
-        assert a["final_reward"]["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)  # n-1 std of 2
-        curve = [(logs[f"{arm}-s0"][e]["reward_mean"] + logs[f"{arm}-s1"][e]["reward_mean"]) / 2 for e in range(3)]
-        assert a["curve"]["mean"] == pytest.approx(curve)
-        # first crossing of the baseline's final mean, interpolated linearly between epochs
+        finals = [curves[f"{arm}-s{s}"][-1] for s in (0, 1)]
+        assert a["final_eval"]["mean"] == pytest.approx(sum(finals) / 2)
+        assert a["final_eval"]["std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5)  # n-1 std of 2
+        curve = [(curves[f"{arm}-s0"][e] + curves[f"{arm}-s1"][e]) / 2 for e in range(4)]
+        assert a["curve"]["queries"] == [0, 2, 4, 6] and a["curve"]["mean"] == pytest.approx(curve)
+        # first crossing of the baseline's final mean, interpolated linearly between evaluations
         i = next((i for i, r in enumerate(curve) if r >= target), None)
-        expected = None if i is None else 2.0 if i == 0 else \
-            2 * i + 2 * (target - curve[i - 1]) / (curve[i] - curve[i - 1])
+        expected = None if i is None else 0.0 if i == 0 else \
+            2 * (i - 1) + 2 * (target - curve[i - 1]) / (curve[i] - curve[i - 1])
         assert a["queries_to_baseline"] == (None if expected is None else pytest.approx(expected))
-        evals = [logs[f"{arm}-s{s}"][-1]["eval_reward"] for s in (0, 1)]
-        assert a["eval_reward"]["mean"] == pytest.approx(sum(evals) / 2)
+        train = [logs[f"{arm}-s{s}"][-1]["reward_mean"] for s in (0, 1)]
+        assert a["final_train"]["mean"] == pytest.approx(sum(train) / 2)
         row = next(l for l in (out / "table.md").read_text().splitlines() if l.startswith(f"| {arm} |"))
-        assert f"{a['final_reward']['mean']:.4f} ± {a['final_reward']['std']:.4f}" in row
+        assert f"{a['final_eval']['mean']:.4f} ± {a['final_eval']['std']:.4f}" in row
         assert ("not reached" in row) == (expected is None)
+    # the untrained model is the same in every run: one starting point
+    assert len({c[0] for c in curves.values()}) == 1
     assert table["arms"]["baseline"]["queries_to_baseline"] is not None  # it reaches its own final value
     # the explore arm explored while epoch < 0.5 * 3 (explore_frac=0.5), the baseline never
     assert [h["explore"] for h in logs["explore-s0"]] == [True, True, False]
@@ -146,8 +151,8 @@ def test_alignprop_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
     for arm in ("baseline", "explore"):
         log = read_log(out / f"{arm}-s0")
         assert json.loads((out / f"{arm}-s0" / "config.json").read_text())["explore"] == (arm == "explore")
-        assert summary["arms"][arm]["final_reward"] == dict(mean=log[-1]["reward_mean"], std=0.0,
-                                                           per_seed=[log[-1]["reward_mean"]])
+        assert summary["arms"][arm]["final_eval"] == dict(mean=log[-1]["eval_reward"], std=0.0,
+                                                         per_seed=[log[-1]["eval_reward"]])
     assert summary["reward_queries"] == 2 and (out / "reward.png").exists()
 
 
