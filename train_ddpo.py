@@ -10,9 +10,10 @@ final image can be maximised with a policy gradient. Each epoch:
     3. advantages normalise the rewards per prompt
     4. train      PPO's clipped importance-sampled objective over the recorded steps (LoRA only)
 
-DiffExp (Chae et al., "Enhancing Sample Efficiency ... via Exploration", AAAI 2025, Sec. 3) changes
-only step 1, and only for the first 3/4 of training: a very low CFG scale for the early, noisy
-timesteps (t > t_thres), and a random up-weighting of one phrase of each prompt.
+DiffExp (Chae et al., "DiffExp: Efficient Exploration in Reward Fine-tuning for Text-to-Image
+Diffusion Models", AAAI 2025, Sec. 3) changes only step 1, and only for the first 3/4 of training:
+a very low CFG scale for the early, noisy timesteps (t > t_thres), and a random up-weighting of one
+phrase of each prompt.
 
     python train_ddpo.py --explore                      # shapes world, CPU, minutes
     python train_ddpo.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --reward=aesthetic \\
