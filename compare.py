@@ -8,6 +8,8 @@ the reward curves with +-1 std bands over seeds and writes a table:
     python compare.py --trainer=ddpo                          # shapes world, 3 seeds per arm
     python compare.py --trainer=alignprop --ablation          # DiffExp's ablation, 4 arms (below)
     python compare.py --trainer=ddpo --args="--epochs=12 --w_low=0"   # anything else: to the trainer
+    python compare.py --trainer=ddpo --explore_args="--t_thres=900"   # another exploration setting
+                                                                      # against the same baseline runs
 
 Every run is an ordinary trainer run (`python train_<trainer>.py ... --seed=S --out=<folder>`,
 a subprocess) in out/compare-<trainer>-<reward>/<arm>-s<seed>/. Re-running the same command
@@ -20,7 +22,8 @@ images `python sample.py --lora=<run> ...` draws) and is scored with the same re
 (cfg_only), the prompt weighting only (weights_only), and both (explore).
 
 Outputs in the compare folder: reward.png (the curves), table.md and table.json, heldout.png (the
-held-out images of every arm's first seed, with their diversity), logs/<run>.txt (each run's output).
+held-out images of every arm's first seed, with their diversity), logs/<run>.txt (each run's output);
+with --explore_args, their names end in the arms' suffix (reward-t_thres900.png, ...).
 """
 import importlib
 import json
@@ -42,6 +45,8 @@ prompts = "shapes"           # training prompt set or file (minus the held-out p
 seeds = 3                    # runs per arm, seeds 0..seeds-1
 ablation = False             # also the arms cfg_only (CFG schedule only) and weights_only (prompt weighting only)
 args = ""                    # other trainer options, one string: --args="--epochs=12 --lr=3e-4"
+explore_args = ""            # trainer options for the exploring arms only, e.g. "--t_thres=900": their arms
+                             # are named after them, the baseline's runs stay the same and are reused
 heldout = "auto"             # held-out prompts: a set or file; auto: unseen_animals for animals, else every 7th prompt
 heldout_prompts = 12         # at most this many held-out prompts are sampled (evenly spaced)
 heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0..n-1, the same for every run)
@@ -59,6 +64,12 @@ ABLATION_ARMS = {"cfg_only": ["--explore", "--explore_weights=false"],
 # compare sets these per run; letting --args set them would break the comparison or the resume
 OWN_KEYS = ("model", "reward", "prompts", "seed", "out", "explore", "explore_cfg", "explore_weights", "stop_after")
 HOLDOUT_STRIDE = 7  # auto hold-out: prompts 0, 7, 14, ... (7 is coprime to the shapes world's 6x4x3 grid)
+
+
+def explore_tag():
+    """'-t_thres900' for --explore_args="--t_thres=900": the suffix of the exploring arms' names and
+    of this comparison's outputs ('' without explore_args)."""
+    return "".join("-" + a.lstrip("-").replace("=", "") for a in shlex.split(explore_args))
 
 
 def held_out_split(prompt_list):
@@ -91,12 +102,13 @@ def plan():
         raise SystemExit(f"error: --trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
     if seeds < 1 or heldout_prompts < 1 or heldout_seeds < 1 or jobs < 0:
         raise SystemExit("error: --seeds, --heldout_prompts and --heldout_seeds must be >= 1 and --jobs >= 0")
-    extra = shlex.split(args)
-    for a in extra:
-        key = a[2:].partition("=")[0].replace("-", "_") if a.startswith("--") else ""
-        if key in OWN_KEYS or (key.startswith("no_") and key[3:] in OWN_KEYS):
-            raise SystemExit(f"error: --args must not set --{key}: compare.py sets it for every run "
-                             f"(use compare's own --{key.removeprefix('no_')} where it has one)")
+    extra, explore_extra = shlex.split(args), shlex.split(explore_args)
+    for name, given in (("args", extra), ("explore_args", explore_extra)):
+        for a in given:
+            key = a[2:].partition("=")[0].replace("-", "_") if a.startswith("--") else ""
+            if key in OWN_KEYS or (key.startswith("no_") and key[3:] in OWN_KEYS):
+                raise SystemExit(f"error: --{name} must not set --{key}: compare.py sets it for every run "
+                                 f"(use compare's own --{key.removeprefix('no_')} where it has one)")
     folder = out or f"out/compare-{trainer}-{reward}"
     train_list = configurator.load_prompts(prompts)
     train_prompts = prompts
@@ -110,13 +122,17 @@ def plan():
     n = min(heldout_prompts, len(held))
     held = [held[i * len(held) // n] for i in range(n)]  # evenly spaced
     arms = dict(ARMS, **(ABLATION_ARMS if ablation else {}))
+    if explore_extra:
+        arms = {arm if arm == "baseline" else arm + explore_tag(): flags + ([] if arm == "baseline" else explore_extra)
+                for arm, flags in arms.items()}
     runs = []
     for arm, flags in arms.items():
         for s in range(seeds):
             name, run_dir = f"{arm}-s{s}", os.path.join(folder, f"{arm}-s{s}")
             argv = [f"--model={model}", f"--reward={reward}", f"--prompts={train_prompts}", *extra,
                     f"--seed={s}", f"--out={run_dir}", *flags]
-            runs.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, config=trainer_config(argv)))
+            runs.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, flags=flags,
+                             config=trainer_config(argv)))
     if train_prompts != prompts and os.path.exists(train_prompts):
         with open(train_prompts) as f:
             if f.read() != "".join(p + "\n" for p in train_list):
@@ -308,7 +324,7 @@ def summarise(runs, evals):
                              "their folders hold runs of different lengths")
         names = [r["name"] for r in runs if r["arm"] == arm]
         arms[arm] = dict(
-            flags=(ARMS | ABLATION_ARMS)[arm],
+            flags=next(r["flags"] for r in runs if r["arm"] == arm),
             curve=dict(queries=[q for q, _ in curves[0]], **band([[c[i][1] for c in curves] for i in range(len(curves[0]))])),
             train_curve=dict(queries=queries, **band([[log[e]["reward_mean"] for log in logs] for e in range(len(queries))])),
             # the last point whose samples were drawn exploring (None: never explored)
@@ -396,22 +412,23 @@ def main():
                    arms=summarise(runs, evals), runs_ran=ran)
     summary["train_seconds"] = sum(a["train_seconds"] for a in summary["arms"].values())
     summary["wall_seconds"] = time.time() - t0
-    plot_curves(summary, os.path.join(folder, "reward.png"))
+    tag = explore_tag()  # a comparison of another exploration setting keeps its own outputs
+    plot_curves(summary, os.path.join(folder, f"reward{tag}.png"))
     # the held-out images: one block per arm (its first seed's run), rows = prompts, columns = seeds
     import sample
     import explore as diffexp
     blocks = [evals["pretrained"]] + [evals[f"{arm}-s0"] for arm in summary["arms"]]
     titles = ["pretrained"] + list(summary["arms"])
     sample.save_grid([b["images"].float() / 255 for b in blocks], [diffexp.parse_phrases(p)[0] for p in held],
-                     os.path.join(folder, "heldout.png"),
+                     os.path.join(folder, f"heldout{tag}.png"),
                      titles=[f"{t}: diversity {b['diversity']:.3f}, reward {b['reward']:.3f}" for t, b in zip(titles, blocks)],
                      seeds=list(range(heldout_seeds)))
     text = json.dumps(summary, indent=2) + "\n"
-    configurator.atomic_write(os.path.join(folder, "table.json"), lambda tmp: open(tmp, "w").write(text))
+    configurator.atomic_write(os.path.join(folder, f"table{tag}.json"), lambda tmp: open(tmp, "w").write(text))
     md = table_markdown(summary)
-    configurator.atomic_write(os.path.join(folder, "table.md"), lambda tmp: open(tmp, "w").write(md))
+    configurator.atomic_write(os.path.join(folder, f"table{tag}.md"), lambda tmp: open(tmp, "w").write(md))
     print("\n" + md)
-    print(f"figures: {folder}/reward.png, {folder}/heldout.png; table: {folder}/table.md, {folder}/table.json")
+    print(f"figures: {folder}/reward{tag}.png, {folder}/heldout{tag}.png; table: {folder}/table{tag}.md, {folder}/table{tag}.json")
     return summary
 
 

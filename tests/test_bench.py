@@ -115,3 +115,12 @@ def test_truncation_table_rows_and_a_failing_setting(tiny_pipeline_dir, prompt_f
     assert all(r["peak_mb"] > 50 and r["seconds_per_step"] > 0 for r in rows)  # a Python + torch process
     with pytest.raises(SystemExit, match="K=4"):  # more steps with gradient than the chain has
         bench.truncation_table(["4"], bench.shlex.split(bench.alignprop_args))
+
+
+def test_rise_mb_measures_a_known_allocation():
+    # 400 MB of float32 made and freed inside fn: the peak rises by that much and no more (the
+    # process's own size before the call is not counted), the same on a second call
+    alloc = lambda: torch.ones(100_000_000).add_(1).sum()
+    bench = importlib.import_module("bench")
+    assert [round(bench.rise_mb(alloc) / 100) for _ in range(2)] == [4, 4]
+    assert bench.rise_mb(lambda: torch.ones(10).sum()) < 20

@@ -177,11 +177,28 @@ def test_ablation_plans_four_arms_differing_only_in_the_exploration_switches(tin
     assert not os.path.exists(folder)  # planning writes nothing
 
 
+def test_explore_args_change_only_the_exploring_arms_and_keep_the_baseline_runs(tiny_pipeline_dir, nine_prompts, tmp_path):
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", "--ablation")
+    plain = {r["name"]: r for r in configured(*argv).plan()[1]}
+    varied = {r["name"]: r for r in configured(*argv, "--explore_args=--t_thres=900 --w_low=2").plan()[1]}
+    tag = "-t_thres900-w_low2"
+    assert list(varied) == [f"baseline-s{s}" for s in (0, 1)] + [f"{a}{tag}-s{s}" for a in (
+        "explore", "cfg_only", "weights_only") for s in (0, 1)]
+    for name, r in varied.items():
+        if name.startswith("baseline"):  # the same runs, in the same folders: reused, not re-run
+            assert r["dir"] == plain[name]["dir"] and r["config"] == plain[name]["config"]
+        else:
+            before = plain[name.replace(tag, "")]["config"]
+            changed = {k for k in r["config"] if r["config"][k] != before[k]}
+            assert changed == {"out", "t_thres", "w_low"} and (r["config"]["t_thres"], r["config"]["w_low"]) == (900, 2.0)
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--trainer=sgd"], "--trainer must be one of ddpo, alignprop"),
     (["--seeds=0"], "--seeds"),
     (["--args=--seed=3"], "--args must not set --seed"),
     (["--args=--no-explore"], "--args must not set --no_explore"),
+    (["--explore_args=--seed=1"], "--explore_args must not set --seed"),
     (["--args=--epoch=2"], "did you mean --epochs"),
     (["--args=--lr=fast"], "--lr expects a number"),
     (["--heldout=no_such_set"], "unknown prompt set"),

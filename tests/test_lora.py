@@ -5,6 +5,7 @@ import torch
 import torch.nn as nn
 
 import lora
+from bench import SD15_UNET  # Stable Diffusion 1.5's UNet config
 from conftest import tiny_pipeline
 
 
@@ -196,15 +197,6 @@ def test_merge_unmerge():
     lora.unmerge(unet)
     assert all(torch.equal(v, weights[k]) for k, v in unet.state_dict().items() if "lora_" not in k)
     assert torch.equal(unet_out(unet), adapted)
-
-
-# The Stable Diffusion 1.5 UNet config (runwayml/stable-diffusion-v1-5, unet/config.json), written out.
-SD15_UNET = dict(
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
-    norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8)
 
 
 def test_sd15_rank4_parameter_count():
