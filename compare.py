@@ -50,6 +50,8 @@ explore_args = ""            # trainer options for the exploring arms only, e.g.
 heldout = "auto"             # held-out prompts: a set or file; auto: unseen_animals for animals, else every 7th prompt
 heldout_prompts = 12         # at most this many held-out prompts are sampled (evenly spaced)
 heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0..n-1, the same for every run)
+metrics = "auto"             # also score the held-out images with these rewards (comma-separated), to see
+                             # over-optimisation; auto: shapes_correct,shapes_appeal on the shapes world
 jobs = 0                     # trainer processes at once; 0 = one per 2 cores (torch threads are split between them)
 out = ""                     # compare folder; default out/compare-<trainer>-<reward>
 # ------------------------------------------------------------------------------------------------
@@ -228,17 +230,23 @@ def sample_heldout(pipe, held, cfg):
         return sample.sample_grid(pipe, held, list(range(heldout_seeds)), cfg["guidance"], cfg["num_steps"], cfg["eta"])
 
 
-def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache):
-    """Held-out reward and diversity of the pipeline with the LoRA in `lora_dir` (None: the
-    pretrained model), cached in `cache` (with uint8 images for the figure) until the settings or
-    the LoRA weights change."""
+def metric_names(cfg):
+    """The extra held-out scores: --metrics, with auto resolved (the shapes world's ground truth)."""
+    names = ("shapes_correct,shapes_appeal" if cfg["model"] == "shapes" else "") if metrics == "auto" else metrics
+    return [m.strip() for m in names.split(",") if m.strip() and m.strip() != cfg["reward"]]
+
+
+def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache, metric_fns={}):
+    """Held-out reward, the `metric_fns` scores and diversity of the pipeline with the LoRA in
+    `lora_dir` (None: the pretrained model), cached in `cache` (with uint8 images for the figure)
+    until the settings or the LoRA weights change."""
     import torch
     import explore as diffexp
     import lora
     import sample
     weights = os.path.join(lora_dir, "pytorch_lora_weights.safetensors") if lora_dir else None
     settings = dict(prompts=held, seeds=heldout_seeds, guidance=cfg["guidance"], num_steps=cfg["num_steps"],
-                    eta=cfg["eta"], reward=cfg["reward"], weights_mtime=os.path.getmtime(weights) if weights else None)
+                    eta=cfg["eta"], reward=cfg["reward"], metrics=sorted(metric_fns), weights_mtime=os.path.getmtime(weights) if weights else None)
     if os.path.exists(cache):
         c = torch.load(cache, weights_only=False)
         if c["settings"] == settings:
@@ -249,9 +257,11 @@ def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache):
         raise RuntimeError("evaluate the pretrained model before any LoRA is loaded")
     images = sample_heldout(pipe, held, cfg)
     clean = [diffexp.parse_phrases(p)[0] for p in held for _ in range(heldout_seeds)]
+    flat = images.flatten(0, 1).to(pipe.unet.device)
     with torch.no_grad():
-        r = reward_fn(images.flatten(0, 1).to(pipe.unet.device), clean).float().cpu()
-    c = dict(settings=settings, reward=r.mean().item(), diversity=sample.diversity(images),
+        r = reward_fn(flat, clean).float().cpu()
+        scores = {m: fn(flat, clean).float().mean().item() for m, fn in metric_fns.items()}
+    c = dict(settings=settings, reward=r.mean().item(), metrics=scores, diversity=sample.diversity(images),
              images=(images * 255).round().to(torch.uint8))
     configurator.atomic_write(cache, lambda tmp: torch.save(c, tmp))
     return c
@@ -265,13 +275,15 @@ def evaluate_all(folder, runs, held):
     cfg = runs[0]["config"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg.get("reward_options", "")))
+    metric_fns = {m: rewards.load(m, device=dev) for m in metric_names(cfg)}
     pipe = sample.load_pipeline(cfg["model"], device=dev)
     print(f"held-out evaluation: {len(held)} prompts x {heldout_seeds} seeds, guidance {cfg['guidance']:g}, "
           f"{cfg['num_steps']} steps, eta {cfg['eta']:g}", flush=True)
-    results = {"pretrained": evaluate(pipe, reward_fn, held, cfg, None, os.path.join(folder, "pretrained_heldout.pt"))}
+    results = {"pretrained": evaluate(pipe, reward_fn, held, cfg, None, os.path.join(folder, "pretrained_heldout.pt"),
+                                      metric_fns)}
     for r in runs:
         results[r["name"]] = evaluate(pipe, reward_fn, held, cfg, os.path.join(r["dir"], "lora"),
-                                      os.path.join(r["dir"], "heldout.pt"))
+                                      os.path.join(r["dir"], "heldout.pt"), metric_fns)
         print(f"{r['name']}: held-out reward {results[r['name']]['reward']:.4f}, "
               f"diversity {results[r['name']]['diversity']:.4f}", flush=True)
     return results
@@ -332,6 +344,7 @@ def summarise(runs, evals):
             final_eval=mean_std([c[-1][1] for c in curves]),
             final_train=mean_std([log[-1]["reward_mean"] for log in logs]),
             heldout_reward=mean_std([evals[n]["reward"] for n in names]),
+            heldout_metrics={m: mean_std([evals[n]["metrics"][m] for n in names]) for m in evals["pretrained"]["metrics"]},
             heldout_diversity=mean_std([evals[n]["diversity"] for n in names]),
             train_seconds=sum(h["seconds"] for log in logs for h in log))
     target = arms["baseline"]["final_eval"]["mean"]
@@ -350,15 +363,18 @@ def table_markdown(summary):
              f"{c['seeds']} seed{'s' if c['seeds'] > 1 else ''} per arm (mean ± std over seeds); every run: {c['reward_queries']} reward queries. "
              f"Trainer options: `{c['args'] or '(defaults)'}`.", "",
              "| arm | final eval reward (training prompts, plain sampling) | reward queries to reach the baseline's "
-             "final eval reward | final training-sample reward | held-out reward | held-out diversity |",
-             "|---|---|---|---|---|---|",
-             f"| pretrained | {before} | – | – | {c['pretrained']['reward']:.4f} | {c['pretrained']['diversity']:.4f} |"]
+             "final eval reward | final training-sample reward | held-out reward | "
+             + "".join(f"held-out {m} | " for m in c["pretrained"]["metrics"]) + "held-out diversity |",
+             "|---|---|---|---|---|---|" + "---|" * len(c["pretrained"]["metrics"]),
+             f"| pretrained | {before} | – | – | {c['pretrained']['reward']:.4f} | "
+             + "".join(f"{v:.4f} | " for v in c["pretrained"]["metrics"].values()) + f"{c['pretrained']['diversity']:.4f} |"]
     for name, a in arms.items():
         q = a["queries_to_baseline"]
         ratio = f" ({q / base_q:.2f}x)" if q is not None and base_q else ""
         q = "not reached" if q is None else (f"{q:.0f}" if q >= 100 else f"{q:.1f}") + ratio
         lines.append(f"| {name} | {pm(a['final_eval'])} | {q} | {pm(a['final_train'])} | "
-                     f"{pm(a['heldout_reward'])} | {pm(a['heldout_diversity'])} |")
+                     f"{pm(a['heldout_reward'])} | " + "".join(f"{pm(v)} | " for v in a["heldout_metrics"].values())
+                     + f"{pm(a['heldout_diversity'])} |")
     lines += ["", f"Held-out prompts ({len(c['heldout'])}, {c['heldout_seeds']} seeds each): "
               + "; ".join(f"`{p}`" for p in c["heldout"]) + ".",
               f"Training time: {c['train_seconds'] / 60:.1f} min in all (sum of the runs' epochs); "
@@ -408,7 +424,7 @@ def main():
     summary = dict(trainer=trainer, model=model, reward=reward, prompts=prompts, args=args,
                    seeds=seeds, reward_queries=read_log(runs[0]["dir"])[-1]["reward_queries"],
                    heldout=held, heldout_seeds=heldout_seeds,
-                   pretrained={k: evals["pretrained"][k] for k in ("reward", "diversity")},
+                   pretrained={k: evals["pretrained"][k] for k in ("reward", "metrics", "diversity")},
                    arms=summarise(runs, evals), runs_ran=ran)
     summary["train_seconds"] = sum(a["train_seconds"] for a in summary["arms"].values())
     summary["wall_seconds"] = time.time() - t0

@@ -47,7 +47,7 @@ def compared(tiny_pipeline_dir, nine_prompts, tmp_path_factory):
     """One comparison, run once for the tests below. Before it, baseline-s0 is started by hand with
     compare's own command and stopped after one epoch, so compare finds one unfinished run."""
     out = tmp_path_factory.mktemp("compare") / "c"
-    argv = compare_argv(tiny_pipeline_dir, nine_prompts, out, "--jobs=2")
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, out, "--jobs=2", "--metrics=jpeg_compressibility")
     runs = configured(*argv).plan()[1]
     os.makedirs(out)
     # the documented auto hold-out: every 7th prompt (here the 1st and 8th) is held out
@@ -131,6 +131,11 @@ def test_held_out_evaluation_is_what_sample_cli_draws_scored_by_the_reward(compa
     r = rewards.load("jpeg_incompressibility")(cached["images"].flatten(0, 1).float() / 255, summary["heldout"] * 2)
     assert cached["reward"] == pytest.approx(r.mean().item(), rel=1e-6)
     assert summary["arms"]["explore"]["heldout_reward"]["per_seed"][1] == cached["reward"]
+    # --metrics scores the same images with another reward: here minus the same JPEG sizes
+    assert cached["metrics"] == {"jpeg_compressibility": pytest.approx(-cached["reward"], rel=1e-6)}
+    per_seed = summary["arms"]["explore"]["heldout_metrics"]["jpeg_compressibility"]["per_seed"]
+    assert per_seed[1] == cached["metrics"]["jpeg_compressibility"]
+    assert "held-out jpeg_compressibility" in (out / "table.md").read_text()
     # the same images as sample.py's CLI with the run's LoRA and sampling settings
     cfg = json.loads((run / "config.json").read_text())
     res = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--model={tiny_pipeline_dir}",
@@ -154,6 +159,13 @@ def test_alignprop_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
         assert summary["arms"][arm]["final_eval"] == dict(mean=log[-1]["eval_reward"], std=0.0,
                                                          per_seed=[log[-1]["eval_reward"]])
     assert summary["reward_queries"] == 2 and (out / "reward.png").exists()
+
+
+def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_reward():
+    compare = configured()  # --metrics=auto
+    assert compare.metric_names(dict(model="shapes", reward="shapes_aesthetic")) == ["shapes_correct", "shapes_appeal"]
+    assert compare.metric_names(dict(model="shapes", reward="shapes_appeal")) == ["shapes_correct"]
+    assert compare.metric_names(dict(model="some/sd-model", reward="aesthetic")) == []
 
 
 def test_queries_to_reach_interpolates_the_first_crossing():
