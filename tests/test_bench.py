@@ -124,3 +124,18 @@ def test_rise_mb_measures_a_known_allocation():
     bench = importlib.import_module("bench")
     assert [round(bench.rise_mb(alloc) / 100) for _ in range(2)] == [4, 4]
     assert bench.rise_mb(lambda: torch.ones(10).sum()) < 20
+
+
+def test_sd_recipes_against_a_hand_computation():
+    bench = importlib.import_module("bench")
+    parts = dict(unet=dict(params=1000, activation_gb=2.0), vae=dict(params=100, activation_gb=4.0),
+                 vitl=dict(params=50, activation_gb=0.5), vith=dict(params=80, activation_gb=1.0))
+    rows = {r["recipe"]: r for r in bench.sd_recipes(parts)}
+    text_encoder = 123_060_480  # SD 1.5's CLIP ViT-L/14 text encoder, its published size
+    # UNet and reward fp32 (4 bytes), VAE and text encoder fp16 (2 bytes)
+    w = (1000 * 4 + (100 + text_encoder) * 2 + 50 * 4) / 2 ** 30
+    assert rows["DDPO, aesthetic"]["weights_gb"] == pytest.approx(w)
+    assert rows["DDPO, aesthetic"]["total_gb"] == pytest.approx(w + 4 * 2.0)  # 4 images, one UNet call each
+    per_image = 2.0 + 4.0 / 2 + 1.0  # UNet + the fp16 VAE's half of the fp32 measurement + ViT-H
+    assert rows["AlignProp, pickscore"]["per_image_gb"] == pytest.approx(per_image)
+    assert rows["AlignProp, pickscore"]["fits"] == {m: int((m - w - 30 * 4 / 2 ** 30) // per_image) for m in (24, 40, 80)}
