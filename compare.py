@@ -246,7 +246,8 @@ def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache, metric_fns={}):
     import sample
     weights = os.path.join(lora_dir, "pytorch_lora_weights.safetensors") if lora_dir else None
     settings = dict(prompts=held, seeds=heldout_seeds, guidance=cfg["guidance"], num_steps=cfg["num_steps"],
-                    eta=cfg["eta"], reward=cfg["reward"], metrics=sorted(metric_fns), weights_mtime=os.path.getmtime(weights) if weights else None)
+                    eta=cfg["eta"], reward=cfg["reward"], metrics=sorted(metric_fns),
+                    weights_mtime=os.path.getmtime(weights) if weights else None)
     if os.path.exists(cache):
         c = torch.load(cache, weights_only=False)
         if c["settings"] == settings:
