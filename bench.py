@@ -5,8 +5,8 @@
 
 1. Each trainer runs for real (its own main(), in this process, in a temporary folder) for `warmup`
    + `epochs` epochs. Its functions are wrapped with timers (time.perf_counter) before it starts:
-   sample.rollout and encode_prompts (sampling), guided_eps and ddim_step (sampling without
-   gradient, training forward with it; DDPO's ppo_loss too), decode (decoding), the reward,
+   sampling.rollout and encode_prompts (sampling), guided_eps and ddim_step (sampling without
+   gradient, training forward with it; DDPO's ppo_loss too), decode_latents (decoding), the reward,
    torch.autograd.backward (training backward), clip_grad_norm_ and optimizer.step (optimizer).
    A section's time excludes the sections nested in it (rollout's decode counts as decoding), so
    the sections never overlap and overhead = epoch wall time - their sum. The epoch wall time is
@@ -17,16 +17,12 @@
    alone with a pure UNet benchmark of the same shapes (forward, or forward+backward). 1.0 would
    mean that nothing but the unavoidable UNet work takes any time.
 3. Sampling throughput (images/s, DDIM + VAE decode) with classifier-free guidance batched (one
-   UNet call on 2B latents per step, as sample.guided_eps does) and unbatched (two calls on B).
+   UNet call on 2B latents per step, as sampling.guided_eps does) and unbatched (two calls on B).
 4. AlignProp's truncation (--truncations=1,10,all): peak memory and seconds per update for each K,
    with and without gradient checkpointing. Each setting is a separate train_alignprop.py process,
    so its peak resident memory (VmHWM, read by the process itself as it exits) is its own.
-5. --sd_memory: an estimate of the GPU memory the README's SD 1.5 recipes need, for machines with
-   no GPU. Random-weight modules of SD 1.5's shapes (UNet with rank-4 LoRA, VAE decoder, the
-   rewards' CLIP ViT-L/14 and ViT-H/14 image towers) run forward and backward on the CPU in fp32,
-   each in its own process; the rise of its peak resident memory is the activation memory. The
-   trainers keep the UNet and the reward models in fp32 and the VAE and text encoder in fp16
-   (sample.load_pipeline), so the estimate is weights + batch x activations per image.
+5. --sd_memory: an estimate of the GPU memory the README's SD 1.5 recipes need, measured on the
+   CPU by gpu_memory.py.
 
 Prints markdown tables (and writes them as JSON with --json_out).
 """
@@ -47,8 +43,11 @@ from collections import Counter, defaultdict
 import torch
 
 import configurator
+import gpu_memory
+import pipelines
 import rewards
-import sample
+import runs
+import sampling
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python bench.py --help` lists them)
@@ -143,14 +142,13 @@ def time_trainer(name, extra):
         _times.clear()
         calls.clear()
 
-    patches = [(sample, "load_pipeline", load_pipeline), (configurator, "write_log", write_log),
-               (configurator, "atomic_write", timed("writing", configurator.atomic_write)),  # checkpoint
-               (sample, "rollout", timed("sampling", sample.rollout)),
-               (sample, "encode_prompts", timed("sampling", sample.encode_prompts)),
-               (sample, "guided_eps", timed(by_grad, sample.guided_eps)),
-               (sample, "ddim_step", timed(by_grad, sample.ddim_step)),
-               (sample, "decode", timed("decoding", sample.decode)),
-               (sample, "_decode", timed("decoding", sample._decode)),  # the name rollout calls
+    patches = [(pipelines, "load_pipeline", load_pipeline), (runs, "write_log", write_log),
+               (runs, "atomic_write", timed("writing", runs.atomic_write)),  # checkpoint
+               (sampling, "rollout", timed("sampling", sampling.rollout)),
+               (sampling, "encode_prompts", timed("sampling", sampling.encode_prompts)),
+               (sampling, "guided_eps", timed(by_grad, sampling.guided_eps)),
+               (sampling, "ddim_step", timed(by_grad, sampling.ddim_step)),
+               (sampling, "decode_latents", timed("decoding", sampling.decode_latents)),
                (rewards, "load", lambda *a, **k: timed("reward", real["load"](*a, **k))),
                (torch.autograd, "backward", timed("train backward", torch.autograd.backward)),
                (torch.nn.utils, "clip_grad_norm_", timed("optimizer", torch.nn.utils.clip_grad_norm_))]
@@ -228,7 +226,7 @@ def bench_trainer(name, extra):
 
 def two_call_eps(unet, x, t, cond, uncond, scale):
     """Classifier-free guidance without batching: the unconditional and conditional predictions
-    from two UNet calls on B latents each (what sample.guided_eps does in one call on 2B)."""
+    from two UNet calls on B latents each (what sampling.guided_eps does in one call on 2B)."""
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
     out_uncond = unet(x.to(unet.dtype), t, encoder_hidden_states=uncond.expand_as(cond).to(unet.dtype)).sample
     out_cond = unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
@@ -237,14 +235,14 @@ def two_call_eps(unet, x, t, cond, uncond, scale):
 
 
 def throughput(pipe, batch, batched):
-    """Images per second of sample.rollout (DDIM with CFG, then VAE decode) at this batch size."""
-    cond = sample.encode_prompts(pipe, ["a red circle on a dark background"] * batch)
-    uncond = sample.encode_prompts(pipe, [""])
-    real = sample.guided_eps
-    sample.guided_eps = real if batched else two_call_eps  # the name rollout calls
+    """Images per second of sampling.rollout (DDIM with CFG, then VAE decode) at this batch size."""
+    cond = sampling.encode_prompts(pipe, ["a red circle on a dark background"] * batch)
+    uncond = sampling.encode_prompts(pipe, [""])
+    real = sampling.guided_eps
+    sampling.guided_eps = real if batched else two_call_eps  # the name rollout calls
     try:
         with torch.no_grad():
-            run = lambda: sample.rollout(pipe, cond, uncond, guidance, num_steps=num_steps, eta=0.0,
+            run = lambda: sampling.rollout(pipe, cond, uncond, guidance, num_steps=num_steps, eta=0.0,
                                          generator=torch.Generator().manual_seed(0))
             run()  # warm-up
             _sync()
@@ -254,7 +252,7 @@ def throughput(pipe, batch, batched):
             _sync()
             return batch * repeats / (time.perf_counter() - t0)
     finally:
-        sample.guided_eps = real
+        sampling.guided_eps = real
 
 
 # ------------------------------------------------------------------------------------------------
@@ -312,113 +310,6 @@ def truncation_table(ks, extra):
     return rows
 
 
-# ------------------------------------------------------------------------------------------------
-# 5. SD 1.5 memory, estimated on the CPU
-
-SD15_UNET = dict(  # Stable Diffusion 1.5's unet/config.json (the arguments that differ from the defaults)
-    sample_size=64, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True,
-    freq_shift=0, down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-    up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, block_out_channels=(320, 640, 1280, 1280),
-    layers_per_block=2, downsample_padding=1, mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32,
-    norm_eps=1e-5, cross_attention_dim=768, attention_head_dim=8)
-SD15_VAE = dict(  # its vae/config.json
-    in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4, block_out_channels=(128, 256, 512, 512), layers_per_block=2,
-    latent_channels=4, norm_num_groups=32, sample_size=512)
-SD15_TEXT_ENCODER = dict(  # its text_encoder/config.json: CLIP ViT-L/14's text tower
-    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
-SD_PARTS = {  # what one image costs, with its batch: one CFG'd UNet call is 2 latents
-    "unet": "UNet call, 2 x 4x64x64 latents (one image with CFG), fwd+bwd into LoRA",
-    "vae": "VAE decode, 1 x 4x64x64 -> 512x512, fwd+bwd into the latent",
-    "vitl": "CLIP ViT-L/14 image tower (aesthetic), 1 x 224x224, fwd+bwd into the image",
-    "vith": "CLIP ViT-H/14 image tower (PickScore), 1 x 224x224, fwd+bwd into the image",
-}
-
-
-def _status_mb(field):
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
-
-
-def rise_mb(fn):
-    """Run fn(); return the peak resident memory (MB) it added to what the process held before."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # Linux: reset VmHWM (the peak) to the current resident size
-    before = _status_mb("VmRSS")
-    fn()
-    return _status_mb("VmHWM") - before
-
-
-def sd_part_memory(part):
-    """Build `part` (random weights, fp32, CPU), then print its parameter count and the peak resident
-    memory its forward + backward adds (MB). Run in a fresh process (see sd_memory_table)."""
-    import lora
-    torch.manual_seed(0)
-    if part == "unet":
-        from diffusers import UNet2DConditionModel
-        module = UNet2DConditionModel(**SD15_UNET).requires_grad_(False)
-        lora.inject(module, rank=4)
-        x, t, emb = torch.randn(2, 4, 64, 64), torch.tensor([500, 500]), torch.randn(2, 77, 768)
-        run = lambda: module(x, t, encoder_hidden_states=emb).sample
-    elif part == "vae":
-        from diffusers import AutoencoderKL
-        module = AutoencoderKL(**SD15_VAE).requires_grad_(False)
-        x = torch.randn(1, 4, 64, 64, requires_grad=True)
-        run = lambda: module.decode(x).sample
-    else:
-        import open_clip
-        module = open_clip.create_model("ViT-L-14" if part == "vitl" else "ViT-H-14").requires_grad_(False)
-        x = torch.randn(1, 3, 224, 224, requires_grad=True)
-        run = lambda: module.encode_image(x)
-    params = sum(p.numel() for p in module.parameters())  # for CLIP: the whole model, as the rewards load it
-    mb = rise_mb(lambda: run().square().mean().backward())
-    print(f"bench-sd-part {params} {mb:.1f}", flush=True)
-
-
-def sd_memory_table():
-    """Each part in its own process (so memory freed by one cannot be reused by the next), with
-    glibc's mmap threshold fixed so that freed tensors go back to the system instead of staying in
-    the heap; then the recipes' estimates."""
-    parts = {}
-    for part, what in SD_PARTS.items():
-        print(f"SD 1.5 memory: {what} ...", flush=True)
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        r = subprocess.run([sys.executable, "-c", f"import bench; bench.sd_part_memory({part!r})"],
-                           capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
-        line = [l for l in r.stdout.splitlines() if l.startswith("bench-sd-part ")]
-        if r.returncode != 0 or not line:
-            raise SystemExit(f"error: measuring the SD 1.5 {part} failed:\n{r.stderr[-2000:]}")
-        n, mb = line[-1].split()[1:]
-        parts[part] = dict(params=int(n), activation_gb=float(mb) / 1024)
-    return dict(parts=parts, recipes=sd_recipes(parts))
-
-
-def sd_recipes(parts):
-    """The README recipes' memory per process from the measured parts: weights as the trainers hold
-    them (UNet fp32, since it carries the LoRA; VAE and text encoder fp16; the reward's whole CLIP
-    model fp32) + images per micro-batch x activations per image (fp32 as measured, the fp16 VAE's
-    halved), and the largest micro-batch that fits 24, 40 and 80 GB."""
-    gb = lambda n, bytes_each: n * bytes_each / 1024 ** 3
-    from transformers import CLIPTextConfig, CLIPTextModel
-    with torch.device("meta"):  # shapes only
-        text_params = sum(p.numel() for p in CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).parameters())
-    act = {p: v["activation_gb"] for p, v in parts.items()}
-    rows = []
-    for reward, tower in (("aesthetic", "vitl"), ("pickscore", "vith")):
-        w = gb(parts["unet"]["params"], 4) + gb(parts["vae"]["params"] + text_params, 2) + gb(parts[tower]["params"], 4)
-        # DDPO: sampling and the reward run without gradient; training holds one UNet call's
-        # activations per image of the micro-batch (README recipe: --train_batch_size=4)
-        # AlignProp with checkpointing: one UNet call's activations at a time (recomputed in the backward
-        # pass), plus the VAE decode's and the reward's, counted together (an upper bound: the reward's
-        # are freed before the UNet's are rebuilt); README recipe: --batch_size=8
-        for trainer, per_image, batch in (("DDPO", act["unet"], 4),
-                                          ("AlignProp", act["unet"] + act["vae"] / 2 + act[tower], 8)):
-            rows.append(dict(recipe=f"{trainer}, {reward}", weights_gb=w, per_image_gb=per_image, batch=batch,
-                             total_gb=w + batch * per_image,
-                             fits={m: max(0, int((m - w) // per_image)) for m in (24, 40, 80)}))
-    return rows
-
 
 # ------------------------------------------------------------------------------------------------
 # Tables
@@ -472,17 +363,7 @@ def markdown(results, speeds, ktable=(), sdmem=None):
         for r in ktable:
             lines.append(f"| {r['k']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} | {r['seconds_per_step']:.2f} |")
     if sdmem:
-        lines += ["", "SD 1.5, activation memory per image, measured on the CPU in fp32 (random weights):", "",
-                  "| part | parameters | activations (GB) |", "|---|---:|---:|"]
-        for p, v in sdmem["parts"].items():
-            lines.append(f"| {SD_PARTS[p]} | {v['params']:,} | {v['activation_gb']:.2f} |")
-        lines += ["", "Estimated GPU memory per process for the README's SD 1.5 recipes (weights + images x activations):", "",
-                  "| recipe | weights (GB) | per image (GB) | images per micro-batch | total (GB) | largest micro-batch in 24 / 40 / 80 GB |",
-                  "|---|---:|---:|---:|---:|---|"]
-        for r in sdmem["recipes"]:
-            fits = " / ".join(str(n) for n in r["fits"].values())
-            lines.append(f"| {r['recipe']} | {r['weights_gb']:.1f} | {r['per_image_gb']:.2f} | {r['batch']} | "
-                         f"**{r['total_gb']:.1f}** | {fits} |")
+        lines += [""] + gpu_memory.markdown(sdmem)
     return "\n".join(lines) + "\n"
 
 
@@ -517,12 +398,12 @@ def main():
         results.append(bench_trainer(n, extras[n]))
     speeds = []
     if sizes:
-        pipe = sample.load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu")
+        pipe = pipelines.load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu")
         for b in sizes:
             print(f"sampling throughput, batch {b} ...", flush=True)
             speeds.append(dict(batch=b, batched=throughput(pipe, b, True), unbatched=throughput(pipe, b, False)))
     ktable = truncation_table(ks, shlex.split(alignprop_args))
-    sdmem = sd_memory_table() if sd_memory else None
+    sdmem = gpu_memory.sd_memory_table() if sd_memory else None
     text = markdown(results, speeds, ktable, sdmem)
     print("\n" + text)
     if json_out:

@@ -25,6 +25,7 @@ Outputs in the compare folder: reward.png (the curves), table.md and table.json,
 held-out images of every arm's first seed, with their diversity), logs/<run>.txt (each run's output);
 with --explore_args, their names end in the arms' suffix (reward-t_thres900.png, ...).
 """
+import concurrent.futures
 import importlib
 import json
 import os
@@ -32,9 +33,20 @@ import shlex
 import statistics
 import subprocess
 import sys
+import threading
 import time
 
+import torch
+
 import configurator
+import explore
+import grids
+import lora
+import pipelines
+import prompt_sets
+import rewards
+import runs
+import sampling
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python compare.py --help` lists them)
@@ -112,37 +124,37 @@ def plan():
                 raise SystemExit(f"error: --{name} must not set --{key}: compare.py sets it for every run "
                                  f"(use compare's own --{key.removeprefix('no_')} where it has one)")
     folder = out or f"out/compare-{trainer}-{reward}"
-    train_list = configurator.load_prompts(prompts)
+    train_list = prompt_sets.load_prompts(prompts)
     train_prompts = prompts
     if heldout == "auto" and prompts == "animals":
-        held = configurator.load_prompts("unseen_animals")
+        held = prompt_sets.load_prompts("unseen_animals")
     elif heldout == "auto":
         train_list, held = held_out_split(train_list)
         train_prompts = os.path.join(folder, "train_prompts.txt")  # written before the runs start
     else:
-        held = configurator.load_prompts(heldout)
+        held = prompt_sets.load_prompts(heldout)
     n = min(heldout_prompts, len(held))
     held = [held[i * len(held) // n] for i in range(n)]  # evenly spaced
     arms = dict(ARMS, **(ABLATION_ARMS if ablation else {}))
     if explore_extra:
         arms = {arm if arm == "baseline" else arm + explore_tag(): flags + ([] if arm == "baseline" else explore_extra)
                 for arm, flags in arms.items()}
-    runs = []
+    run_list = []
     for arm, flags in arms.items():
         for s in range(seeds):
             name, run_dir = f"{arm}-s{s}", os.path.join(folder, f"{arm}-s{s}")
             argv = [f"--model={model}", f"--reward={reward}", f"--prompts={train_prompts}", *extra,
                     f"--seed={s}", f"--out={run_dir}", *flags]
-            runs.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, flags=flags,
+            run_list.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, flags=flags,
                              config=trainer_config(argv)))
     if train_prompts != prompts and os.path.exists(train_prompts):
         with open(train_prompts) as f:
             if f.read() != "".join(p + "\n" for p in train_list):
                 raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
                                  f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
-    for r in runs:  # a folder holding a run with other options: the trainer would refuse it later
-        configurator.check_run(r["dir"], r["config"], ignore=("stop_after",))
-    return folder, runs, train_list, train_prompts, held
+    for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
+        runs.check_run(r["dir"], r["config"], ignore=("stop_after",))
+    return folder, run_list, train_list, train_prompts, held
 
 
 def read_log(run_dir):
@@ -158,11 +170,12 @@ def finished(run):
             and os.path.exists(os.path.join(run["dir"], "lora", "pytorch_lora_weights.safetensors")))
 
 
-def train_all(folder, runs):
+def train_all(folder, run_list):
     """Run every unfinished run's trainer command, `jobs` at a time; return how many ran. Each run's
-    output goes to logs/<run>.txt; here, one line per finished epoch (read from its log.jsonl)."""
-    todo = [r for r in runs if not finished(r)]
-    for r in runs:
+    output goes to logs/<run>.txt; here, one line per finished epoch (read from its log.jsonl). On a
+    failure or Ctrl-C the runs under way are stopped (each resumes from its last checkpoint)."""
+    todo = [r for r in run_list if not finished(r)]
+    for r in run_list:
         if r not in todo:
             print(f"{r['name']}: finished earlier, skipped", flush=True)
     n_jobs = min(jobs or max(1, (os.cpu_count() or 1) // 2), max(1, len(todo)))
@@ -171,42 +184,47 @@ def train_all(folder, runs):
     os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
     script = os.path.join(ROOT, TRAINERS[trainer] + ".py")
     if todo:
-        print(f"running {len(todo)} of {len(runs)} runs, {n_jobs} at a time ({threads} torch threads each); "
+        print(f"running {len(todo)} of {len(run_list)} runs, {n_jobs} at a time ({threads} torch threads each); "
               f"each is: python {TRAINERS[trainer]}.py {shlex.join(todo[0]['argv'])}", flush=True)
-    running, total, failed = [], len(todo), None  # running: dict(run, proc, log, start, epochs seen)
-    try:
-        while (todo or running) and not failed:
-            while todo and len(running) < n_jobs:
-                r = todo.pop(0)
-                log = open(os.path.join(folder, "logs", r["name"] + ".txt"), "a")
-                log.write(f"$ {sys.executable} {script} {shlex.join(r['argv'])}\n")
-                log.flush()
-                proc = subprocess.Popen([sys.executable, script, *r["argv"]], stdout=log,
-                                        stderr=subprocess.STDOUT, env=env)
-                seen = len(read_log(r["dir"]))
-                running.append(dict(run=r, proc=proc, log=log, start=time.time(), seen=seen))
-                print(f"{r['name']}: started" + (f", resuming after epoch {seen - 1}" if seen else ""), flush=True)
-            time.sleep(0.5)
-            for job in list(running):
-                r, history = job["run"], read_log(job["run"]["dir"])
-                for h in history[job["seen"]:]:
+    running, stop = set(), threading.Event()  # processes under way; set: start no more
+
+    def train(r):  # in a worker thread: one trainer process, start to end
+        if stop.is_set():
+            return r, None, 0.0
+        start, seen = time.time(), len(read_log(r["dir"]))
+        with open(os.path.join(folder, "logs", r["name"] + ".txt"), "a") as log:
+            log.write(f"$ {sys.executable} {script} {shlex.join(r['argv'])}\n")
+            log.flush()
+            proc = subprocess.Popen([sys.executable, script, *r["argv"]], stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.add(proc)
+            print(f"{r['name']}: started" + (f", resuming after epoch {seen - 1}" if seen else ""), flush=True)
+            while True:
+                code = proc.poll()
+                history = read_log(r["dir"])
+                for h in history[seen:]:
                     print(f"{r['name']}: epoch {h['epoch'] + 1}/{r['config']['epochs']}, reward {h['reward_mean']:.4f}, "
                           f"{h['reward_queries']} queries{', exploring' if h['explore'] else ''}", flush=True)
-                job["seen"] = max(job["seen"], len(history))
-                if job["proc"].poll() is None:
-                    continue
-                running.remove(job)
-                job["log"].close()
-                if job["proc"].returncode != 0:
-                    failed = (r, job["proc"].returncode)
+                seen = max(seen, len(history))
+                if code is not None:
                     break
-                print(f"[{total - len(todo) - len(running)}/{total}] {r['name']}: done in "
-                      f"{time.time() - job['start']:.0f} s", flush=True)
-    finally:  # Ctrl-C or a failure: stop the runs we started (each resumes from its last checkpoint)
-        for job in running:
-            job["proc"].terminate()
-            job["proc"].wait()
-            job["log"].close()
+                time.sleep(0.5)
+            running.discard(proc)
+        return r, code, time.time() - start
+
+    pool, failed = concurrent.futures.ThreadPoolExecutor(n_jobs), None
+    try:
+        futures = [pool.submit(train, r) for r in todo]
+        for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
+            r, code, seconds = future.result()
+            if code:
+                failed = (r, code)
+                break
+            print(f"[{done}/{len(todo)}] {r['name']}: done in {seconds:.0f} s", flush=True)
+    finally:  # a failure or Ctrl-C: start nothing more and stop the runs under way
+        stop.set()
+        for proc in list(running):
+            proc.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)
     if failed:
         r, code = failed
         path = os.path.join(folder, "logs", r["name"] + ".txt")
@@ -214,7 +232,7 @@ def train_all(folder, runs):
             lines = [l for l in f.read().splitlines() if l.strip()]
         raise SystemExit(f"error: run {r['name']} failed (exit code {code}): {lines[-1] if lines else ''} "
                          f"(full output: {path}); fix it and re-run the same command to resume")
-    return total
+    return len(todo)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -224,10 +242,8 @@ def sample_heldout(pipe, held, cfg):
     """Images [P, S, 3, H, W] of the held-out prompts, exactly those that
     `python sample.py --prompts=<file> --num_seeds=S --guidance=G --steps=T --eta=E` draws (its grid
     function, with the run's guidance, steps and eta)."""
-    import sample
-    import torch
     with torch.no_grad():
-        return sample.sample_grid(pipe, held, list(range(heldout_seeds)), cfg["guidance"], cfg["num_steps"], cfg["eta"])
+        return sampling.sample_grid(pipe, held, list(range(heldout_seeds)), cfg["guidance"], cfg["num_steps"], cfg["eta"])
 
 
 def metric_names(cfg):
@@ -240,10 +256,6 @@ def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache, metric_fns={}):
     """Held-out reward, the `metric_fns` scores and diversity of the pipeline with the LoRA in
     `lora_dir` (None: the pretrained model), cached in `cache` (with uint8 images for the figure)
     until the settings or the LoRA weights change."""
-    import torch
-    import explore as diffexp
-    import lora
-    import sample
     weights = os.path.join(lora_dir, "pytorch_lora_weights.safetensors") if lora_dir else None
     settings = dict(prompts=held, seeds=heldout_seeds, guidance=cfg["guidance"], num_steps=cfg["num_steps"],
                     eta=cfg["eta"], reward=cfg["reward"], metrics=sorted(metric_fns),
@@ -257,32 +269,29 @@ def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache, metric_fns={}):
     elif lora.layers(pipe.unet):
         raise RuntimeError("evaluate the pretrained model before any LoRA is loaded")
     images = sample_heldout(pipe, held, cfg)
-    clean = [diffexp.parse_phrases(p)[0] for p in held for _ in range(heldout_seeds)]
+    clean = [explore.parse_phrases(p)[0] for p in held for _ in range(heldout_seeds)]
     flat = images.flatten(0, 1).to(pipe.unet.device)
     with torch.no_grad():
         r = reward_fn(flat, clean).float().cpu()
         scores = {m: fn(flat, clean).float().mean().item() for m, fn in metric_fns.items()}
-    c = dict(settings=settings, reward=r.mean().item(), metrics=scores, diversity=sample.diversity(images),
+    c = dict(settings=settings, reward=r.mean().item(), metrics=scores, diversity=grids.diversity(images),
              images=(images * 255).round().to(torch.uint8))
-    configurator.atomic_write(cache, lambda tmp: torch.save(c, tmp))
+    runs.atomic_write(cache, lambda tmp: torch.save(c, tmp))
     return c
 
 
-def evaluate_all(folder, runs, held):
+def evaluate_all(folder, run_list, held):
     """Evaluate every run (and the pretrained model) on the held-out prompts."""
-    import torch
-    import rewards
-    import sample
-    cfg = runs[0]["config"]
+    cfg = run_list[0]["config"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg.get("reward_options", "")))
     metric_fns = {m: rewards.load(m, device=dev) for m in metric_names(cfg)}
-    pipe = sample.load_pipeline(cfg["model"], device=dev)
+    pipe = pipelines.load_pipeline(cfg["model"], device=dev)
     print(f"held-out evaluation: {len(held)} prompts x {heldout_seeds} seeds, guidance {cfg['guidance']:g}, "
           f"{cfg['num_steps']} steps, eta {cfg['eta']:g}", flush=True)
     results = {"pretrained": evaluate(pipe, reward_fn, held, cfg, None, os.path.join(folder, "pretrained_heldout.pt"),
                                       metric_fns)}
-    for r in runs:
+    for r in run_list:
         results[r["name"]] = evaluate(pipe, reward_fn, held, cfg, os.path.join(r["dir"], "lora"),
                                       os.path.join(r["dir"], "heldout.pt"), metric_fns)
         print(f"{r['name']}: held-out reward {results[r['name']]['reward']:.4f}, "
@@ -325,19 +334,19 @@ def band(per_point):
     return dict(mean=[statistics.fmean(v) for v in per_point], std=[mean_std(v)["std"] for v in per_point])
 
 
-def summarise(runs, evals):
+def summarise(run_list, evals):
     arms = {}
-    for arm in dict.fromkeys(r["arm"] for r in runs):
-        logs = [read_log(r["dir"]) for r in runs if r["arm"] == arm]
+    for arm in dict.fromkeys(r["arm"] for r in run_list):
+        logs = [read_log(r["dir"]) for r in run_list if r["arm"] == arm]
         queries = [h["reward_queries"] for h in logs[0]]
         curves = [eval_curve(log) for log in logs]
         if any([h["reward_queries"] for h in log] != queries for log in logs) or \
                 any([q for q, _ in c] != [q for q, _ in curves[0]] for c in curves):
             raise SystemExit(f"error: the runs of arm {arm} logged different reward-query counts; "
                              "their folders hold runs of different lengths")
-        names = [r["name"] for r in runs if r["arm"] == arm]
+        names = [r["name"] for r in run_list if r["arm"] == arm]
         arms[arm] = dict(
-            flags=next(r["flags"] for r in runs if r["arm"] == arm),
+            flags=next(r["flags"] for r in run_list if r["arm"] == arm),
             curve=dict(queries=[q for q, _ in curves[0]], **band([[c[i][1] for c in curves] for i in range(len(curves[0]))])),
             train_curve=dict(queries=queries, **band([[log[e]["reward_mean"] for log in logs] for e in range(len(queries))])),
             # the last point whose samples were drawn exploring (None: never explored)
@@ -406,44 +415,42 @@ def plot_curves(summary, path):
         ax.legend(fontsize=8)
     fig.suptitle(f"{summary['trainer']}, {summary['reward']}: mean ± std over {summary['seeds']} seeds", fontsize=10)
     fig.tight_layout()
-    configurator.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+    runs.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
 
 
 def main():
     t0 = time.time()
-    folder, runs, train_list, train_prompts, held = plan()
+    folder, run_list, train_list, train_prompts, held = plan()
     os.makedirs(folder, exist_ok=True)
     if train_prompts != prompts:  # the auto hold-out: the runs train on the rest of the set
         text = "".join(p + "\n" for p in train_list)
-        configurator.atomic_write(train_prompts, lambda tmp: open(tmp, "w").write(text))
+        runs.write_text(train_prompts, text)
     with open(os.path.join(folder, "heldout_prompts.txt"), "w") as f:  # for `sample.py --prompts=`
         f.write("".join(p + "\n" for p in held))
-    ran = train_all(folder, runs)
-    print(f"training: {ran} runs ran, {len(runs) - ran} finished earlier", flush=True)
-    evals = evaluate_all(folder, runs, held)
+    ran = train_all(folder, run_list)
+    print(f"training: {ran} runs ran, {len(run_list) - ran} finished earlier", flush=True)
+    evals = evaluate_all(folder, run_list, held)
     summary = dict(trainer=trainer, model=model, reward=reward, prompts=prompts, args=args,
-                   seeds=seeds, reward_queries=read_log(runs[0]["dir"])[-1]["reward_queries"],
+                   seeds=seeds, reward_queries=read_log(run_list[0]["dir"])[-1]["reward_queries"],
                    heldout=held, heldout_seeds=heldout_seeds,
                    pretrained={k: evals["pretrained"][k] for k in ("reward", "metrics", "diversity")},
-                   arms=summarise(runs, evals), runs_ran=ran)
+                   arms=summarise(run_list, evals), runs_ran=ran)
     summary["train_seconds"] = sum(a["train_seconds"] for a in summary["arms"].values())
     summary["wall_seconds"] = time.time() - t0
     tag = explore_tag()  # a comparison of another exploration setting keeps its own outputs
     plot_curves(summary, os.path.join(folder, f"reward{tag}.png"))
     # the held-out images: one block per arm (its first seed's run), rows = prompts, columns = seeds
-    import sample
-    import explore as diffexp
     blocks = [evals["pretrained"]] + [evals[f"{arm}-s0"] for arm in summary["arms"]]
     titles = ["pretrained"] + list(summary["arms"])
-    sample.save_grid([b["images"].float() / 255 for b in blocks], [diffexp.parse_phrases(p)[0] for p in held],
+    grids.save_grid([b["images"].float() / 255 for b in blocks], [explore.parse_phrases(p)[0] for p in held],
                      os.path.join(folder, f"heldout{tag}.png"),
                      titles=[f"{t}: diversity {b['diversity']:.3f}, reward {b['reward']:.3f}" for t, b in zip(titles, blocks)],
                      seeds=list(range(heldout_seeds)))
     text = json.dumps(summary, indent=2) + "\n"
-    configurator.atomic_write(os.path.join(folder, f"table{tag}.json"), lambda tmp: open(tmp, "w").write(text))
+    runs.write_text(os.path.join(folder, f"table{tag}.json"), text)
     md = table_markdown(summary)
-    configurator.atomic_write(os.path.join(folder, f"table{tag}.md"), lambda tmp: open(tmp, "w").write(md))
+    runs.write_text(os.path.join(folder, f"table{tag}.md"), md)
     print("\n" + md)
     print(f"figures: {folder}/reward{tag}.png, {folder}/heldout{tag}.png; table: {folder}/table{tag}.md, {folder}/table{tag}.json")
     return summary

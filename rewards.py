@@ -17,7 +17,7 @@ reaches the images without updating the reward model. DDPO only needs the number
 | shapes_aesthetic         | the shapes world's learned appeal head on the judge          | yes  |
 | shapes_appeal            | the shapes world's programmatic appeal (ground truth)        | yes* |
 
-* if shapes.appeal_score is built from soft tensor ops (checked when loaded).
+* soft tensor ops (shapes_world.appeal).
 
 Without internet and without the weights cached, the hub-backed rewards raise RewardUnavailable
 within seconds with one line naming the model, its size and the fix; the scripts exit non-zero.
@@ -25,12 +25,13 @@ within seconds with one line naming the model, its size and the fix; the scripts
 import io
 import os
 import re
-import socket
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
+
+import hub
 
 # name -> differentiable; the trainers check this before loading anything heavy
 REWARDS = {"aesthetic": True, "pickscore": True, "jpeg_compressibility": False,
@@ -191,33 +192,11 @@ def jpeg_reward(sign, name):
 
 # ---------------------------------------------------------------- loaders (fetch the weights)
 
-def _offline():
-    return os.environ.get("HF_HUB_OFFLINE", "0").upper() in ("1", "ON", "YES", "TRUE")
-
-
-def _reachable(host):
-    """Can we download from `host`? Asked only when the weights are not cached. Without DNS, the
-    hub client retries for ~25 s before failing; a 3 s connection attempt answers at once."""
-    if _offline():
-        return False
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True  # behind a proxy a direct connection says nothing; let the download try
-    try:
-        socket.create_connection((host, 443), timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
-def _hub_cached(repo, *filenames):
-    from huggingface_hub import try_to_load_from_cache
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
-
-
-def _need(what, fix, cached, host="huggingface.co"):
-    """Fail fast, in one line, when `what` is neither cached nor downloadable."""
-    if not cached and not _reachable(host):
-        raise RewardUnavailable(f"{what} not found locally and {host} is unreachable "
+def _need(what, fix, cached, host=None):
+    """Fail fast, in one line, when `what` is neither cached nor downloadable (from `host`; default
+    the hub)."""
+    if not cached and not hub.reachable(host):
+        raise RewardUnavailable(f"{what} not found locally and {host or 'the hub'} is unreachable "
                                 f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}); {fix}")
 
 
@@ -233,7 +212,7 @@ def load_aesthetic(device="cpu", mlp_path=None, clip_model="ViT-L-14", clip_pret
         if tag.get("hf_hub"):
             repo = tag["hf_hub"].rstrip("/")
             _need(f"{what}, hub {repo},", fix,
-                  _hub_cached(repo, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
+                  hub.cached(repo, "open_clip_model.safetensors", "open_clip_pytorch_model.bin"))
         try:  # OpenAI's CLIP uses QuickGELU; a local file is taken to hold the OpenAI weights
             clip = open_clip.create_model(clip_model, pretrained=clip_pretrained,
                                           force_quick_gelu=tag.get("quick_gelu", False) if tag else True,
@@ -269,7 +248,7 @@ def load_pickscore(device="cpu", model="yuvalkirstain/PickScore_v1",
     for obj, size, probe in ((model, "~3.9 GB", "config.json"),
                              (processor, "~4 MB", "preprocessor_config.json")):
         if isinstance(obj, str) and not os.path.isdir(obj):  # a hub id: cached or downloadable?
-            _need(f"pickscore: {obj} ({size})", fix, _hub_cached(obj, probe))
+            _need(f"pickscore: {obj} ({size})", fix, hub.cached(obj, probe))
     try:
         if isinstance(model, str):
             model = CLIPModel.from_pretrained(model)
@@ -290,44 +269,48 @@ def load_pickscore(device="cpu", model="yuvalkirstain/PickScore_v1",
 
 
 def load_shapes(name, device="cpu", path=None, judge=None, head=None):
-    """The shapes world's rewards, from the models and pixel readings of shapes.py (which owns the
-    judge's input format): `shapes_alignment` (the judge's logit_scale * cos(image, caption), the
-    world's PickScore), `shapes_aesthetic` (the appeal head on the judge's L2-normalised image
+    """The shapes world's rewards, from its pixel readings (shapes_world.py) and its trained models
+    (shapes_models.py, which owns the judge's input format): `shapes_alignment` (the judge's
+    logit_scale * cos(image, caption), the world's PickScore), `shapes_aesthetic` (the appeal head on the judge's L2-normalised image
     embedding, the world's LAION predictor), `shapes_appeal` (the programmatic appeal the head
     imitates: the ground truth, to see over-optimisation) and `shapes_correct` (the pixel checker's
     fraction of colour/shape/background read as the prompt asks). `path`: the world's folder (built
     on first use); tests pass `judge`/`head` models instead."""
-    import shapes
+    import shapes_models
+    import shapes_world
     if name == "shapes_appeal":
-        return _named(lambda images, prompts=None: shapes.appeal(images).float(), name, True)
+        return _named(lambda images, prompts=None: shapes_world.appeal(images).float(), name, True)
     if name == "shapes_correct":
         def correct(images, prompts):
-            read = shapes.check(images)
+            read = shapes_world.check(images)
             score = []
             for i, p in enumerate(prompts):
-                wanted = [(k, w) for k, w in zip(("colour", "shape", "background"), shapes.parse_prompt(strip_marks(p)))
-                          if w is not None]
+                named = shapes_world.parse_prompt(strip_marks(p))
+                wanted = [(k, w) for k, w in zip(("colour", "shape", "background"), named) if w is not None]
                 score.append(sum(int(read[k][i]) == w for k, w in wanted) / max(1, len(wanted)))
             return torch.tensor(score, device=images.device)
         return _named(correct, name, False)
     if judge is None or (head is None and name == "shapes_aesthetic"):
-        path = path or shapes.ensure_world()
-    judge = _frozen(judge if judge is not None else shapes.load_judge(path, device), device)
+        if path is None:
+            import shapes  # builds the world on first use
+            path = shapes.ensure_world()
+    judge = _frozen(judge if judge is not None else shapes_models.load_judge(path, device), device)
 
     def image_embeds(images):  # no no_grad: the reward's gradient flows back to the images
-        e = shapes.judge_image_features(judge, images.to(device, torch.float32))
+        e = shapes_models.judge_image_features(judge, images.to(device, torch.float32))
         return e / e.norm(dim=-1, keepdim=True)
 
     if name == "shapes_alignment":
-        tok = shapes.clip_tokenizer(shapes.MAX_TOKENS)
+        tok = shapes_models.clip_tokenizer(shapes_models.MAX_TOKENS)
 
         def alignment(images, prompts):
             with torch.no_grad():  # the text side has no gradient to give
-                t = shapes.judge_text_features(judge, shapes.tokenize(tok, [strip_marks(p) for p in prompts]).to(device))
+                ids = shapes_models.tokenize(tok, [strip_marks(p) for p in prompts]).to(device)
+                t = shapes_models.judge_text_features(judge, ids)
                 t = t / t.norm(dim=-1, keepdim=True)
             return (judge.logit_scale.exp() * (image_embeds(images) * t).sum(-1)).float()
         return _named(alignment, name, True)
-    head = _frozen(head if head is not None else shapes.load_aesthetic(path, device), device)
+    head = _frozen(head if head is not None else shapes_models.load_aesthetic(path, device), device)
     return _named(lambda images, prompts=None: head(image_embeds(images)).reshape(len(images)).float(), name, True)
 
 

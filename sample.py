@@ -1,27 +1,20 @@
-"""Sampling: load a text-to-image pipeline, run the DDIM denoising loop with classifier-free
-guidance, and keep everything the reward fine-tuners need (latents, log-probs, guidance scales,
-prompt embeddings). Also a CLI that writes image grids:
+"""Image grids from a base model or a fine-tuned LoRA, plainly and with DiffExp's exploration side
+by side: the command-line front end of sampling.py.
 
     python sample.py                                  # the shapes world's prompts, 4 seeds each
     python sample.py --prompt="a (red) (circle)" --lora=out/ddpo
     python sample.py --explore                        # plain vs DiffExp exploration, side by side
-
-Read next to the DDIM paper (Song et al. 2021, eq. 12 and 16), DDPO (Black et al. 2024, Sec. 4:
-denoising as a multi-step decision process with Gaussian policies) and DiffExp (Chae et al. 2025).
 """
-import math
-import os
-import socket
-import textwrap
-from dataclasses import dataclass
-from urllib.parse import urlparse
-
 import torch
 
 import configurator
-import explore as diffexp  # not `explore`: that name is the CLI's --explore flag below
+import grids
+import pipelines
+import prompt_sets
+import sampling
+from lora import load as load_lora  # `lora` is this script's --lora option
 
-# CLI defaults (python sample.py --help); the functions below do not read them.
+# defaults (override with --key=value; `python sample.py --help` lists them)
 model = "shapes"  # "shapes" (the offline world), a hub id, or a local diffusers folder
 prompt = ""  # one prompt to sample (overrides --prompts); mark phrases with (parentheses)
 prompts = "auto"  # prompt set name or text file; auto = the world's captions for shapes, else animals
@@ -39,355 +32,38 @@ batch_size = 16  # images per denoising batch
 device = "auto"  # auto = cuda if available, else cpu
 out = "out/samples.png"  # where the grid PNG goes
 
-DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-
-
-# --------------------------------------------------------------------------------------------
-# Loading
-
-def _hub_snapshot(model):
-    """A local snapshot folder of hub `model`, or None if the hub is reachable and it may be
-    downloaded. Offline and not cached: a one-line error at once (a hub lookup can hang here)."""
-    from huggingface_hub import constants, snapshot_download
-    try:
-        return snapshot_download(model, local_files_only=True)
-    except Exception:
-        pass
-    if not constants.HF_HUB_OFFLINE:
-        try:
-            socket.create_connection((urlparse(constants.ENDPOINT).hostname, 443), timeout=3).close()
-            return None
-        except OSError:
-            pass
-    raise ValueError(f"model {model!r} is not in the Hugging Face cache and the hub is unreachable; "
-                     f"download it where there is internet (`hf download {model}`) and copy the cache, "
-                     "pass a local diffusers folder with --model=<folder>, or use --model=shapes")
-
-
-def load_pipeline(model="shapes", device="cpu", dtype=None):
-    """A StableDiffusionPipeline with a DDIM scheduler, from "shapes" (the offline world, built on
-    first use), a hub id (e.g. DEFAULT_HUB_MODEL) or a local diffusers folder. The VAE and text
-    encoder are frozen and in `dtype` (fp16 on CUDA, fp32 on CPU by default); the UNet stays fp32
-    because the trainers attach their trainable LoRA weights to it (run it under autocast on GPU)."""
-    if model == "shapes":
-        import shapes
-        path = shapes.ensure_world()
-    elif os.path.isdir(model):
-        path = model
-    elif model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        path = _hub_snapshot(model) or model
-    else:
-        raise ValueError(f"no diffusers folder at {model!r}; pass an existing folder, a hub id "
-                         f"like {DEFAULT_HUB_MODEL}, or shapes")
-    from diffusers import DDIMScheduler, StableDiffusionPipeline  # after the checks: importing takes seconds
-    if dtype is None:
-        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.unet.float()
-    pipe.vae.requires_grad_(False)
-    pipe.text_encoder.requires_grad_(False)
-    pipe.to(device)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
-# --------------------------------------------------------------------------------------------
-# Prompts -> embeddings (DiffExp's random prompt weighting happens here)
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts, weights=None):
-    """Text embeddings [B, L, D] (fp32) of `prompts` with their (phrase) marks stripped, padded to
-    the tokenizer's max length as SD does. `weights` = (phrase [B], w [B]) from
-    explore.draw_weights up-weights each prompt's chosen phrase (-1: the whole prompt)."""
-    tok, device = pipe.tokenizer, pipe.text_encoder.device
-    parsed = [diffexp.parse_spans(p) for p in prompts]
-    batch = tok([clean for clean, _ in parsed], padding="max_length", max_length=tok.model_max_length,
-                truncation=True, return_tensors="pt", return_offsets_mapping=weights is not None)
-    z = pipe.text_encoder(batch.input_ids.to(device))[0].float()
-    if weights is None:
-        return z
-    # Which tokens belong to the phrase: those whose character span (offsets into the clean
-    # prompt) overlaps the phrase's. Robust to BPE splitting words and to marks inside a word;
-    # BOS/EOS/padding have empty spans and are never weighted.
-    phrase, w = weights
-    mask = torch.zeros(z.shape[:2], dtype=torch.bool)
-    for i, (clean, spans) in enumerate(parsed):
-        a, b = spans[int(phrase[i])] if phrase[i] >= 0 else (0, len(clean))
-        for j, (s, e) in enumerate(batch.offset_mapping[i].tolist()):
-            mask[i, j] = e > s and s < b and e > a
-    z_empty = encode_prompts(pipe, [""])
-    return diffexp.weight_embeddings(z, z_empty, mask, w.to(z.device))
-
-
-# --------------------------------------------------------------------------------------------
-# One denoising step: classifier-free guidance, then DDIM as a Gaussian policy
-
-def guided_eps(unet, x, t, cond, uncond, scale):
-    """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond), with the
-    unconditional and conditional passes batched into ONE UNet call. `t` and `scale` may be
-    scalars or per-sample [B]. Returns what the UNet predicts (epsilon or v)."""
-    b = x.shape[0]
-    t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
-    emb = torch.cat([uncond.expand_as(cond), cond]).to(unet.dtype)
-    out = unet(torch.cat([x, x]).to(unet.dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample
-    out_uncond, out_cond = out.to(x.dtype).chunk(2)
-    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
-    return out_uncond + scale * (out_cond - out_uncond)
-
-
-def ddim_step(scheduler, eps, t, x_t, eta, prev_sample=None, generator=None):
-    """x_t -> x_{t_prev} with DDIM (eq. 12 and 16 of the DDIM paper), returning (x_prev, log_prob).
-
-    The step is the Gaussian policy N(mean, std^2) of DDPO (Sec. 4): mean from the predicted x_0
-    and noise, std = eta * sigma_t. x_prev is a fresh sample (or `prev_sample`, to score a stored
-    trajectory); log_prob is its log-density, None when eta == 0 (a deterministic step has none;
-    scoring a given sample with eta=0 is an error)
-    `eps` is the model output in the scheduler's prediction_type (epsilon or v), `t` an int or a
-    batch of different timesteps [B]. Gradient flows into x_prev and log_prob through the mean only.
-    """
-    if scheduler.num_inference_steps is None:
-        raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step")
-    if scheduler.config.thresholding:
-        raise ValueError("dynamic thresholding is not supported; load the scheduler with thresholding=False")
-    if eta == 0 and prev_sample is not None:
-        raise ValueError("a log-prob needs a stochastic step: eta=0 has zero variance; sample with eta > 0")
-    shape = (-1, *[1] * (x_t.ndim - 1))
-    t = torch.as_tensor(t, device=x_t.device).long().reshape(-1).expand(x_t.shape[0])
-    # t_prev is one stride earlier (as diffusers computes it); below 0 the scheduler's final
-    # alpha is used (1 with set_alpha_to_one, else alpha_bar_0).
-    t_prev = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
-    alphas = scheduler.alphas_cumprod.to(x_t.device)
-    a_t = alphas[t].reshape(shape).to(x_t.dtype)
-    a_prev = torch.where(t_prev >= 0, alphas[t_prev.clamp(min=0)],
-                         scheduler.final_alpha_cumprod.to(x_t.device)).reshape(shape).to(x_t.dtype)
-    eps = eps.to(x_t.dtype)
-    if scheduler.config.prediction_type == "epsilon":
-        x0, noise_pred = (x_t - (1 - a_t).sqrt() * eps) / a_t.sqrt(), eps
-    elif scheduler.config.prediction_type == "v_prediction":  # v = sqrt(a) eps - sqrt(1-a) x0
-        x0, noise_pred = a_t.sqrt() * x_t - (1 - a_t).sqrt() * eps, a_t.sqrt() * eps + (1 - a_t).sqrt() * x_t
-    else:
-        raise ValueError(f"prediction_type {scheduler.config.prediction_type!r} is not supported; use epsilon or v_prediction")
-    if scheduler.config.clip_sample:
-        x0 = x0.clamp(-scheduler.config.clip_sample_range, scheduler.config.clip_sample_range)
-    # eq. 16: sigma_t^2 = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev); eta scales it (0 = DDIM, 1 = DDPM)
-    std = eta * ((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)).sqrt()
-    # eq. 12: x_prev = sqrt(a_prev) x0 + sqrt(1 - a_prev - sigma^2) eps + sigma * noise
-    mean = a_prev.sqrt() * x0 + (1 - a_prev - std ** 2).sqrt() * noise_pred
-    if eta == 0:
-        return mean, None
-    if prev_sample is None:
-        from diffusers.utils.torch_utils import randn_tensor
-        prev_sample = mean + std * randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
-    # The sample itself is held fixed (detached): the policy gradient flows through the mean.
-    # A scheduler with set_alpha_to_one=True (the shapes world's) makes the last step x_prev = x0
-    # with zero variance even for eta > 0: not a random action, so it gets log_prob 0 and adds no
-    # policy gradient (std is swapped for 1 there first, so no inf/NaN reaches the gradient).
-    random = std > 0
-    safe_std = torch.where(random, std, torch.ones_like(std))
-    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * safe_std ** 2) - safe_std.log() - math.log(math.sqrt(2 * math.pi))
-    log_prob = torch.where(random, log_prob, torch.zeros_like(log_prob))
-    # Averaged, not summed, over the latent dimensions: a sum over 16k dims (SD's 4x64x64) makes
-    # the PPO ratio exp(logp_new - logp_old) overflow after tiny updates; the mean keeps it O(1).
-    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim)))
-
-
-# --------------------------------------------------------------------------------------------
-# The denoising loop: one for the CLI and both trainers
-
-@dataclass
-class Trajectory:
-    latents: torch.Tensor  # [B, T+1, C, H, W]: x_T ... x_0
-    log_probs: torch.Tensor  # [B, T]: log p(x_{t_prev} | x_t) of each step; None when eta == 0
-    timesteps: torch.Tensor  # [T]
-    guidance: torch.Tensor  # [T]: the CFG scale used at each step
-    cond: torch.Tensor  # [B, L, D]: the prompt embeddings used (weighted, if exploring)
-    uncond: torch.Tensor  # [B, L, D]: the unconditional embeddings used
-    images: torch.Tensor  # [B, 3, H, W] in [0, 1], or None (decode=False)
-    eta: float
-
-
-def decode(pipe, latents):
-    """VAE-decode latents to images in [0, 1] (differentiable; the clamp is the pipeline's too)."""
-    images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
-    return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)  # fp16 VAE -> the latents' fp32
-
-
-_decode = decode  # inside rollout, its `decode=True` flag hides this function's name
-
-
-def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, generator=None,
-            grad_steps=0, checkpoint=False, decode=True):
-    """Denoise from noise with DDIM and CFG; return the whole Trajectory.
-
-    guidance: a float, or a Tensor[num_steps] of per-step scales (explore.cfg_schedule).
-    cond / uncond: per-sample prompt embeddings [B, L, D] (uncond may be [1, L, D]).
-    grad_steps=K: only the last K UNet calls (and the VAE decode) run with autograd, as AlignProp
-    and DRaFT-K need; earlier steps run under no_grad. K=0: nothing keeps a graph (DDPO's sampling).
-    checkpoint: recompute each grad-step UNet call in the backward pass (saves GPU memory on SD).
-
-    Everything needed to recompute the same log-probs later is recorded (latents, timesteps, the
-    scales and embeddings actually used), so DDPO's first PPO ratio is exactly 1 with exploration
-    on or off: exploration changes which samples are drawn, never how they are scored.
-    """
-    unet, scheduler, dev = pipe.unet, pipe.scheduler, pipe.unet.device
-    cond = cond.to(dev)
-    uncond = uncond.to(dev).expand_as(cond)
-    scheduler.set_timesteps(num_steps, device=dev)
-    timesteps = scheduler.timesteps
-    n = len(timesteps)
-    scales = torch.as_tensor(guidance, dtype=torch.float32, device=dev).reshape(-1)
-    scales = scales.expand(n).clone() if scales.numel() == 1 else scales
-    if scales.numel() != n:
-        raise ValueError(f"guidance has {scales.numel()} scales for {n} steps; pass one float or one per step")
-    if not 0 <= grad_steps <= n:
-        raise ValueError(f"grad_steps={grad_steps} must be between 0 and num_steps={n}")
-    if latents is None:
-        size = unet.config.sample_size
-        latents = torch.randn((cond.shape[0], unet.config.in_channels, size, size), generator=generator,
-                              device=generator.device if generator is not None else "cpu")
-    x = latents.to(dev, unet.dtype) * scheduler.init_noise_sigma  # fp32 (float64 in a gradient check)
-    xs, log_probs = [x], []
-    for i, t in enumerate(timesteps):
-        with torch.set_grad_enabled(i >= n - grad_steps):
-            x_in = scheduler.scale_model_input(x, t)  # identity for DDIM; kept to read like the pipeline
-            if checkpoint and torch.is_grad_enabled():
-                eps = torch.utils.checkpoint.checkpoint(guided_eps, unet, x_in, t, cond, uncond, scales[i],
-                                                        use_reentrant=False)
-            else:
-                eps = guided_eps(unet, x_in, t, cond, uncond, scales[i])
-            x, log_prob = ddim_step(scheduler, eps, t, x, eta, generator=generator)
-        xs.append(x)
-        log_probs.append(log_prob)
-    with torch.set_grad_enabled(grad_steps > 0):
-        images = _decode(pipe, x) if decode else None
-    return Trajectory(latents=torch.stack(xs, dim=1), log_probs=None if eta == 0 else torch.stack(log_probs, dim=1),
-                      timesteps=timesteps, guidance=scales, cond=cond, uncond=uncond, images=images, eta=eta)
-
-
-def seeded_generator(seed, *keys):
-    """A CPU generator seeded from a run seed and a few integers (epoch, batch, rank, ...): the same
-    keys give the same numbers whatever the process count, and after a resume."""
-    s = seed
-    for k in keys:
-        s = (s * 1_000_003 + k) % (2**63 - 1)
-    return torch.Generator().manual_seed(s)
-
-
-@torch.no_grad()
-def evaluate(pipe, reward_fn, prompts, guidance, num_steps, eta, per_prompt, path=None, title=""):
-    """The trainers' evaluation: every prompt `per_prompt` times, sampled plainly (constant
-    guidance, unweighted prompts) from fixed noise, so every epoch and every run sees the same
-    starting points. Scores the images and, if `path`, writes their grid. Returns the mean reward."""
-    todo = [p for p in prompts for _ in range(per_prompt)]
-    cond = encode_prompts(pipe, todo)
-    traj = rollout(pipe, cond, encode_prompts(pipe, [""]), guidance, num_steps=num_steps, eta=eta,
-                   generator=torch.Generator().manual_seed(1234))
-    clean = [diffexp.parse_phrases(p)[0] for p in prompts]
-    r = reward_fn(traj.images, [c for c in clean for _ in range(per_prompt)]).float()
-    if path:
-        save_grid(traj.images, clean, path, titles=[title])
-    return r.mean().item()
-
-
-# --------------------------------------------------------------------------------------------
-# CLI: image grids, plain and with exploration
-
-def diversity(images):
-    """Mean pairwise RMS pixel distance between the samples of one prompt, averaged over prompts.
-    images: [P, S, 3, H, W] in [0, 1]. 0 = all seeds gave the same image."""
-    flat = images.flatten(2)
-    return torch.stack([torch.pdist(f).mean() for f in flat]).mean().item() / math.sqrt(flat.shape[-1])
-
-
-def save_grid(images, row_captions, path, titles=None, seeds=None):
-    """A PNG grid: one row per caption (written at the left), the images of that row left to right.
-    `images`: [rows * cols, 3, H, W] or [rows, cols, 3, H, W] in [0, 1], or a list of such blocks
-    drawn side by side under their `titles` (plain vs explore). `seeds` labels the columns."""
-    from PIL import Image, ImageDraw, ImageFont
-    blocks = [b.detach().float().cpu().reshape(len(row_captions), -1, *b.shape[-3:])
-              for b in (images if isinstance(images, (list, tuple)) else [images])]
-    titles = titles or [""] * len(blocks)
-    P, S, _, H, W = blocks[0].shape
-    k = max(1, round(128 / H))  # upscale tiny images (nearest) so they stay legible next to the text
-    ch, cw, cap_w, head_h, gap = H * k + 2, W * k + 2, 230, 56, 24  # tiles keep a 2 px white border
-    canvas = Image.new("RGB", (cap_w + len(blocks) * (S * cw + gap), head_h + P * ch + 4), "white")
-    draw, font = ImageDraw.Draw(canvas), ImageFont.load_default(size=14)
-    for b, (imgs, title) in enumerate(zip(blocks, titles)):
-        x0 = cap_w + b * (S * cw + gap)
-        draw.multiline_text((x0, 2), textwrap.fill(title, max(20, S * cw // 8)), fill="black", font=font, spacing=1)
-        for s in range(S):
-            if seeds is not None:
-                draw.text((x0 + s * cw + 4, 36), f"seed {seeds[s]}", fill="gray", font=font)
-            for p in range(P):
-                tile = (imgs[p, s].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy()
-                canvas.paste(Image.fromarray(tile).resize((W * k, H * k), Image.NEAREST), (x0 + s * cw, head_h + p * ch))
-    for p, text in enumerate(row_captions):
-        draw.multiline_text((6, head_h + p * ch + 6), textwrap.fill(text, 26), fill="black", font=font)
-    os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
-    canvas.save(path)
-
-
-def sample_grid(pipe, prompt_list, seeds, guidance, steps, eta=0.0, exploring=False, w_low=1.0,
-                t_thres=800, seed=0, batch_size=16):
-    """Images [P, S, 3, H, W]: every prompt with every seed's initial noise, plainly or exploring
-    (DiffExp's guidance schedule and prompt weights; `seed` seeds the weights and the DDIM noise)."""
-    unet = pipe.unet
-    size = unet.config.sample_size
-    noise = {s: torch.randn(unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(s))
-             for s in seeds}
-    pairs = [(p, s) for p in prompt_list for s in seeds]
-    weight_gen, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
-    pipe.scheduler.set_timesteps(steps)
-    scales = diffexp.cfg_schedule(pipe.scheduler.timesteps, guidance, w_low, t_thres) if exploring else guidance
-    uncond = encode_prompts(pipe, [""])
-    images = []
-    for i in range(0, len(pairs), batch_size):
-        chunk = pairs[i:i + batch_size]
-        texts = [p for p, _ in chunk]
-        cond = encode_prompts(pipe, texts, diffexp.draw_weights(texts, weight_gen) if exploring else None)
-        traj = rollout(pipe, cond, uncond, scales, num_steps=steps, eta=eta, generator=noise_gen,
-                       latents=torch.stack([noise[s] for _, s in chunk]))
-        images.append(traj.images.cpu())
-    return torch.cat(images).reshape(len(prompt_list), len(seeds), *images[0].shape[1:])
-
 
 def main():
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if prompt:
+        prompt_list = prompt_sets.check_marks([prompt])
+    else:
+        name = prompts if prompts != "auto" else ("shapes" if model == "shapes" else "animals")
+        prompt_list = prompt_sets.load_prompts(name)[:num_prompts]
     try:
-        pipe = load_pipeline(model, dev)
+        pipe = pipelines.load_pipeline(model, dev)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     if lora:
-        import lora as lora_lib  # lazily: only the CLI and the trainers need it
-        lora_lib.load(pipe.unet, lora)
-    if prompt:
-        prompt_list = [prompt]
-    else:
-        name = prompts if prompts != "auto" else ("shapes" if model == "shapes" else "animals")
-        prompt_list = configurator.load_prompts(name)[:num_prompts]
-    try:
-        [diffexp.parse_phrases(p) for p in prompt_list]  # bad markup: one clear line, not a traceback
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+        load_lora(pipe.unet, lora)
     seeds = list(range(seed, seed + num_seeds))
     with torch.no_grad():
         settings = dict(guidance=guidance, steps=steps, eta=eta, w_low=w_low, t_thres=t_thres, seed=seed,
                         batch_size=batch_size)
-        blocks = [sample_grid(pipe, prompt_list, seeds, exploring=False, **settings)]
+        blocks = [sampling.sample_grid(pipe, prompt_list, seeds, exploring=False, **settings)]
         titles = [f"plain: guidance {guidance:g}"]
         if explore:
-            blocks.append(sample_grid(pipe, prompt_list, seeds, exploring=True, **settings))
+            blocks.append(sampling.sample_grid(pipe, prompt_list, seeds, exploring=True, **settings))
             titles.append(f"explore: guidance {w_low:g} for t > {t_thres}, then {guidance:g}; one phrase x U(1, 1.2)")
     if num_seeds > 1:
         for title, imgs in zip(titles, blocks):
             print(f"diversity (mean pairwise RMS pixel distance between seeds of a prompt), {title.split(':')[0]}: "
-                  f"{diversity(imgs):.4f}")
-    save_grid(blocks, prompt_list, out, titles, seeds)
+                  f"{grids.diversity(imgs):.4f}")
+    grids.save_grid(blocks, prompt_list, out, titles, seeds)
     print(out)
 
 
 if __name__ == "__main__":
     configurator.configure(globals())
     main()
+

@@ -1,25 +1,22 @@
-"""The offline "shapes" world: synthetic images and captions, a tiny text-to-image latent diffusion
-model trained on them, and the world's own rewards.
+"""Building the offline "shapes" world: the tiny text-to-image model and its reward models,
+trained on the world's synthetic images (shapes_world.py) and cached as a diffusers folder.
 
 A reader without a GPU or hub access still gets a real Stable-Diffusion-shaped model: an
 `AutoencoderKL`, a `CLIPTextModel` with the real CLIP tokenizer and a `UNet2DConditionModel`, saved
 as a diffusers `StableDiffusionPipeline` folder, so every other script treats it exactly like SD 1.5.
 Next to it: a tiny CLIP judge (the world's PickScore) and an aesthetic MLP on the judge's image
-embedding (the world's LAION predictor), trained to predict a programmatic "appeal" score.
+embedding (the world's LAION predictor), trained to predict a programmatic "appeal" score. The
+models' architectures are in shapes_models.py; this file trains them in stages, caches the result
+and measures it.
 
     python shapes.py                  # build the default world (cached), print its folder last
     python shapes.py --evaluate       # also measure it (judge accuracy, guidance sweep, grids)
 """
-import functools
 import glob
-import gzip
 import hashlib
-import importlib.util
-import itertools
 import json
 import math
 import os
-import re
 import shutil
 import sys
 import time
@@ -27,7 +24,13 @@ import time
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
-from transformers import CLIPTokenizer
+
+import configurator
+import grids
+from shapes_models import (MAX_TOKENS, aesthetic_score, attribute_accuracy, clip_tokenizer, judge_image_features,
+                           judge_logits, judge_read, judge_text_features, load_aesthetic, load_judge, new_aesthetic,
+                           new_judge, new_scheduler, new_text_encoder, new_unet, new_vae, tokenize)
+from shapes_world import CAPTIONS, LABELS, appeal, caption, check, make_batch, render, sample_scenes
 
 # ---------------------------------------------------------------------------------------------
 # Build configuration: `python shapes.py --key=value` overrides these; ensure_world(**overrides)
@@ -54,291 +57,6 @@ eval_steps = 20  # DDIM steps when evaluating
 BUILD_VERSION = 2  # bump when the build's code changes what it produces (invalidates caches)
 MICRO = dict(vae_steps=2, vae_batch=4, judge_steps=2, judge_batch=8, aesthetic_images=256,
              aesthetic_steps=2, unet_steps=2, unet_batch=4)
-
-# ---------------------------------------------------------------------------------------------
-# The world: one shape, in one colour, on a plain background, 32x32 RGB in [0, 1].
-SIZE = 32
-SHAPES = ("circle", "square", "triangle", "cross")
-COLOURS = {"red": (0.90, 0.12, 0.12), "green": (0.15, 0.70, 0.20), "blue": (0.15, 0.30, 0.95),
-           "yellow": (0.95, 0.85, 0.10), "purple": (0.55, 0.20, 0.75), "orange": (1.00, 0.55, 0.05)}
-BACKGROUNDS = {"light": 0.90, "grey": 0.50, "dark": 0.10}
-COLOUR_NAMES, BACKGROUND_NAMES = tuple(COLOURS), tuple(BACKGROUNDS)
-PALETTE = torch.tensor(list(COLOURS.values()))
-GREYS = torch.tensor(list(BACKGROUNDS.values()))
-# How far each shape reaches from its centre, in units of its size r (keeps shapes inside the image).
-EXTENT = torch.tensor([1.0, 0.9, 1.4, 1.0])
-R_MIN, R_MAX = 6.0, 10.0  # shape size range, pixels
-
-
-def caption(colour, shape, background, marked=False):
-    """"a red circle on a dark background"; marked: "a (red) (circle) on a (dark) background",
-    the parentheses marking the phrases DiffExp's random prompt weighting may up-weight."""
-    article = "an" if colour[0] in "aeiou" else "a"
-    if marked:
-        return f"{article} ({colour}) ({shape}) on a ({background}) background"
-    return f"{article} {colour} {shape} on a {background} background"
-
-
-# Every caption of the world, in label order: index = (colour * 4 + shape) * 3 + background.
-LABELS = list(itertools.product(range(len(COLOURS)), range(len(SHAPES)), range(len(BACKGROUNDS))))
-CAPTIONS = [caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b]) for c, s, b in LABELS]
-
-
-def prompts():
-    """The world's prompt set (72 prompts, phrases marked), as configurator.load_prompts('shapes')."""
-    return [caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b], marked=True) for c, s, b in LABELS]
-
-
-def parse_prompt(prompt):
-    """(colour, shape, background) indices named in a prompt, each None when absent."""
-    words = re.findall(r"[a-z]+", prompt.lower().replace("gray", "grey"))
-    find = lambda names: next((names.index(w) for w in words if w in names), None)
-    return find(COLOUR_NAMES), find(SHAPES), find(BACKGROUND_NAMES)
-
-
-def sample_scenes(n, generator):
-    """n random scenes: label indices, size r and centre (pixels), drawn from `generator`."""
-    g = generator
-    shape = torch.randint(len(SHAPES), (n,), generator=g)
-    colour = torch.randint(len(COLOURS), (n,), generator=g)
-    background = torch.randint(len(BACKGROUNDS), (n,), generator=g)
-    r = R_MIN + (R_MAX - R_MIN) * torch.rand(n, generator=g)
-    margin = r * EXTENT[shape] + 1.0
-    centre = margin[:, None] + (SIZE - 2 * margin[:, None]) * torch.rand(n, 2, generator=g)
-    return dict(shape=shape, colour=colour, background=background, r=r, centre=centre)
-
-
-def shape_field(shape, dx, dy):
-    """Shape `shape` (an index into SHAPES) of size r, centred at the origin, covers exactly the
-    points whose field is below r. dx, dy: offsets from the centre in pixels (y grows downwards)."""
-    dx = dx.abs()
-    if shape == 0:  # circle of radius r
-        return torch.sqrt(dx ** 2 + dy ** 2)
-    if shape == 1:  # square of half side 0.9 r
-        return torch.maximum(dx, dy.abs()) / 0.9
-    if shape == 2:  # equilateral triangle pointing up, circumradius 1.4 r (inradius 0.7 r): inside
-        s, c = math.sin(math.pi / 3), math.cos(math.pi / 3)  # the half-planes of its three edges
-        return torch.maximum(dy, s * dx - c * dy) / 0.7
-    # cross: two 2r x 0.8r bars
-    return torch.minimum(torch.maximum(dx, dy.abs() / 0.4), torch.maximum(dx / 0.4, dy.abs()))
-
-
-SUPERSAMPLE = 4  # anti-aliasing: a pixel's coverage is measured at 4 x 4 points inside it
-
-
-def render(scenes):
-    """Images [n, 3, 32, 32] in [0, 1], anti-aliased."""
-    shape, r, centre = scenes["shape"], scenes["r"], scenes["centre"]
-    points = (torch.arange(SIZE * SUPERSAMPLE, dtype=torch.float32) + 0.5) / SUPERSAMPLE
-    cover = torch.zeros(len(shape), 1, SIZE, SIZE)
-    for k in range(len(SHAPES)):
-        i = torch.nonzero(shape == k)[:, 0]
-        dx = points[None, None, :] - centre[i, 0, None, None]
-        dy = points[None, :, None] - centre[i, 1, None, None]
-        inside = (shape_field(k, dx, dy) < r[i, None, None]).float()
-        cover[i] = F.avg_pool2d(inside[:, None], SUPERSAMPLE)
-    fg = PALETTE[scenes["colour"]][:, :, None, None]
-    bg = GREYS[scenes["background"]][:, None, None, None]
-    return bg * (1 - cover) + fg * cover
-
-
-def make_batch(n, generator):
-    """(images [n,3,32,32], captions, labels [n] indexing CAPTIONS): fresh data, deterministic per generator."""
-    scenes = sample_scenes(n, generator)
-    labels = (scenes["colour"] * len(SHAPES) + scenes["shape"]) * len(BACKGROUNDS) + scenes["background"]
-    return render(scenes), [CAPTIONS[i] for i in labels.tolist()], labels
-
-
-# ---------------------------------------------------------------------------------------------
-# Programmatic readings of an image: the pixel checker (what is drawn) and the appeal score.
-
-def to_world_size(images):
-    """Images of any size as 32x32: a box filter (exact for whole-number factors, e.g. 512 -> 32),
-    made of tensor ops so gradients flow through it."""
-    if images.shape[-2:] == (SIZE, SIZE):
-        return images
-    return F.interpolate(images, size=(SIZE, SIZE), mode="area")
-
-
-def _foreground(images):
-    """Background colour (median of the border pixels), per-pixel distance from it in [0, 1]."""
-    border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, 1:-1, 0], images[:, :, 1:-1, -1]], 2)
-    bg = border.median(2).values  # [B, 3]
-    dist = (images - bg[:, :, None, None]).norm(dim=1) / math.sqrt(3)  # [B, H, W]
-    return bg, dist
-
-
-def appeal(images):
-    """The world's programmatic aesthetic ("appeal") score in [0, 10], differentiable.
-
-    The mean of three terms in [0, 1], from a soft foreground mask (pixels away from the border's
-    colour):
-      size:     the shape's area as a fraction of the image, best at 1/4; it falls back to 0 at 1/2,
-                so a model that only learns "bigger is better" is caught over-optimising;
-      centre:   1 at the image centre, 0 at 8 pixels or more from it;
-      contrast: the foreground's mean colour distance from the background, full at 0.6.
-    """
-    _, dist = _foreground(to_world_size(images.float()))
-    mask = torch.sigmoid((dist - 0.1) / 0.01)
-    area = mask.mean((1, 2))
-    size = torch.where(area <= 0.25, area / 0.25, (1 - (area - 0.25) / 0.25).clamp(min=0))
-    weight = mask / (mask.sum((1, 2), keepdim=True) + 1e-6)
-    xy = torch.arange(SIZE, dtype=dist.dtype, device=dist.device) + 0.5
-    cx, cy = (weight.sum(1) * xy).sum(1), (weight.sum(2) * xy).sum(1)
-    centre = 1 - (torch.sqrt((cx - SIZE / 2) ** 2 + (cy - SIZE / 2) ** 2 + 1e-8) / 8).clamp(max=1)
-    contrast = ((weight * dist).sum((1, 2)) / 0.6).clamp(max=1)
-    return 10 * (size + centre + contrast) / 3
-
-
-def check(images):
-    """The pixel checker: read colour, shape and background off the pixels, no learning involved.
-
-    Background: nearest grey to the border's median colour. Foreground: pixels more than half the
-    shape's contrast away from it (the 0.5-coverage contour the renderer draws). Colour: nearest
-    palette entry to the mean of the foreground's core. Shape: best intersection-over-union against
-    each shape drawn at the foreground's centroid over a range of sizes. Returns label indices [B]
-    plus the centroid [B, 2] and area fraction [B] (for diversity figures).
-    """
-    images = to_world_size(images.detach().float().cpu())
-    bg, dist = _foreground(images)
-    B = images.shape[0]
-    contrast = dist.flatten(1).quantile(0.98, dim=1)
-    core = dist >= 0.8 * contrast[:, None, None]
-    fg_colour = (images * core[:, None]).sum((2, 3)) / core.sum((1, 2))[:, None].clamp(min=1)
-    colour = torch.cdist(fg_colour, PALETTE).argmin(1)
-    background = (bg.mean(1)[:, None] - GREYS[None]).abs().argmin(1)
-    mask = (dist > 0.5 * contrast[:, None, None]).float()
-    xy = torch.arange(SIZE, dtype=torch.float32) + 0.5
-    area = mask.sum((1, 2))
-    centroid = torch.stack([(mask.sum(1) * xy).sum(1), (mask.sum(2) * xy).sum(1)], 1) / area[:, None].clamp(min=1)
-    # every (shape, size) template at each image's centroid (all four shapes are centred on it)
-    radii = torch.linspace(3, 13, 41)
-    pixels = torch.arange(SIZE, dtype=torch.float32) + 0.5
-    dx, dy = pixels[None, None, :] - centroid[:, 0, None, None], pixels[None, :, None] - centroid[:, 1, None, None]
-    fields = torch.stack([shape_field(k, dx, dy) for k in range(len(SHAPES))], 1)  # [B, 4, 32, 32]
-    templates = (fields[:, :, None] < radii[None, None, :, None, None]).float()
-    inter = (templates * mask[:, None, None]).sum((3, 4))
-    union = templates.sum((3, 4)) + area[:, None, None] - inter
-    iou = (inter / union.clamp(min=1)).amax(2)  # best size per shape: [B, S]
-    return dict(colour=colour, shape=iou.argmax(1), background=background, centroid=centroid,
-                area=area / SIZE ** 2, iou=iou.amax(1))
-
-
-# ---------------------------------------------------------------------------------------------
-# The real CLIP tokenizer, offline.
-
-@functools.lru_cache(maxsize=1)
-def _clip_bpe():
-    """CLIP's vocabulary and merges, read from the file that ships inside open_clip (the file only:
-    importing open_clip itself costs seconds, as it imports torchvision)."""
-    package = importlib.util.find_spec("open_clip").submodule_search_locations[0]
-    lines = gzip.open(os.path.join(package, "bpe_simple_vocab_16e6.txt.gz")).read().decode("utf-8").split("\n")
-    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]  # as open_clip/CLIP read it
-    # CLIP's (GPT-2's) 256 base symbols, in vocabulary order: the printable bytes as themselves,
-    # then the other bytes, in byte order, as the characters from U+0100 up
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    return {t: i for i, t in enumerate(vocab)}, merges
-
-
-def clip_tokenizer(model_max_length=77):
-    """The real CLIP BPE tokenizer (49408 tokens, as SD 1.5's), built offline from the vocabulary
-    that ships inside open_clip. transformers 5 needs `vocab=`/`merges=` (the old `vocab_file=`
-    names are silently ignored and give garbage ids)."""
-    vocab, merges = _clip_bpe()
-    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
-    assert len(tok) == 49408, len(tok)
-    return tok
-
-
-# ---------------------------------------------------------------------------------------------
-# The models. Small versions of SD 1.5's three parts, plus the judge. Prompts are 16 tokens, not
-# 77: the world's captions are at most 11 tokens, and 77 tokens cost ~30% of the UNet's time.
-MAX_TOKENS = 16
-TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
-            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
-
-
-def new_vae():
-    # x2 down to a 16x16x4 latent; x4 variants lost colour or shape. No mid-block attention.
-    from diffusers import AutoencoderKL
-    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
-                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-                         layers_per_block=1, norm_num_groups=8, sample_size=SIZE, mid_block_add_attention=False)
-
-
-def new_text_encoder():
-    from transformers import CLIPTextConfig, CLIPTextModel
-    return CLIPTextModel(CLIPTextConfig(**TEXT))
-
-
-def new_unet():
-    # Cross-attention at 8x8 and 4x4 (and the 4x4 mid block), none at 16x16. Note diffusers'
-    # historical naming: `attention_head_dim` here is the number of heads (2 heads of 32 channels).
-    from diffusers import UNet2DConditionModel
-    return UNet2DConditionModel(
-        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
-        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=TEXT["hidden_size"], attention_head_dim=2, norm_num_groups=16)
-
-
-def new_scheduler():
-    # v-prediction with the cosine schedule (Nichol & Dhariwal 2021), whose last timestep has
-    # (almost) zero SNR: SD's scaled-linear schedule leaves much of the image visible at t=999 for a
-    # 16x16 latent, and epsilon-prediction then blew up. Sample with "trailing" DDIM timesteps so
-    # sampling starts at t=999 (Lin et al. 2024, "Common diffusion noise schedules are flawed").
-    from diffusers import DDIMScheduler
-    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-                         prediction_type="v_prediction", timestep_spacing="trailing",
-                         clip_sample=False, set_alpha_to_one=True, steps_offset=1)
-
-
-def new_judge():
-    # A tiny CLIP (Radford et al. 2021): a ViT on 8x8 patches (16 of them; 4x4 patches were 5x slower
-    # for the same held-out accuracy) and a 2-layer text transformer.
-    from transformers import CLIPConfig, CLIPModel
-    return CLIPModel(CLIPConfig(text_config=TEXT, projection_dim=64, vision_config=dict(
-        image_size=SIZE, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
-        num_attention_heads=4)))
-
-
-def new_aesthetic():
-    # A small MLP on the judge's L2-normalised image embedding, as the LAION predictor is an MLP on
-    # CLIP's. (The embedding keeps what matching a caption needs and drops much of the size and
-    # position that appeal depends on: held-out correlation 0.73 here, against 0.91 measured for the
-    # judge's pooled and mean patch features. An imperfect learned reward is the point: it can be
-    # over-optimised, and appeal() shows when it is.)
-    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 1))
-
-
-def aesthetic_score(judge, mlp, images):
-    """The world's LAION-style aesthetic score of images in [0, 1]: [B]. Differentiable."""
-    return mlp(F.normalize(judge_image_features(judge, images), dim=-1))[:, 0]
-
-
-def tokenize(tokenizer, texts):
-    return tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
-                     return_tensors="pt").input_ids
-
-
-def judge_image_features(judge, images):
-    """Projected image embeddings, [B, 64], from images in [0, 1] at 32x32 (any size is resized)."""
-    images = to_world_size(images)
-    return judge.visual_projection(judge.vision_model(pixel_values=images * 2 - 1).pooler_output)
-
-
-def judge_text_features(judge, input_ids):
-    return judge.text_projection(judge.text_model(input_ids=input_ids).pooler_output)
-
-
-def judge_logits(judge, images, text_features):
-    """CLIP's scaled cosine similarity of each image with each text: [B, T]."""
-    img = F.normalize(judge_image_features(judge, images), dim=-1)
-    return judge.logit_scale.exp() * img @ F.normalize(text_features, dim=-1).T
 
 
 def cosine_lr(step, total, peak, warmup=50):
@@ -412,22 +130,6 @@ def train_judge(cfg, vae):
     judge.eval().requires_grad_(False)
     images, _, labels = make_batch(32 if cfg["micro"] else 1024, _generator(cfg, 102))
     return judge, attribute_accuracy(judge_read(judge, tok, images), labels)
-
-
-def judge_read(judge, tokenizer, images):
-    """What the judge sees: colour, shape and background indices [B] (each the argmax of the
-    caption probabilities summed over the other two attributes)."""
-    with torch.no_grad():
-        text = judge_text_features(judge, tokenize(tokenizer, CAPTIONS))
-        probs = judge_logits(judge, images, text).softmax(-1).view(-1, len(COLOURS), len(SHAPES), len(BACKGROUNDS))
-    return dict(colour=probs.sum((2, 3)).argmax(1), shape=probs.sum((1, 3)).argmax(1),
-                background=probs.sum((1, 2)).argmax(1))
-
-
-def attribute_accuracy(read, labels):
-    colour, rest = labels // (len(SHAPES) * len(BACKGROUNDS)), labels % (len(SHAPES) * len(BACKGROUNDS))
-    truth = dict(colour=colour, shape=rest // len(BACKGROUNDS), background=rest % len(BACKGROUNDS))
-    return {k: (read[k] == truth[k]).float().mean().item() for k in truth}
 
 
 def train_aesthetic(cfg, judge):
@@ -619,25 +321,6 @@ def build(folder, cfg):
 
 
 # ---------------------------------------------------------------------------------------------
-# The world's reward models, as rewards.py loads them (`--reward=shapes_alignment` etc.): the
-# judge (its logit_scale * cosine(image, caption) is the world's PickScore), the aesthetic MLP, and
-# the programmatic appeal() and check() above as the ground truth. Frozen weights.
-
-def load_judge(folder=None, device="cpu"):
-    from transformers import CLIPModel
-    folder = folder or ensure_world()
-    return CLIPModel.from_pretrained(os.path.join(folder, "judge")).to(device).eval().requires_grad_(False)
-
-
-def load_aesthetic(folder=None, device="cpu"):
-    from safetensors.torch import load_file
-    folder = folder or ensure_world()
-    mlp = new_aesthetic()
-    mlp.load_state_dict(load_file(os.path.join(folder, "aesthetic", "model.safetensors")))
-    return mlp.to(device).eval().requires_grad_(False)
-
-
-# ---------------------------------------------------------------------------------------------
 # Measuring the world (python shapes.py --evaluate): the numbers and grids in the README.
 GUIDANCE = (1.0, 3.0, 5.0, 7.5)
 GRID_PROMPTS = [caption(*words) for words in [
@@ -647,16 +330,15 @@ GRID_PROMPTS = [caption(*words) for words in [
 
 def measure(images, labels, judge, tok, aesthetic_mlp, per_prompt):
     """Judge and pixel-checker agreement with the captions, appeal and aesthetic, and diversity:
-    sample.py's pixel diversity and the spread of the shape's position. `images` come in runs of
+    grids.diversity (pixels) and the spread of the shape's position. `images` come in runs of
     `per_prompt` images of one caption."""
-    import sample
     by_prompt = images.reshape(-1, per_prompt, *images.shape[1:])
     centroids = check(images)["centroid"].reshape(-1, per_prompt, 2)
     centroid_std = (centroids.std(1).norm(dim=1) / math.sqrt(2)).mean().item()  # per-axis std, in pixels
     with torch.no_grad():
         aes = aesthetic_score(judge, aesthetic_mlp, images)
     return dict(n=len(labels), judge=attribute_accuracy(judge_read(judge, tok, images), labels),
-                pixels=attribute_accuracy(check(images), labels), diversity=round(sample.diversity(by_prompt), 4),
+                pixels=attribute_accuracy(check(images), labels), diversity=round(grids.diversity(by_prompt), 4),
                 centroid_std=round(centroid_std, 2), appeal=round(appeal(images).mean().item(), 3),
                 aesthetic=round(aes.mean().item(), 3))
 
@@ -664,7 +346,6 @@ def measure(images, labels, judge, tok, aesthetic_mlp, per_prompt):
 def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
     """Sample every caption at each guidance scale through diffusers' own StableDiffusionPipeline
     (loaded with no project code), judge the samples, write grids; print a markdown table."""
-    import sample
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
@@ -692,7 +373,7 @@ def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
         gen = [torch.Generator().manual_seed(k) for _ in GRID_PROMPTS for k in range(8)]
         images = pipe(GRID_PROMPTS, num_images_per_prompt=8, guidance_scale=w, num_inference_steps=steps,
                       generator=gen, output_type="pt").images
-        sample.save_grid(images, GRID_PROMPTS, os.path.join(assets, f"shapes_guidance{w:g}.png"), seeds=range(8),
+        grids.save_grid(images, GRID_PROMPTS, os.path.join(assets, f"shapes_guidance{w:g}.png"), seeds=range(8),
                          titles=[f"guidance {w:g}, DDIM {steps} steps, eta 0 (the same seeds in both grids)"])
     lines = [f"DDIM {steps} steps, eta 0, {per_prompt} samples x {len(CAPTIONS)} prompts per row; "
              "agreement with the prompt as read by the judge / by the pixel checker", "",
@@ -710,7 +391,6 @@ def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
 
 
 if __name__ == "__main__":
-    import configurator
     defaults = {k: globals()[k] for k in BUILD_KEYS + ("cache",)}
     config = configurator.configure(globals())
     world = ensure_world(**{k: config[k] for k, v in defaults.items() if config[k] != v})

@@ -25,14 +25,17 @@ import time
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import configurator
-import explore as diffexp
+import distributed
 import lora
+import pipelines
+import prompt_sets
 import rewards
-import sample
+import runs
+import sampling
+from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python train_alignprop.py --help` lists them)
@@ -81,7 +84,7 @@ stop_after = 0               # stop after this many epochs in this invocation (0
 # ------------------------------------------------------------------------------------------------
 
 
-def draw_k(g):
+def draw_k(g, truncation, num_steps, k_min, k_max):
     """How many of the last denoising steps get gradient this update."""
     if truncation == "all":
         return num_steps
@@ -91,11 +94,7 @@ def draw_k(g):
     return int(truncation)
 
 
-def generator(*keys):
-    return sample.seeded_generator(seed, *keys)
-
-
-def draft_lv_images(pipe, traj, cond, uncond, scale, g):
+def draft_lv_images(pipe, traj, cond, uncond, scale, g, n):
     """DRaFT-LV (Clark et al. 2024, Sec. 4.2): lower-variance gradient for the last step. The final
     latent x_0 is re-noised to the last timestep n times with fresh noise and denoised again with
     gradient; the reward gradient is averaged over the n copies."""
@@ -103,39 +102,41 @@ def draft_lv_images(pipe, traj, cond, uncond, scale, g):
     t = sched.timesteps[-1]
     x0 = traj.latents[:, -1].detach()
     images = []
-    for _ in range(draft_lv):
+    for _ in range(n):
         noise = torch.randn(x0.shape, generator=g).to(x0)
         x_t = sched.add_noise(x0, noise, t.reshape(1))
-        eps = sample.guided_eps(pipe.unet, x_t, t, cond, uncond, scale[-1])
-        x_prev, _ = sample.ddim_step(sched, eps, t, x_t, 0.0)
-        images.append(sample.decode(pipe, x_prev))
+        eps = sampling.guided_eps(pipe.unet, x_t, t, cond, uncond, scale[-1])
+        x_prev, _ = sampling.ddim_step(sched, eps, t, x_t, 0.0)
+        images.append(sampling.decode_latents(pipe, x_prev))
     return torch.cat(images)
 
 
-def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, exploring, k, g, use_ckpt=False):
+def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, g, *, batch_size, num_steps, eta, guidance,
+                     scale=None, explore_weights=False, weight_max=1.2, draft_lv=0, use_ckpt=False):
     """Steps 1 and 2: draw a batch of prompts, sample it with gradient through the last k denoising
-    steps (exploring or not), decode and score it. Returns (rewards [B] with their graph, prompts)."""
+    steps, decode and score it. Exploring: `scale` is DiffExp's per-step guidance schedule (None:
+    constant `guidance`) and `explore_weights` up-weights one phrase of each prompt. Returns
+    (rewards [B] with their graph, the clean prompts)."""
     idx = torch.randint(len(prompt_list), (batch_size,), generator=g)
     batch_prompts = [prompt_list[i] for i in idx]
     weights = None
-    if exploring and explore_weights:  # DiffExp random prompt weighting
-        weights = diffexp.draw_weights(batch_prompts, g, w_max=weight_max)
-    cond = sample.encode_prompts(pipe, batch_prompts, weights)
+    if explore_weights:  # DiffExp random prompt weighting
+        weights = draw_weights(batch_prompts, g, w_max=weight_max)
+    cond = sampling.encode_prompts(pipe, batch_prompts, weights)
     uncond = uncond_one.expand(batch_size, -1, -1)
     pipe.scheduler.set_timesteps(num_steps)
-    scale = torch.full((num_steps,), guidance)
-    if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
-        scale = diffexp.cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)
+    if scale is None:
+        scale = torch.full((num_steps,), guidance)
     scale = scale.to(pipe.unet.device)
-    clean = [diffexp.parse_phrases(p)[0] for p in batch_prompts]
+    clean = [parse_phrases(p)[0] for p in batch_prompts]
     if draft_lv:
-        traj = sample.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
-                              generator=g, grad_steps=0, decode=False)
-        images = draft_lv_images(pipe, traj, cond, uncond, scale, g)
+        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
+                                generator=g, grad_steps=0, decode=False)
+        images = draft_lv_images(pipe, traj, cond, uncond, scale, g, draft_lv)
         clean = clean * draft_lv
     else:
-        traj = sample.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
-                              generator=g, grad_steps=k, checkpoint=use_ckpt)
+        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
+                                generator=g, grad_steps=k, checkpoint=use_ckpt)
         images = traj.images
     return reward_fn(images, clean), clean
 
@@ -149,42 +150,37 @@ def main():
         raise SystemExit(f"error: need 1 <= k_min <= k_max <= num_steps, got {k_min}, {k_max}, {num_steps}")
     if eta < 0:
         raise SystemExit(f"error: --eta must be >= 0, got {eta}")
-    prompt_list = configurator.load_prompts(prompts)
-    try:  # malformed phrase marks fail here, not mid-run
-        [diffexp.parse_phrases(p) for p in prompt_list]
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     out = out or f"out/alignprop-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
-    configurator.check_run(out, config, ignore=("stop_after",))
+    runs.check_run(out, config, ignore=("stop_after",))
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
-    ddp, rank, world, dev = configurator.distributed(device)
+    ddp, rank, world, dev = distributed.setup(device)
     master = rank == 0
     try:
         if reward in rewards.REWARDS:  # before anything is loaded: suggest DDPO instead
             rewards.require_differentiable(reward)
         reward_fn = rewards.load(reward, device=dev, **configurator.parse_options(reward_options))
+        pipe = pipelines.load_pipeline(model, device=dev)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
-        raise SystemExit(f"error: {e}")
-    try:
-        pipe = sample.load_pipeline(model, device=dev)
-    except ValueError as e:
         raise SystemExit(f"error: {e}")
     unet = pipe.unet
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        configurator.prepare_run(out, config, ignore=("stop_after",))
+        runs.prepare_run(out, config, ignore=("stop_after",))
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     use_ckpt = dev.type == "cuda" if checkpointing == "auto" else checkpointing.lower() in ("1", "true", "yes")
-    uncond_one = sample.encode_prompts(pipe, [""])
+    uncond_one = sampling.encode_prompts(pipe, [""])
+    generator = lambda *keys: sampling.seeded_generator(seed, *keys)  # one stream per (step, batch, ...)
+    pipe.scheduler.set_timesteps(num_steps)
+    schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low while t > t_thres
 
     # ---- resume ------------------------------------------------------------------------------------
-    ckpt_path = os.path.join(out, "ckpt.pt")
     start_epoch, queries, history = 0, 0, []
-    if os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ck = runs.load_checkpoint(out)
+    if ck:
         lora.load_state_dict(unet, ck["lora"])
         optimizer.load_state_dict(ck["optimizer"])
         start_epoch, queries, history = ck["epoch"] + 1, ck["reward_queries"], ck["history"]
@@ -197,25 +193,29 @@ def main():
         if stop_after and epoch - start_epoch >= stop_after:
             break
         if epoch == 0:  # where the evaluation curve starts: the model before any update
-            eval_before = sample.evaluate(
+            eval_before = sampling.evaluate(
                 pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
                 os.path.join(out, "eval_base.png") if master else None,
                 f"before training: plain sampling, guidance {guidance:g}")
             if master:
                 print(f"evaluation reward before training: {eval_before:.4f}")
         t0 = time.time()
-        exploring = explore and diffexp.explore_active(epoch, epochs, explore_frac)
+        exploring = explore and explore_active(epoch, epochs, explore_frac)
         stats = defaultdict(list)
         unet.train()
         pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not master, leave=False)
         for s in pbar:
             step = epoch * steps_per_epoch + s
-            k = draw_k(generator(step, 1_000_000))  # the same K on every process
+            k = draw_k(generator(step, 1_000_000), truncation, num_steps, k_min, k_max)  # the same K on every rank
             step_rewards = []
             for m in range(grad_accum):
                 # ---- 1. sample, with gradient through the last k steps, and 2. reward ----------
-                r, clean = sample_and_score(pipe, reward_fn, prompt_list, uncond_one, exploring, k,
-                                            generator(step, m * world + rank), use_ckpt)
+                g = generator(step, m * world + rank)
+                r, clean = sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, g,
+                                            batch_size=batch_size, num_steps=num_steps, eta=eta, guidance=guidance,
+                                            scale=schedule if exploring and explore_cfg else None,
+                                            explore_weights=exploring and explore_weights, weight_max=weight_max,
+                                            draft_lv=draft_lv, use_ckpt=use_ckpt)
                 if not torch.isfinite(r).all():
                     bad = int((~torch.isfinite(r)).nonzero()[0])
                     raise SystemExit(f"error: reward {reward} returned {r[bad].item()} for prompt "
@@ -226,17 +226,13 @@ def main():
                 step_rewards.append(r.detach().float().cpu())  # with DRaFT-LV, n queries per image
                 stats["loss"].append(loss.item())
             if ddp:  # average the LoRA gradients over processes (what DDP would do)
-                for p in params:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+                distributed.average_gradients(params)
             gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             r_all = torch.cat(step_rewards)
             if ddp:
-                parts = [torch.empty_like(r_all) for _ in range(world)]
-                dist.all_gather(parts, r_all.to(dev))
-                r_all = torch.cat(parts).cpu()
+                r_all = distributed.gather(r_all.to(dev)).cpu()
             queries += len(r_all)
             stats["rewards"].append(r_all)
             stats["grad_norm"].append(gn.item())
@@ -251,17 +247,16 @@ def main():
         if epoch == 0:
             rec["eval_before"] = eval_before
         if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
-            rec["eval_reward"] = sample.evaluate(
+            rec["eval_reward"] = sampling.evaluate(
                 pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
                 os.path.join(out, f"eval_{epoch:04d}.png") if master else None,
                 f"epoch {epoch}: plain sampling, guidance {guidance:g}")
         rec["seconds"] = round(time.time() - t0, 2)
         history.append(rec)
         if master:
-            ck = dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
-                      reward_queries=queries, history=history, config=config)
-            configurator.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))
-            configurator.write_log(out, history)
+            runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
+                                           reward_queries=queries, history=history, config=config))
+            runs.write_log(out, history)
             print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
                   f"queries {queries} | loss {rec['loss']:.4f} | grad norm {rec['grad_norm']:.3f} | "
                   f"K {stats['k']} | {'explore | ' if exploring else ''}"
@@ -271,9 +266,7 @@ def main():
     if master:
         lora.save(unet, os.path.join(out, "lora"))
         print(f"done: {out} (LoRA weights in {out}/lora, log in {out}/log.jsonl, plot {out}/reward.png)")
-    if ddp:
-        dist.destroy_process_group()
-
+    distributed.teardown(ddp)
 
 
 if __name__ == "__main__":

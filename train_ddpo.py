@@ -20,20 +20,22 @@ phrase of each prompt.
         --prompts=animals ...                           # the paper's setting (see README)
     torchrun --nproc_per_node=2 train_ddpo.py ...       # several processes (DDP)
 """
-import math
 import os
 import time
 from collections import defaultdict
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import configurator
-import explore as diffexp
+import distributed
 import lora
+import pipelines
+import prompt_sets
 import rewards
-import sample
+import runs
+import sampling
+from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python train_ddpo.py --help` lists them)
@@ -85,7 +87,7 @@ stop_after = 0               # stop after this many epochs in this invocation (0
 # ------------------------------------------------------------------------------------------------
 
 
-def per_prompt_advantages(prompt_list, r, buffers):
+def per_prompt_advantages(prompt_list, r, buffers, stat_buffer, stat_min_count):
     """DDPO's per-prompt reward normalisation (Black et al., Sec. 4.3 / their stat tracker).
 
     Each prompt keeps a running buffer of its last `stat_buffer` rewards; its advantage is the
@@ -105,7 +107,7 @@ def per_prompt_advantages(prompt_list, r, buffers):
     return adv
 
 
-def ppo_loss(log_prob, old_log_prob, adv):
+def ppo_loss(log_prob, old_log_prob, adv, clip_range):
     """PPO's clipped surrogate (Schulman et al. 2017, eq. 7), negated to be minimised, and two
     diagnostics: approximate KL between the old and new step policies, and the clipped fraction."""
     ratio = torch.exp(log_prob - old_log_prob)
@@ -115,10 +117,6 @@ def ppo_loss(log_prob, old_log_prob, adv):
     approx_kl = 0.5 * ((log_prob - old_log_prob) ** 2).mean()
     clipfrac = ((ratio - 1.0).abs() > clip_range).float().mean()
     return loss, approx_kl.detach(), clipfrac.detach(), ratio.detach()
-
-
-def generator(*keys):
-    return sample.seeded_generator(seed, *keys)
 
 
 def main():
@@ -135,42 +133,35 @@ def main():
     if samples_per_epoch % (train_batch_size * grad_accum):
         raise SystemExit(f"error: samples per epoch (sample_batch_size*num_batches = {samples_per_epoch}) "
                          f"must be a multiple of train_batch_size*grad_accum = {train_batch_size * grad_accum}")
-    prompt_list = configurator.load_prompts(prompts)
-    try:  # malformed phrase marks fail here, not mid-run
-        [diffexp.parse_phrases(p) for p in prompt_list]
-    except ValueError as e:
-        raise SystemExit(f"error: {e}")
+    prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     out = out or f"out/ddpo-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
-    configurator.check_run(out, config, ignore=("stop_after",))
+    runs.check_run(out, config, ignore=("stop_after",))
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
-    ddp, rank, world, dev = configurator.distributed(device)
+    ddp, rank, world, dev = distributed.setup(device)
     master = rank == 0
     try:
         reward_fn = rewards.load(reward, device=dev, **configurator.parse_options(reward_options))
+        pipe = pipelines.load_pipeline(model, device=dev)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
-        raise SystemExit(f"error: {e}")
-    try:
-        pipe = sample.load_pipeline(model, device=dev)
-    except ValueError as e:
         raise SystemExit(f"error: {e}")
     unet, scheduler = pipe.unet, pipe.scheduler
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        configurator.prepare_run(out, config, ignore=("stop_after",))
+        runs.prepare_run(out, config, ignore=("stop_after",))
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scheduler.set_timesteps(num_steps, device=dev)
     timesteps = scheduler.timesteps
     num_train_steps = max(1, int(num_steps * timestep_fraction))
-    uncond_one = sample.encode_prompts(pipe, [""])
+    uncond_one = sampling.encode_prompts(pipe, [""])
+    generator = lambda *keys: sampling.seeded_generator(seed, *keys)  # one stream per (epoch, batch, ...)
 
     # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
-    ckpt_path = os.path.join(out, "ckpt.pt")
     start_epoch, queries, history, buffers = 0, 0, [], defaultdict(list)
-    if os.path.exists(ckpt_path):
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    ck = runs.load_checkpoint(out)
+    if ck:
         lora.load_state_dict(unet, ck["lora"])
         optimizer.load_state_dict(ck["optimizer"])
         start_epoch, queries, history = ck["epoch"] + 1, ck["reward_queries"], ck["history"]
@@ -185,14 +176,14 @@ def main():
         if stop_after and epoch - start_epoch >= stop_after:
             break
         if epoch == 0:  # where the evaluation curve starts: the model before any update
-            eval_before = sample.evaluate(
+            eval_before = sampling.evaluate(
                 pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
                 os.path.join(out, "eval_base.png") if master else None,
                 f"before training: plain sampling, guidance {guidance:g}")
             if master:
                 print(f"evaluation reward before training: {eval_before:.4f}")
         t0 = time.time()
-        exploring = explore and diffexp.explore_active(epoch, epochs, explore_frac)
+        exploring = explore and explore_active(epoch, epochs, explore_frac)
 
         # ---- 1. sample ---------------------------------------------------------------------------
         unet.eval()
@@ -204,16 +195,16 @@ def main():
             batch_prompts = [prompt_list[i] for i in idx]
             weights = None
             if exploring and explore_weights:  # DiffExp random prompt weighting, drawn afresh
-                weights = diffexp.draw_weights(batch_prompts, g, w_max=weight_max)
-            cond = sample.encode_prompts(pipe, batch_prompts, weights)
+                weights = draw_weights(batch_prompts, g, w_max=weight_max)
+            cond = sampling.encode_prompts(pipe, batch_prompts, weights)
             uncond = uncond_one.expand(len(batch_prompts), -1, -1)
             scale = torch.full((num_steps,), guidance)
             if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
-                scale = diffexp.cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
+                scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
             with torch.no_grad():
-                traj = sample.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, generator=g)
+                traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, generator=g)
             # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
-            clean = [diffexp.parse_phrases(p)[0] for p in batch_prompts]
+            clean = [parse_phrases(p)[0] for p in batch_prompts]
             with torch.no_grad():
                 r = reward_fn(traj.images, clean).float().cpu()
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond,
@@ -225,8 +216,8 @@ def main():
         # gather every process's rewards and prompts: statistics are over the global batch
         all_r, all_idx = local["rewards"], local["idx"]
         if ddp:
-            all_r = torch.cat(_all_gather(local["rewards"].to(dev))).cpu()
-            all_idx = torch.cat(_all_gather(local["idx"].to(dev))).cpu()
+            all_r = distributed.gather(local["rewards"].to(dev)).cpu()
+            all_idx = distributed.gather(local["idx"].to(dev)).cpu()
         all_prompts = [prompt_list[i] for i in all_idx]
         if not torch.isfinite(all_r).all():
             bad = int((~torch.isfinite(all_r)).nonzero()[0])
@@ -237,7 +228,7 @@ def main():
         # ---- 3. advantages -------------------------------------------------------------------------
         # keyed by the unweighted prompt text: exploration changes the embedding, not the task
         if per_prompt_stats:
-            adv = per_prompt_advantages(all_prompts, all_r, buffers)
+            adv = per_prompt_advantages(all_prompts, all_r, buffers, stat_buffer, stat_min_count)
         else:
             adv = (all_r - all_r.mean()) / (all_r.std() + 1e-6)
         adv = adv.clamp(-adv_clip, adv_clip)[rank * n_local:(rank + 1) * n_local].to(dev)
@@ -264,9 +255,9 @@ def main():
                     s = step_order[i, j]
                     x_t, x_prev = local["latents"][i, s], local["latents"][i, s + 1]
                     t, w = timesteps[s], local["scale"][i, s]
-                    eps = sample.guided_eps(unet, x_t, t, local["cond"][i], local["uncond"][i], w)
-                    _, log_prob = sample.ddim_step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
-                    loss, kl, clipfrac, ratio = ppo_loss(log_prob, local["log_probs"][i, s], adv[i])
+                    eps = sampling.guided_eps(unet, x_t, t, local["cond"][i], local["uncond"][i], w)
+                    _, log_prob = sampling.ddim_step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
+                    loss, kl, clipfrac, ratio = ppo_loss(log_prob, local["log_probs"][i, s], adv[i], clip_range)
                     (loss / (num_train_steps * grad_accum)).backward()
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(kl.item())
@@ -275,9 +266,7 @@ def main():
                         stats["ratio_dev"].append((ratio - 1).abs().max().item())
                 if (m + 1) % grad_accum == 0:
                     if ddp:  # average the LoRA gradients over processes (what DDP would do)
-                        for p in params:
-                            dist.all_reduce(p.grad)
-                            p.grad /= world
+                        distributed.average_gradients(params)
                     gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
@@ -292,17 +281,17 @@ def main():
         if epoch == 0:
             rec["eval_before"] = eval_before
         if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
-            rec["eval_reward"] = sample.evaluate(
+            rec["eval_reward"] = sampling.evaluate(
                 pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
                 os.path.join(out, f"eval_{epoch:04d}.png") if master else None,
                 f"epoch {epoch}: plain sampling, guidance {guidance:g}")
         rec["seconds"] = round(time.time() - t0, 2)
         history.append(rec)
         if master:
-            ck = dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
-                      reward_queries=queries, history=history, buffers=dict(buffers), config=config)
-            configurator.atomic_write(ckpt_path, lambda tmp: torch.save(ck, tmp))
-            configurator.write_log(out, history)
+            runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
+                                           reward_queries=queries, history=history, buffers=dict(buffers),
+                                           config=config))
+            runs.write_log(out, history)
             print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
                   f"queries {queries} | kl {rec['approx_kl']:.2e} | clipfrac {rec['clipfrac']:.3f} | "
                   f"ratio-1 {rec['ratio_dev']:.1e} | {'explore | ' if exploring else ''}"
@@ -312,15 +301,7 @@ def main():
     if master:
         lora.save(unet, os.path.join(out, "lora"))
         print(f"done: {out} (LoRA weights in {out}/lora, log in {out}/log.jsonl, plot {out}/reward.png)")
-    if ddp:
-        dist.destroy_process_group()
-
-
-
-def _all_gather(x):
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x)
-    return parts
+    distributed.teardown(ddp)
 
 
 if __name__ == "__main__":

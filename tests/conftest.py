@@ -10,13 +10,18 @@ import pytest
 import torch
 
 
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: runs scripts as subprocesses, under torchrun, or whole comparisons "
+                                       "and benchmarks; `python -m pytest -m 'not slow' tests` skips them")
+
+
 def tiny_pipeline(prediction_type="epsilon", seed=0, max_length=16):
     """A StableDiffusionPipeline with a tiny random UNet, VAE and CLIP text encoder (SD-shaped:
     4 latent channels, x2 VAE, cross-attention on text tokens), a DDIM scheduler and the real
     CLIP tokenizer."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from shapes import clip_tokenizer
+    from shapes_models import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -134,7 +139,7 @@ def tiny_pickscore(tmp_path_factory):
     """A tiny transformers CLIPModel and a CLIPProcessor (real CLIP tokenizer, CLIP image settings
     at 32 px), saved as local folders as the hub ones would be."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-    from shapes import clip_tokenizer
+    from shapes_models import clip_tokenizer
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=1, num_attention_heads=2,

@@ -1,12 +1,12 @@
 """AlignProp / DRaFT: which UNet calls carry gradient, the gradient against finite differences,
 randomised K, resume and multi-process equivalence, and bad input."""
-import importlib
 
 import pytest
 import torch
 
 import lora
-import sample
+import sampling
+from explore import cfg_schedule
 from conftest import lora_weights, read_log, run_trainer, torchrun
 
 PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)"]
@@ -20,32 +20,27 @@ def brightness(images, prompts):
 brightness.differentiable = True
 
 
-def trainer(**overrides):
-    """A fresh copy of train_alignprop's defaults, with overrides, for calling its functions."""
-    ta = importlib.reload(importlib.import_module("train_alignprop"))
-    for k, v in dict(num_steps=4, batch_size=2, **overrides).items():
-        setattr(ta, k, v)
-    return ta
+import train_alignprop as ta
+
+SETTINGS = dict(batch_size=2, num_steps=4, eta=0.0, guidance=5.0)  # 4 DDIM steps, deterministic
 
 
 @pytest.mark.parametrize("truncation, k", [("1", 1), ("3", 3), ("all", 4)])
 def test_only_the_last_k_unet_calls_carry_gradient(pipe, truncation, k):
-    ta = trainer(truncation=truncation, eta=0.0)
     params = lora.inject(pipe.unet)
     grad_enabled = []
     pipe.unet.register_forward_hook(lambda m, i, o: grad_enabled.append(torch.is_grad_enabled()))
     g = torch.Generator().manual_seed(0)
-    assert ta.draw_k(g) == k
-    r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, sample.encode_prompts(pipe, [""]), False, k, g)
+    assert ta.draw_k(g, truncation, num_steps=4, k_min=1, k_max=4) == k
+    r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, sampling.encode_prompts(pipe, [""]), k, g, **SETTINGS)
     assert grad_enabled == [False] * (4 - k) + [True] * k
     r.mean().backward()
     assert all(p.grad is not None for p in params) and any(p.grad.abs().sum() > 0 for p in params)
 
 
 def test_randomised_k_stays_in_range():
-    ta = trainer(truncation="rand", k_min=2, k_max=3)
     g = torch.Generator().manual_seed(0)
-    ks = [ta.draw_k(g) for _ in range(200)]
+    ks = [ta.draw_k(g, "rand", num_steps=4, k_min=2, k_max=3) for _ in range(200)]
     assert set(ks) == {2, 3}
 
 
@@ -65,16 +60,18 @@ def test_full_backprop_gradient_matches_finite_differences(pipe, explore):
     """With K = all steps and a deterministic sampler (eta=0, fixed noise and prompt weights), the
     loss is a smooth function of the LoRA weights: its autograd gradient must match central finite
     differences along random directions."""
-    ta = trainer(truncation="all", eta=0.0, t_thres=500)
     params = lora.inject(pipe.unet)
     pipe.to(torch.float64)  # finite differences need more than float32's 7 digits
     torch.manual_seed(1)
     for p in params:  # away from B = 0, where the gradient w.r.t. A vanishes
         p.data.normal_(0, 0.3)
-    uncond = sample.encode_prompts(pipe, [""])
+    uncond = sampling.encode_prompts(pipe, [""])
+    pipe.scheduler.set_timesteps(4)
+    schedule = cfg_schedule(pipe.scheduler.timesteps, w_high=5.0, w_low=1.0, t_thres=500)
 
     def loss():
-        r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, uncond, explore, 4, torch.Generator().manual_seed(7))
+        r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, uncond, 4, torch.Generator().manual_seed(7),
+                                   scale=schedule if explore else None, explore_weights=explore, **SETTINGS)
         return -r.mean()
 
     for p in params:
@@ -123,6 +120,7 @@ def test_draft_lv_counts_n_queries_per_image(tiny_pipeline_dir, prompt_file, tmp
     assert read_log(out)[0]["reward_queries"] == 2 * 2 * 2  # steps x batch x n
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipeline_dir, prompt_file, tmp_path):
     run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, tmp_path / "a", "--epochs=3"))
     b = small(tiny_pipeline_dir, prompt_file, tmp_path / "b", "--epochs=3")
@@ -133,6 +131,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipeline_dir
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_dir, prompt_file, tmp_path):
     run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1",
                                           "--grad_accum=2"))

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import configurator
+import prompt_sets
 from conftest import read_log, run_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,6 +59,7 @@ def compared(tiny_pipeline_dir, nine_prompts, tmp_path_factory):
     return dict(out=out, argv=argv, summary=summary, runs=runs)
 
 
+@pytest.mark.slow
 def test_table_matches_an_independent_computation_from_the_logs(compared):
     out, summary = compared["out"], compared["summary"]
     table = json.loads((out / "table.json").read_text())
@@ -94,18 +96,20 @@ def test_table_matches_an_independent_computation_from_the_logs(compared):
         assert (out / name).stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_runs_are_trainer_runs_with_the_same_budget_and_held_out_prompts_never_trained_on(compared):
     out = compared["out"]
     configs = {r["name"]: json.loads((out / r["name"] / "config.json").read_text()) for r in compared["runs"]}
     for name, c in configs.items():
         assert c["seed"] == int(name[-1]) and c["explore"] == name.startswith("explore")
         assert c["prompts"] == str(out / "train_prompts.txt") and c["epochs"] == 3 and c["num_steps"] == 3
-    trained = configurator.load_prompts(str(out / "train_prompts.txt"))
+    trained = prompt_sets.load_prompts(str(out / "train_prompts.txt"))
     held = compared["summary"]["heldout"]
     assert held == [PROMPTS[0], PROMPTS[7]] and not set(held) & set(trained)
     assert sorted(trained + held) == sorted(PROMPTS)
 
 
+@pytest.mark.slow
 def test_an_unfinished_run_was_resumed_and_a_second_invocation_reruns_nothing(compared, capsys):
     out, summary = compared["out"], compared["summary"]
     assert summary["runs_ran"] == 4
@@ -121,6 +125,7 @@ def test_an_unfinished_run_was_resumed_and_a_second_invocation_reruns_nothing(co
     assert again["arms"]["explore"]["heldout_reward"] == summary["arms"]["explore"]["heldout_reward"]
 
 
+@pytest.mark.slow
 def test_held_out_evaluation_is_what_sample_cli_draws_scored_by_the_reward(compared, tiny_pipeline_dir):
     import rewards
     out, summary = compared["out"], compared["summary"]
@@ -147,6 +152,7 @@ def test_held_out_evaluation_is_what_sample_cli_draws_scored_by_the_reward(compa
     assert cached["diversity"] == pytest.approx(cli_diversity, abs=1e-4)
 
 
+@pytest.mark.slow
 def test_alignprop_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
     out = tmp_path / "c"
     summary = configured(f"--model={tiny_pipeline_dir}", "--trainer=alignprop", "--reward=shapes_appeal",
@@ -229,6 +235,7 @@ def test_a_single_prompt_cannot_be_held_out(tiny_pipeline_dir, tmp_path):
         configured(*compare_argv(tiny_pipeline_dir, one, tmp_path / "c")).main()
 
 
+@pytest.mark.slow
 def test_a_failing_run_names_the_run_and_the_trainer_error(tiny_pipeline_dir, nine_prompts, tmp_path):
     argv = compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", "--reward=beauty", "--seeds=1", "--jobs=1")
     with pytest.raises(SystemExit) as e:

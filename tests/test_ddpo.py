@@ -21,11 +21,10 @@ def small(tiny_pipeline_dir, prompt_file, out, *extra):
 
 
 def test_ppo_loss_against_hand_computation():
-    train_ddpo.clip_range = 0.2  # a visible clip range, so both branches of the max are exercised
     logp = torch.tensor([0.0, 0.5, -0.5, 0.1, 0.0])
     old = torch.tensor([0.0, 0.0, 0.0, 0.0, 0.3])
     adv = torch.tensor([1.0, 2.0, -1.0, -3.0, 0.5])
-    loss, kl, clipfrac, ratio = train_ddpo.ppo_loss(logp, old, adv)
+    loss, kl, clipfrac, ratio = train_ddpo.ppo_loss(logp, old, adv, clip_range=0.2)  # both branches of the max
     expected, clipped = [], 0
     for lp, o, a in zip(logp.tolist(), old.tolist(), adv.tolist()):
         r = torch.tensor(lp - o).exp().item()
@@ -37,22 +36,21 @@ def test_ppo_loss_against_hand_computation():
     assert kl.item() == pytest.approx(0.5 * sum((lp - o) ** 2 for lp, o in zip(logp.tolist(), old.tolist())) / 5)
     # gradient flows only through the unclipped branch: a clipped, improving sample gets none
     logp.requires_grad_(True)
-    train_ddpo.ppo_loss(logp, old, adv)[0].backward()
+    train_ddpo.ppo_loss(logp, old, adv, clip_range=0.2)[0].backward()
     assert logp.grad[1] == 0 and logp.grad[0] != 0
 
 
 def test_per_prompt_advantages_against_hand_computation():
-    train_ddpo.stat_buffer, train_ddpo.stat_min_count = 4, 3
     from collections import defaultdict
     buffers = defaultdict(list)
     prompts = ["a", "a", "a", "b"]
     r = torch.tensor([1.0, 2.0, 3.0, 10.0])
-    adv = train_ddpo.per_prompt_advantages(prompts, r, buffers)
+    adv = train_ddpo.per_prompt_advantages(prompts, r, buffers, stat_buffer=4, stat_min_count=3)
     # "a" has 3 rewards (enough): its own mean 2 and std 1; "b" has 1: the batch's statistics
     assert adv[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)
     assert adv[3].item() == pytest.approx((10 - r.mean().item()) / r.std().item(), rel=1e-5)
     # the buffer keeps only the last 4 rewards of each prompt
-    adv = train_ddpo.per_prompt_advantages(["a", "a"], torch.tensor([4.0, 5.0]), buffers)
+    adv = train_ddpo.per_prompt_advantages(["a", "a"], torch.tensor([4.0, 5.0]), buffers, stat_buffer=4, stat_min_count=3)
     assert buffers["a"] == [2.0, 3.0, 4.0, 5.0]
     b = torch.tensor([2.0, 3.0, 4.0, 5.0])
     assert adv.tolist() == pytest.approx(((torch.tensor([4.0, 5.0]) - b.mean()) / b.std()).tolist(), rel=1e-5)
@@ -80,6 +78,7 @@ def test_run_folder_contents_and_lora_loads_in_diffusers(tiny_pipeline_dir, prom
     assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)  # it trained
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipeline_dir, prompt_file, tmp_path):
     args = small(tiny_pipeline_dir, prompt_file, tmp_path / "a", "--epochs=3")
     run_trainer("train_ddpo", *args)
@@ -93,6 +92,7 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipeline_dir
     assert read_log(tmp_path / "a") [-1]["reward_mean"] == read_log(tmp_path / "b")[-1]["reward_mean"]
 
 
+@pytest.mark.slow
 def test_kill_9_mid_run_then_resume(tiny_pipeline_dir, prompt_file, tmp_path):
     """A hard kill at an arbitrary moment leaves a resumable folder (atomic checkpoint writes)."""
     args = small(tiny_pipeline_dir, prompt_file, tmp_path / "a", "--epochs=3")
@@ -111,6 +111,7 @@ def test_kill_9_mid_run_then_resume(tiny_pipeline_dir, prompt_file, tmp_path):
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_dir, prompt_file, tmp_path):
     # one process: 2 sampling batches, one optimizer step over both; two processes: 1 batch each,
     # gradients averaged across processes. Same samples, same advantages, same update.
@@ -143,6 +144,7 @@ def test_bad_input_is_a_clear_error_with_nothing_written(tiny_pipeline_dir, prom
     assert not out.exists()
 
 
+@pytest.mark.slow
 def test_unknown_model_and_empty_prompt_file(prompt_file, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("\n")

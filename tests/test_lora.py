@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from bench import SD15_UNET  # Stable Diffusion 1.5's UNet config
+from gpu_memory import SD15_UNET  # Stable Diffusion 1.5's UNet config
 from conftest import tiny_pipeline
 
 

@@ -56,6 +56,7 @@ def test_the_readme_has_the_papers_four_settings():
     assert all(f["model"] == SD15 and f.get("explore") == "true" for _, f in RECIPES)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("script, flags", RECIPES, ids=[f"{s}-{f.get('reward')}" for s, f in RECIPES])
 def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_open_clip, tiny_pickscore, tmp_path):
     name, ckpt, mlp = tiny_open_clip

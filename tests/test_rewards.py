@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import rewards
+import shapes_models
+import shapes_world
 from conftest import PUBLISHED_SHAPES, random_predictor_state
 
 # Our tensor preprocessing vs the PIL-based references: they round to uint8 after resizing (half a
@@ -213,7 +215,7 @@ def test_offline_error_for_the_aesthetic_mlp(empty_hub_cache, tiny_open_clip):
 # ---------------------------------------------------------------- the shapes world
 
 @pytest.fixture(scope="module")
-def shapes_world(tmp_path_factory):
+def world_folder(tmp_path_factory):
     import shapes
     return shapes.ensure_world(micro=True, cache=str(tmp_path_factory.mktemp("shapes")))
 
@@ -222,28 +224,28 @@ def judge_reference(judge, images, captions):
     """The judge's own CLIPModel forward on its input format (shapes.py: 32 px, [-1, 1])."""
     import shapes
     x = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True) * 2 - 1
-    tok = shapes.clip_tokenizer(shapes.MAX_TOKENS)
+    tok = shapes_models.clip_tokenizer(shapes_models.MAX_TOKENS)
     ids = tok([rewards.strip_marks(c) for c in captions], padding=True, return_tensors="pt")
     with torch.no_grad():
         return judge(pixel_values=x, **ids).logits_per_image.diagonal(), x
 
 
-def test_shapes_rewards_from_a_built_world(shapes_world):
+def test_shapes_rewards_from_a_built_world(world_folder):
     import shapes
-    images, captions, _ = shapes.make_batch(4, torch.Generator().manual_seed(0))
+    images, captions, _ = shapes_world.make_batch(4, torch.Generator().manual_seed(0))
     images = images.clone().requires_grad_(True)
-    ref, _ = judge_reference(shapes.load_judge(shapes_world), images.detach(), captions)
-    align = rewards.load("shapes_alignment", path=shapes_world)
+    ref, _ = judge_reference(shapes_models.load_judge(world_folder), images.detach(), captions)
+    align = rewards.load("shapes_alignment", path=world_folder)
     r = align(images, captions)
     assert align.differentiable and r.shape == (4,)
     torch.testing.assert_close(r.detach(), ref, atol=1e-4, rtol=1e-4)
     r.sum().backward()
     assert images.grad.abs().sum() > 0
-    aes = rewards.load("shapes_aesthetic", path=shapes_world)
+    aes = rewards.load("shapes_aesthetic", path=world_folder)
     a = aes(images, captions)
     assert aes.differentiable and a.shape == (4,) and torch.isfinite(a).all()
     appeal = rewards.load("shapes_appeal")
-    torch.testing.assert_close(appeal(images.detach(), captions), shapes.appeal(images.detach()))
+    torch.testing.assert_close(appeal(images.detach(), captions), shapes_world.appeal(images.detach()))
     x = torch.rand(2, 3, 32, 32, requires_grad=True)
     appeal(x, ["a", "b"]).sum().backward()
     assert appeal.differentiable and x.grad.abs().sum() > 0
@@ -253,7 +255,7 @@ def test_shapes_correct_reads_real_images_right():
     """The rendered world's own images match their captions (the checker is right on real data),
     and the same images scored against shuffled captions mostly do not."""
     import shapes
-    images, captions, _ = shapes.make_batch(32, torch.Generator().manual_seed(1))
+    images, captions, _ = shapes_world.make_batch(32, torch.Generator().manual_seed(1))
     fn = rewards.load("shapes_correct")
     assert not fn.differentiable
     assert fn(images, captions).mean() > 0.9
@@ -264,14 +266,14 @@ def test_shapes_correct_counts_the_named_attributes():
     """The fraction of the attributes a prompt names that the image shows: one wrong colour out of
     three attributes scores 2/3; a prompt naming only the shape scores on the shape alone."""
     import shapes
-    images, _, labels = shapes.make_batch(2, torch.Generator().manual_seed(5))
-    c, s, b = shapes.LABELS[labels[1].item()]
-    wrong = shapes.caption(shapes.COLOUR_NAMES[(c + 1) % 6], shapes.SHAPES[s], shapes.BACKGROUND_NAMES[b])
-    right = shapes.prompts()[labels[0].item()]
+    images, _, labels = shapes_world.make_batch(2, torch.Generator().manual_seed(5))
+    c, s, b = shapes_world.LABELS[labels[1].item()]
+    wrong = shapes_world.caption(shapes_world.COLOUR_NAMES[(c + 1) % 6], shapes_world.SHAPES[s], shapes_world.BACKGROUND_NAMES[b])
+    right = shapes_world.prompts()[labels[0].item()]
     fn = rewards.load("shapes_correct")
     assert fn(images, [right, wrong]).tolist() == pytest.approx([1.0, 2 / 3])
-    shape0 = shapes.LABELS[labels[0].item()][1]
-    assert fn(images[:1], ["a circle"]).item() == float(shape0 == shapes.SHAPES.index("circle"))
+    shape0 = shapes_world.LABELS[labels[0].item()][1]
+    assert fn(images[:1], ["a circle"]).item() == float(shape0 == shapes_world.SHAPES.index("circle"))
 
 
 def test_shapes_rewards_with_given_models(tiny_pickscore):

@@ -8,7 +8,10 @@ import torch
 from diffusers import DDIMScheduler
 
 import explore
+import grids
+import pipelines
 import sample
+import sampling
 from conftest import tiny_pipeline
 
 SCHEDULERS = {  # SD 1.5's DDIM config, and the shapes world's kind (trailing spacing, cosine betas)
@@ -46,14 +49,14 @@ def test_ddim_step_matches_diffusers(kind, prediction_type, eta):
         x, eps = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
         noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(100 + i))
         want = s.step(eps, t, x, eta=eta, variance_noise=noise).prev_sample
-        got, log_prob = sample.ddim_step(s, eps, t, x, eta, generator=torch.Generator().manual_seed(100 + i))
+        got, log_prob = sampling.ddim_step(s, eps, t, x, eta, generator=torch.Generator().manual_seed(100 + i))
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
         # log-density under an independently built Normal, averaged over the non-batch dims
         mean, std = reference_mean_std(s, eps, t, x, eta)
         want_lp = torch.distributions.Normal(mean, std).log_prob(want).mean(dim=(1, 2, 3))
         torch.testing.assert_close(log_prob, want_lp, rtol=1e-4, atol=1e-4)
         # scoring a given sample (DDPO's recomputation) gives the same density and returns it as is
-        same, lp2 = sample.ddim_step(s, eps, t, x, eta, prev_sample=want)
+        same, lp2 = sampling.ddim_step(s, eps, t, x, eta, prev_sample=want)
         assert same is want
         torch.testing.assert_close(lp2, want_lp, rtol=1e-4, atol=1e-4)
 
@@ -66,13 +69,13 @@ def test_ddim_step_mixed_timesteps_in_one_batch(prediction_type):
     x, eps, noise = (torch.randn(4, 4, 8, 8, generator=g) for _ in range(3))
     prev = torch.stack([s.step(eps[b:b + 1], int(t[b]), x[b:b + 1], eta=1.0, variance_noise=noise[b:b + 1]).prev_sample[0]
                         for b in range(4)])
-    got, log_prob = sample.ddim_step(s, eps, t, x, 1.0, prev_sample=prev)
+    got, log_prob = sampling.ddim_step(s, eps, t, x, 1.0, prev_sample=prev)
     for b in range(4):
         mean, std = reference_mean_std(s, eps[b:b + 1], int(t[b]), x[b:b + 1], 1.0)
         want = torch.distributions.Normal(mean, std).log_prob(prev[b:b + 1]).mean()
         torch.testing.assert_close(log_prob[b], want, rtol=1e-4, atol=1e-4)
     # and the sampled x_prev matches row by row as well
-    sampled, _ = sample.ddim_step(s, eps, t, x, 1.0, generator=torch.Generator().manual_seed(5))
+    sampled, _ = sampling.ddim_step(s, eps, t, x, 1.0, generator=torch.Generator().manual_seed(5))
     noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     for b in range(4):
         want = s.step(eps[b:b + 1], int(t[b]), x[b:b + 1], eta=1.0, variance_noise=noise[b:b + 1]).prev_sample[0]
@@ -83,15 +86,15 @@ def test_ddim_step_eta0_is_deterministic_and_has_no_log_prob():
     s = make_scheduler("sd", "epsilon")
     x, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = int(s.timesteps[3])
-    got, log_prob = sample.ddim_step(s, eps, t, x, 0.0)
+    got, log_prob = sampling.ddim_step(s, eps, t, x, 0.0)
     torch.testing.assert_close(got, s.step(eps, t, x, eta=0.0).prev_sample, rtol=1e-5, atol=1e-5)
     assert log_prob is None
     with pytest.raises(ValueError, match="eta"):
-        sample.ddim_step(s, eps, t, x, 0.0, prev_sample=got)
+        sampling.ddim_step(s, eps, t, x, 0.0, prev_sample=got)
     # the last step lands on the scheduler's final alpha (1 here: the step returns the predicted x_0)
     s1 = make_scheduler("sd", "v_prediction", set_alpha_to_one=True)
     t = int(s1.timesteps[-1])
-    got, _ = sample.ddim_step(s1, eps, t, x, 0.0)
+    got, _ = sampling.ddim_step(s1, eps, t, x, 0.0)
     torch.testing.assert_close(got, s1.step(eps, t, x, eta=0.0).prev_sample, rtol=1e-5, atol=1e-5)
 
 
@@ -103,7 +106,7 @@ def test_ddim_step_zero_variance_final_step_has_log_prob_zero():
     g = torch.Generator().manual_seed(0)
     x, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
     eps = torch.randn(2, 4, 8, 8, generator=g, requires_grad=True)
-    got, log_prob = sample.ddim_step(s, eps, t, x, 1.0, generator=torch.Generator().manual_seed(7))
+    got, log_prob = sampling.ddim_step(s, eps, t, x, 1.0, generator=torch.Generator().manual_seed(7))
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(7))
     for b in range(2):
         want = s.step(eps[b:b + 1], int(t[b]), x[b:b + 1], eta=1.0, variance_noise=noise[b:b + 1]).prev_sample
@@ -121,13 +124,13 @@ def test_ddim_step_gradient_flows_through_the_mean_only():
     x = torch.randn(2, 4, 8, 8)
     eps = torch.randn(2, 4, 8, 8, requires_grad=True)
     prev = torch.randn(2, 4, 8, 8, requires_grad=True)
-    _, log_prob = sample.ddim_step(s, eps, int(s.timesteps[2]), x, 1.0, prev_sample=prev)
+    _, log_prob = sampling.ddim_step(s, eps, int(s.timesteps[2]), x, 1.0, prev_sample=prev)
     log_prob.sum().backward()
     assert prev.grad is None  # the sample is held fixed
     assert eps.grad is not None and eps.grad.abs().sum() > 0
     # a fresh sample is differentiable through the mean (AlignProp back-propagates through it)
     eps.grad = None
-    x_prev, _ = sample.ddim_step(s, eps, int(s.timesteps[2]), x, 1.0)
+    x_prev, _ = sampling.ddim_step(s, eps, int(s.timesteps[2]), x, 1.0)
     x_prev.sum().backward()
     assert eps.grad.abs().sum() > 0
 
@@ -138,8 +141,8 @@ def test_ddim_step_gradient_flows_through_the_mean_only():
 def test_encode_prompts_matches_the_pipeline_and_strips_marks(pipe):
     prompts = ["a red circle", "a dolphin riding a bike"]
     want, _ = pipe.encode_prompt(prompts, "cpu", 1, False)
-    torch.testing.assert_close(sample.encode_prompts(pipe, prompts), want)
-    marked = sample.encode_prompts(pipe, ["a (red) (circle)", "a (dolphin) (riding a bike)"])
+    torch.testing.assert_close(sampling.encode_prompts(pipe, prompts), want)
+    marked = sampling.encode_prompts(pipe, ["a (red) (circle)", "a (dolphin) (riding a bike)"])
     torch.testing.assert_close(marked, want)
 
 
@@ -147,7 +150,7 @@ def test_encode_prompts_weights_exactly_the_phrase_tokens(pipe):
     tok, enc = pipe.tokenizer, pipe.text_encoder
     prompts = ["a (dolphin) (riding a bike)", "a (dolphin) (riding a bike)", "a cat on a mat", "(reddish) circle"]
     phrase, w = torch.tensor([1, 0, -1, 0]), torch.tensor([1.2, 1.1, 1.15, 1.05])
-    got = sample.encode_prompts(pipe, prompts, (phrase, w))
+    got = sampling.encode_prompts(pipe, prompts, (phrase, w))
 
     def n_tokens(text):  # BPE pieces of a piece of text, tokenized on its own
         return len(tok(text, add_special_tokens=False).input_ids)
@@ -168,8 +171,8 @@ def test_encode_prompts_weights_exactly_the_phrase_tokens(pipe):
 
 def test_encode_prompts_unmarked_with_weight_one_is_unchanged(pipe):
     prompts = ["a cat", "a red circle on a dark background"]
-    plain = sample.encode_prompts(pipe, prompts)
-    same = sample.encode_prompts(pipe, prompts, (torch.tensor([-1, -1]), torch.ones(2)))
+    plain = sampling.encode_prompts(pipe, prompts)
+    same = sampling.encode_prompts(pipe, prompts, (torch.tensor([-1, -1]), torch.ones(2)))
     torch.testing.assert_close(same, plain, rtol=1e-6, atol=1e-6)
 
 
@@ -177,7 +180,7 @@ def test_encode_prompts_unmarked_with_weight_one_is_unchanged(pipe):
 # the denoising loop
 
 def embeds(pipe, prompts):
-    return sample.encode_prompts(pipe, prompts), sample.encode_prompts(pipe, [""] * len(prompts))
+    return sampling.encode_prompts(pipe, prompts), sampling.encode_prompts(pipe, [""] * len(prompts))
 
 
 @pytest.mark.parametrize("eta", [0.0, 1.0])
@@ -189,7 +192,7 @@ def test_rollout_reproduces_the_pipeline(pipe, eta):
     want_latents = pipe(prompt_embeds=cond, negative_prompt_embeds=uncond, latents=latents.clone(),
                         num_inference_steps=6, guidance_scale=5.0, eta=eta, output_type="latent",
                         generator=torch.Generator().manual_seed(1)).images
-    traj = sample.rollout(pipe, cond, uncond, 5.0, num_steps=6, eta=eta, latents=latents,
+    traj = sampling.rollout(pipe, cond, uncond, 5.0, num_steps=6, eta=eta, latents=latents,
                           generator=torch.Generator().manual_seed(1))
     torch.testing.assert_close(traj.latents[:, -1], want_latents, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(traj.images, want, rtol=1e-5, atol=1e-5)
@@ -203,11 +206,11 @@ def test_rollout_per_step_guidance_and_recorded_log_probs():
     pipe.scheduler = DDIMScheduler(prediction_type="v_prediction",  # like the shapes world's
                                    **{**SCHEDULERS["trailing"], "set_alpha_to_one": True})
     cond, uncond = embeds(pipe, ["a (red) circle", "a blue square"])
-    cond = sample.encode_prompts(pipe, ["a (red) circle", "a blue square"], (torch.tensor([0, -1]), torch.tensor([1.2, 1.1])))
+    cond = sampling.encode_prompts(pipe, ["a (red) circle", "a blue square"], (torch.tensor([0, -1]), torch.tensor([1.2, 1.1])))
     pipe.scheduler.set_timesteps(8)
     scales = explore.cfg_schedule(pipe.scheduler.timesteps, 5.0, w_low=1.0, t_thres=700)
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    traj = sample.rollout(pipe, cond, uncond[:1], scales, num_steps=8, eta=1.0, latents=latents,
+    traj = sampling.rollout(pipe, cond, uncond[:1], scales, num_steps=8, eta=1.0, latents=latents,
                           generator=torch.Generator().manual_seed(2))
     # reference: the pipeline's loop written out, with the scale of each step
     s, x, gen = pipe.scheduler, latents.clone(), torch.Generator().manual_seed(2)
@@ -222,8 +225,8 @@ def test_rollout_per_step_guidance_and_recorded_log_probs():
     # DDPO recomputes each step's log-prob from what the trajectory recorded: the ratio is exactly 1
     with torch.no_grad():
         for i, t in enumerate(traj.timesteps):
-            eps = sample.guided_eps(pipe.unet, traj.latents[:, i], t, traj.cond, traj.uncond, traj.guidance[i])
-            _, lp = sample.ddim_step(pipe.scheduler, eps, t, traj.latents[:, i], traj.eta, prev_sample=traj.latents[:, i + 1])
+            eps = sampling.guided_eps(pipe.unet, traj.latents[:, i], t, traj.cond, traj.uncond, traj.guidance[i])
+            _, lp = sampling.ddim_step(pipe.scheduler, eps, t, traj.latents[:, i], traj.eta, prev_sample=traj.latents[:, i + 1])
             torch.testing.assert_close(lp, traj.log_probs[:, i], rtol=0, atol=1e-6)
 
 
@@ -231,7 +234,7 @@ def test_guided_eps_per_sample_timesteps_and_scales(pipe):
     cond, uncond = embeds(pipe, ["a red circle", "a blue square"])
     x = torch.randn(2, 4, 8, 8)
     t, scale = torch.tensor([900, 100]), torch.tensor([1.0, 7.5])
-    got = sample.guided_eps(pipe.unet, x, t, cond, uncond, scale)
+    got = sampling.guided_eps(pipe.unet, x, t, cond, uncond, scale)
     with torch.no_grad():
         for b in range(2):
             c = pipe.unet(x[b:b + 1], t[b], encoder_hidden_states=cond[b:b + 1]).sample
@@ -246,7 +249,7 @@ def test_grad_steps_only_through_the_last_k_unet_calls(pipe, k):
     latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
     calls = []
     hook = pipe.unet.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
-    traj = sample.rollout(pipe, cond, uncond, 5.0, num_steps=n, eta=0.0, latents=latents, grad_steps=k)
+    traj = sampling.rollout(pipe, cond, uncond, 5.0, num_steps=n, eta=0.0, latents=latents, grad_steps=k)
     hook.remove()
     assert calls == [False] * (n - k) + [True] * k
     pipe.unet.zero_grad()
@@ -270,13 +273,13 @@ def test_grad_steps_only_through_the_last_k_unet_calls(pipe, k):
 def test_grad_steps_all_and_none_and_checkpoint(pipe):
     cond, uncond = embeds(pipe, ["a red circle"])
     latents = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    none = sample.rollout(pipe, cond, uncond, 5.0, num_steps=3, eta=1.0, latents=latents, grad_steps=0,
+    none = sampling.rollout(pipe, cond, uncond, 5.0, num_steps=3, eta=1.0, latents=latents, grad_steps=0,
                           generator=torch.Generator().manual_seed(1))
     assert not none.images.requires_grad and not none.log_probs.requires_grad
     grads = []
     for ckpt in (False, True):
         x0 = latents.clone().requires_grad_()
-        traj = sample.rollout(pipe, cond, uncond, 5.0, num_steps=3, eta=1.0, latents=x0, grad_steps=3,
+        traj = sampling.rollout(pipe, cond, uncond, 5.0, num_steps=3, eta=1.0, latents=x0, grad_steps=3,
                               checkpoint=ckpt, generator=torch.Generator().manual_seed(1))
         torch.testing.assert_close(traj.images, none.images)
         traj.images.mean().backward()
@@ -287,19 +290,19 @@ def test_grad_steps_all_and_none_and_checkpoint(pipe):
 
 def test_rollout_without_decode_and_bad_arguments(pipe):
     cond, uncond = embeds(pipe, ["a red circle"])
-    traj = sample.rollout(pipe, cond, uncond, 5.0, num_steps=3, decode=False, generator=torch.Generator().manual_seed(0))
+    traj = sampling.rollout(pipe, cond, uncond, 5.0, num_steps=3, decode=False, generator=torch.Generator().manual_seed(0))
     assert traj.images is None and traj.latents.shape == (1, 4, 4, 8, 8)
     with pytest.raises(ValueError, match="guidance"):
-        sample.rollout(pipe, cond, uncond, torch.ones(4), num_steps=3)
+        sampling.rollout(pipe, cond, uncond, torch.ones(4), num_steps=3)
     with pytest.raises(ValueError, match="grad_steps"):
-        sample.rollout(pipe, cond, uncond, 5.0, num_steps=3, grad_steps=4)
+        sampling.rollout(pipe, cond, uncond, 5.0, num_steps=3, grad_steps=4)
 
 
 # --------------------------------------------------------------------------------------------
 # loading and the CLI
 
 def test_load_pipeline_from_folder(tiny_pipeline_dir):
-    p = sample.load_pipeline(tiny_pipeline_dir)
+    p = pipelines.load_pipeline(tiny_pipeline_dir)
     assert isinstance(p.scheduler, DDIMScheduler) and p.safety_checker is None
     assert not any(q.requires_grad for q in p.vae.parameters())
     assert not any(q.requires_grad for q in p.text_encoder.parameters())
@@ -308,11 +311,11 @@ def test_load_pipeline_from_folder(tiny_pipeline_dir):
 
 def test_load_pipeline_offline_hub_id_fails_with_one_line():
     with pytest.raises(ValueError) as e:
-        sample.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
+        pipelines.load_pipeline("stable-diffusion-v1-5/stable-diffusion-v1-5")
     msg = str(e.value)
     assert "stable-diffusion-v1-5/stable-diffusion-v1-5" in msg and "--model=shapes" in msg and "\n" not in msg
     with pytest.raises(ValueError, match="no diffusers folder"):
-        sample.load_pipeline("./no/such/folder")
+        pipelines.load_pipeline("./no/such/folder")
 
 
 def test_cli_writes_plain_and_explore_grid(tiny_pipeline_dir, tmp_path, monkeypatch, capsys):
@@ -333,10 +336,10 @@ def test_cli_writes_plain_and_explore_grid(tiny_pipeline_dir, tmp_path, monkeypa
 def test_save_grid_rows_and_columns(tmp_path):
     from PIL import Image
     images = torch.rand(6, 3, 8, 8, generator=torch.Generator().manual_seed(0))  # 2 prompts x 3 seeds, flat
-    sample.save_grid(images, ["a red circle", "a (blue) square"], tmp_path / "a.png")
-    sample.save_grid([images, images], ["a red circle", "a (blue) square"], tmp_path / "b.png",
+    grids.save_grid(images, ["a red circle", "a (blue) square"], tmp_path / "a.png")
+    grids.save_grid([images, images], ["a red circle", "a (blue) square"], tmp_path / "b.png",
                      titles=["plain", "explore"], seeds=[0, 1, 2])
-    sample.save_grid(images, ["one", "two", "three"], tmp_path / "c.png")  # 3 rows x 2 columns
+    grids.save_grid(images, ["one", "two", "three"], tmp_path / "c.png")  # 3 rows x 2 columns
     a, b, c = (Image.open(tmp_path / f"{n}.png") for n in "abc")
     assert b.size[0] > a.size[0] and b.size[1] == a.size[1] and c.size[1] > a.size[1] and c.size[0] < a.size[0]
     import numpy as np

@@ -9,27 +9,30 @@ import sys
 import pytest
 import torch
 
+import prompt_sets
 import shapes
+import shapes_models
+import shapes_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def scene(shape, colour="red", background="dark", r=8.0, centre=(16.0, 16.0)):
-    return dict(shape=torch.tensor([shapes.SHAPES.index(shape)]), colour=torch.tensor([shapes.COLOUR_NAMES.index(colour)]),
-                background=torch.tensor([shapes.BACKGROUND_NAMES.index(background)]), r=torch.tensor([r]),
+    return dict(shape=torch.tensor([shapes_world.SHAPES.index(shape)]), colour=torch.tensor([shapes_world.COLOUR_NAMES.index(colour)]),
+                background=torch.tensor([shapes_world.BACKGROUND_NAMES.index(background)]), r=torch.tensor([r]),
                 centre=torch.tensor([centre]))
 
 
 # ------------------------------------------------------------------------------------ the world
 
 def test_batches_are_deterministic_per_seed_and_in_range():
-    a, caps_a, la = shapes.make_batch(16, torch.Generator().manual_seed(3))
-    b, caps_b, lb = shapes.make_batch(16, torch.Generator().manual_seed(3))
-    c, _, _ = shapes.make_batch(16, torch.Generator().manual_seed(4))
+    a, caps_a, la = shapes_world.make_batch(16, torch.Generator().manual_seed(3))
+    b, caps_b, lb = shapes_world.make_batch(16, torch.Generator().manual_seed(3))
+    c, _, _ = shapes_world.make_batch(16, torch.Generator().manual_seed(4))
     assert a.shape == (16, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
     assert torch.equal(a, b) and caps_a == caps_b and torch.equal(la, lb)
     assert not torch.equal(a, c)
-    assert caps_a == [shapes.CAPTIONS[i] for i in la.tolist()]
+    assert caps_a == [shapes_world.CAPTIONS[i] for i in la.tolist()]
 
 
 @pytest.mark.parametrize("shape,area", [
@@ -40,53 +43,52 @@ def test_batches_are_deterministic_per_seed_and_in_range():
 ])
 def test_rendered_area_matches_geometry(shape, area):
     # coverage summed over pixels = the shape's area, to anti-aliasing error along the edge
-    image = shapes.render(scene(shape, "yellow", "dark", r=8.0, centre=(16.3, 15.8)))
-    fg, bg = torch.tensor(shapes.COLOURS["yellow"]), shapes.BACKGROUNDS["dark"]
+    image = shapes_world.render(scene(shape, "yellow", "dark", r=8.0, centre=(16.3, 15.8)))
+    fg, bg = torch.tensor(shapes_world.COLOURS["yellow"]), shapes_world.BACKGROUNDS["dark"]
     coverage = ((image[0, 0] - bg) / (fg[0] - bg)).sum().item()
     assert coverage == pytest.approx(area, rel=0.03)
 
 
 def test_rendered_colours_and_placement():
-    image = shapes.render(scene("square", "blue", "light", r=6.0, centre=(10.0, 20.0)))[0]
-    assert torch.allclose(image[:, 20, 10], torch.tensor(shapes.COLOURS["blue"]))  # row = y, column = x
-    assert torch.allclose(image[:, 0, 0], torch.full((3,), shapes.BACKGROUNDS["light"]))
-    assert torch.allclose(image[:, 20, 20], torch.full((3,), shapes.BACKGROUNDS["light"]))  # right of it
+    image = shapes_world.render(scene("square", "blue", "light", r=6.0, centre=(10.0, 20.0)))[0]
+    assert torch.allclose(image[:, 20, 10], torch.tensor(shapes_world.COLOURS["blue"]))  # row = y, column = x
+    assert torch.allclose(image[:, 0, 0], torch.full((3,), shapes_world.BACKGROUNDS["light"]))
+    assert torch.allclose(image[:, 20, 20], torch.full((3,), shapes_world.BACKGROUNDS["light"]))  # right of it
 
 
 def test_shapes_stay_inside_the_image():
-    scenes = shapes.sample_scenes(2000, torch.Generator().manual_seed(0))
-    images = shapes.render(scenes)
+    scenes = shapes_world.sample_scenes(2000, torch.Generator().manual_seed(0))
+    images = shapes_world.render(scenes)
     border = torch.cat([images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], 2)
-    background = shapes.GREYS[scenes["background"]][:, None, None]
+    background = shapes_world.GREYS[scenes["background"]][:, None, None]
     assert torch.allclose(border, background.expand_as(border))
-    assert scenes["r"].min() >= shapes.R_MIN and scenes["r"].max() <= shapes.R_MAX
+    assert scenes["r"].min() >= shapes_world.R_MIN and scenes["r"].max() <= shapes_world.R_MAX
 
 
 def test_captions_and_prompts():
-    assert shapes.caption("orange", "cross", "grey") == "an orange cross on a grey background"
-    assert shapes.caption("red", "circle", "dark", marked=True) == "a (red) (circle) on a (dark) background"
-    prompts = shapes.prompts()
-    assert len(set(prompts)) == 72 == len(shapes.CAPTIONS)
+    assert shapes_world.caption("orange", "cross", "grey") == "an orange cross on a grey background"
+    assert shapes_world.caption("red", "circle", "dark", marked=True) == "a (red) (circle) on a (dark) background"
+    prompts = shapes_world.prompts()
+    assert len(set(prompts)) == 72 == len(shapes_world.CAPTIONS)
     import rewards
-    assert [rewards.strip_marks(p) for p in prompts] == shapes.CAPTIONS
-    for i, (c, s, b) in enumerate(shapes.LABELS):
-        assert shapes.parse_prompt(prompts[i]) == (c, s, b)
-    assert shapes.parse_prompt("a gray square") == (None, 1, shapes.BACKGROUND_NAMES.index("grey"))
-    import configurator
-    assert configurator.load_prompts("shapes") == prompts
+    assert [rewards.strip_marks(p) for p in prompts] == shapes_world.CAPTIONS
+    for i, (c, s, b) in enumerate(shapes_world.LABELS):
+        assert shapes_world.parse_prompt(prompts[i]) == (c, s, b)
+    assert shapes_world.parse_prompt("a gray square") == (None, 1, shapes_world.BACKGROUND_NAMES.index("grey"))
+    assert prompt_sets.load_prompts("shapes") == prompts
 
 
 def test_pixel_checker_reads_real_images():
-    images, _, labels = shapes.make_batch(300, torch.Generator().manual_seed(1))
-    read = shapes.check(images)
-    assert shapes.attribute_accuracy(read, labels) == {"colour": 1.0, "shape": 1.0, "background": 1.0}
+    images, _, labels = shapes_world.make_batch(300, torch.Generator().manual_seed(1))
+    read = shapes_world.check(images)
+    assert shapes_models.attribute_accuracy(read, labels) == {"colour": 1.0, "shape": 1.0, "background": 1.0}
     # and at another resolution (what a user's 512x512 images would be resized from)
     big = torch.nn.functional.interpolate(images[:20], size=96, mode="nearest")
-    assert shapes.attribute_accuracy(shapes.check(big), labels[:20]) == {"colour": 1.0, "shape": 1.0, "background": 1.0}
+    assert shapes_models.attribute_accuracy(shapes_world.check(big), labels[:20]) == {"colour": 1.0, "shape": 1.0, "background": 1.0}
 
 
 def test_pixel_checker_centroid_and_area():
-    read = shapes.check(shapes.render(scene("circle", r=7.0, centre=(11.0, 19.0))))
+    read = shapes_world.check(shapes_world.render(scene("circle", r=7.0, centre=(11.0, 19.0))))
     assert read["centroid"][0].tolist() == pytest.approx([11.0, 19.0], abs=0.1)
     assert read["area"][0].item() == pytest.approx(math.pi * 49 / 1024, rel=0.05)
 
@@ -102,22 +104,22 @@ def test_appeal_against_hand_computation():
     # a 16x16 square (area exactly 1/4) centred, white on black: contrast 1
     image = torch.zeros(1, 3, 32, 32)
     image[:, :, 8:24, 8:24] = 1.0
-    assert shapes.appeal(image).item() == pytest.approx(hand_appeal(0.25, 0, 1.0), abs=0.05)
+    assert shapes_world.appeal(image).item() == pytest.approx(hand_appeal(0.25, 0, 1.0), abs=0.05)
     # an 8x8 grey square, off centre by (8, 4) pixels: contrast 0.4 in every channel
     image = torch.full((1, 3, 32, 32), 0.1)
     image[:, :, 16:24, 20:28] = 0.5
-    assert shapes.appeal(image).item() == pytest.approx(hand_appeal(64 / 1024, math.hypot(8, 4), 0.4), abs=0.05)
+    assert shapes_world.appeal(image).item() == pytest.approx(hand_appeal(64 / 1024, math.hypot(8, 4), 0.4), abs=0.05)
     # a shape filling half the image scores nothing for size
     image = torch.zeros(1, 3, 32, 32)
     image[:, :, 1:31, 8:24] = 1.0  # 30 x 16 = 480 pixels, border still mostly black
-    assert shapes.appeal(image).item() == pytest.approx(hand_appeal(480 / 1024, 0, 1.0), abs=0.1)
+    assert shapes_world.appeal(image).item() == pytest.approx(hand_appeal(480 / 1024, 0, 1.0), abs=0.1)
 
 
 def test_appeal_is_differentiable_and_ranks_sensibly():
-    big = shapes.render(scene("square", "red", "light", r=9.0))
-    small = shapes.render(scene("square", "yellow", "light", r=5.0, centre=(7.0, 7.0)))
+    big = shapes_world.render(scene("square", "red", "light", r=9.0))
+    small = shapes_world.render(scene("square", "yellow", "light", r=5.0, centre=(7.0, 7.0)))
     images = torch.cat([big, small]).requires_grad_(True)
-    score = shapes.appeal(images)
+    score = shapes_world.appeal(images)
     assert score[0] > score[1]
     score.sum().backward()
     assert images.grad.abs().sum() > 0
@@ -147,7 +149,7 @@ def test_world_is_a_plain_diffusers_pipeline_folder(world):
         manifest = json.load(f)
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
-    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == shapes.MAX_TOKENS
+    assert len(pipe.tokenizer) == 49408 and pipe.tokenizer.model_max_length == shapes_models.MAX_TOKENS
     # the tokenizer gives the same ids as the real CLIP tokenizer (open_clip's own implementation;
     # it pads with 0 where SD's pads with the end token, so compare up to the end token)
     import open_clip
@@ -161,7 +163,7 @@ def test_world_is_a_plain_diffusers_pipeline_folder(world):
     assert images.shape == (1, 3, 32, 32)
     assert set(manifest["seconds"]) >= {"vae", "judge", "aesthetic", "unet", "total"}
     # the text encoder is the judge's text tower, frozen (as SD 1.5 uses CLIP's)
-    judge = shapes.load_judge(folder)
+    judge = shapes_models.load_judge(folder)
     for name, p in pipe.text_encoder.state_dict().items():
         assert torch.equal(p, judge.text_model.state_dict()[name]), name
 
@@ -198,29 +200,30 @@ def test_other_configurations_get_other_folders(world):
 def test_judge_similarity_matches_clipmodel_forward(world):
     # the world's PickScore: our feature path against transformers' own CLIPModel forward
     folder, _ = world
-    judge = shapes.load_judge(folder)
-    images, captions, _ = shapes.make_batch(4, torch.Generator().manual_seed(0))
-    ids = shapes.tokenize(shapes.clip_tokenizer(shapes.MAX_TOKENS), captions)
+    judge = shapes_models.load_judge(folder)
+    images, captions, _ = shapes_world.make_batch(4, torch.Generator().manual_seed(0))
+    ids = shapes_models.tokenize(shapes_models.clip_tokenizer(shapes_models.MAX_TOKENS), captions)
     with torch.no_grad():
-        ours = shapes.judge_logits(judge, images, shapes.judge_text_features(judge, ids))
+        ours = shapes_models.judge_logits(judge, images, shapes_models.judge_text_features(judge, ids))
         out = judge(input_ids=ids, pixel_values=images * 2 - 1)
     assert torch.allclose(ours, out.logits_per_image, atol=1e-4)
     # any resolution: a nearest-neighbour x2 upscale is resized back to the same pixels
     big = torch.nn.functional.interpolate(images, scale_factor=2, mode="nearest")
-    assert torch.allclose(shapes.judge_image_features(judge, big), shapes.judge_image_features(judge, images), atol=1e-4)
+    assert torch.allclose(shapes_models.judge_image_features(judge, big), shapes_models.judge_image_features(judge, images), atol=1e-4)
 
 
 def test_aesthetic_score_is_differentiable_and_frozen(world):
     folder, _ = world
-    judge, mlp = shapes.load_judge(folder), shapes.load_aesthetic(folder)
+    judge, mlp = shapes_models.load_judge(folder), shapes_models.load_aesthetic(folder)
     assert not any(p.requires_grad for p in list(judge.parameters()) + list(mlp.parameters()))
-    images = shapes.make_batch(3, torch.Generator().manual_seed(0))[0].requires_grad_(True)
-    score = shapes.aesthetic_score(judge, mlp, images)
+    images = shapes_world.make_batch(3, torch.Generator().manual_seed(0))[0].requires_grad_(True)
+    score = shapes_models.aesthetic_score(judge, mlp, images)
     assert score.shape == (3,)
     score.sum().backward()
     assert images.grad.abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_cli_prints_the_folder_last(world):
     folder, cache = world
     out = subprocess.run([sys.executable, os.path.join(ROOT, "shapes.py"), "--micro", f"--cache={cache}"],

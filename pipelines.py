@@ -1,0 +1,51 @@
+"""Where the text-to-image model comes from: the offline shapes world (built on first use), a local
+diffusers folder, or a Hugging Face hub id; always returned as a `StableDiffusionPipeline` with a
+DDIM scheduler, ready for sampling.py.
+"""
+import os
+
+import torch
+
+import hub
+
+DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+def _hub_folder(model):
+    """A local snapshot folder of hub `model`, or None if the hub is reachable and it may be
+    downloaded. Offline and not cached: a one-line error at once (a hub lookup can hang here)."""
+    folder = hub.snapshot(model)
+    if folder or hub.reachable():
+        return folder
+    raise ValueError(f"model {model!r} is not in the Hugging Face cache and the hub is unreachable; "
+                     f"download it where there is internet (`hf download {model}`) and copy the cache, "
+                     "pass a local diffusers folder with --model=<folder>, or use --model=shapes")
+
+
+def load_pipeline(model="shapes", device="cpu", dtype=None):
+    """A StableDiffusionPipeline with a DDIM scheduler, from "shapes" (the offline world, built on
+    first use), a hub id (e.g. DEFAULT_HUB_MODEL) or a local diffusers folder. The VAE and text
+    encoder are frozen and in `dtype` (fp16 on CUDA, fp32 on CPU by default); the UNet stays fp32
+    because the trainers attach their trainable LoRA weights to it (run it under autocast on GPU)."""
+    if model == "shapes":
+        import shapes  # the world's build code: imported only when it is the model
+        path = shapes.ensure_world()
+    elif os.path.isdir(model):
+        path = model
+    elif model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        path = _hub_folder(model) or model
+    else:
+        raise ValueError(f"no diffusers folder at {model!r}; pass an existing folder, a hub id "
+                         f"like {DEFAULT_HUB_MODEL}, or shapes")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # after the checks: importing takes seconds
+    if dtype is None:
+        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
+                                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.unet.float()
+    pipe.vae.requires_grad_(False)
+    pipe.text_encoder.requires_grad_(False)
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,69 @@
+"""Prompt sets: the paper's prompts from prompts.txt, the sets derived from them, the shapes world's
+captions, or any text file with one prompt per line. A prompt may mark phrases with parentheses for
+DiffExp's random prompt weighting, "a (dolphin) (riding a bike)"; explore.py strips the marks
+before anything is encoded or scored.
+"""
+import os
+
+import explore
+import shapes_world
+
+PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.txt")
+
+
+def _sections(path=PROMPTS_FILE):
+    sections, name = {}, None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if line.startswith("[") and line.endswith("]"):
+                name = line[1:-1].strip()
+                sections[name] = []
+            elif name is not None:
+                sections[name].append(line)
+    return sections
+
+
+def _article(word):
+    return "an" if word[0].lower() in "aeiou" else "a"
+
+
+def prompt_sets():
+    """Every named prompt set: the sections of prompts.txt plus the derived ones."""
+    s = _sections()
+    sets = {name: lines for name, lines in s.items() if name != "activities"}
+    # DDPO / DiffExp's aesthetic prompts are just the animal names.
+    # DiffExp's alignment prompts (PickScore): "a(n) <animal> <activity>", both phrases marked.
+    sets["animal_activities"] = [f"{_article(a)} ({a}) ({act})" for a in s["animals"] for act in s["activities"]]
+    sets["shapes"] = shapes_world.prompts()  # the offline world's 72 captions
+    return sets
+
+
+def check_marks(prompts):
+    """Malformed phrase marks are a one-line error before any work, not a traceback mid-run."""
+    try:
+        for p in prompts:
+            explore.parse_phrases(p)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    return prompts
+
+
+def load_prompts(name_or_path):
+    """Resolve a prompt set name (see prompt_sets()) or a text file with one prompt per line; exit
+    with one line on an unknown name, an empty file or malformed phrase marks."""
+    sets = prompt_sets()
+    if name_or_path in sets:
+        return check_marks(list(sets[name_or_path]))
+    if os.path.isfile(name_or_path):
+        with open(name_or_path) as f:
+            prompts = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
+        if not prompts:
+            raise SystemExit(f"error: prompt file {name_or_path} has no prompts; put one prompt per line")
+        return check_marks(prompts)
+    raise SystemExit(f"error: unknown prompt set or missing file {name_or_path!r}; "
+                     f"use one of {', '.join(sorted(sets))} or a path to a text file")
+
+

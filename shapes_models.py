@@ -1,0 +1,164 @@
+"""The shapes world's tiny models: small versions of Stable Diffusion 1.5's three parts (an
+`AutoencoderKL`, a `CLIPTextModel` with the real CLIP tokenizer, a `UNet2DConditionModel` and a DDIM
+scheduler), the CLIP judge (the world's PickScore) and the aesthetic MLP on the judge's image
+embedding (the world's LAION predictor): their architectures, how the judge reads an image, and
+loading the trained judge and MLP from a built world folder. shapes.py trains them.
+"""
+import functools
+import gzip
+import importlib.util
+import os
+
+import torch
+import torch.nn.functional as F
+from transformers import CLIPTokenizer
+
+from shapes_world import BACKGROUNDS, CAPTIONS, COLOURS, SHAPES, SIZE, to_world_size
+
+# ---------------------------------------------------------------------------------------------
+# The real CLIP tokenizer, offline.
+
+@functools.lru_cache(maxsize=1)
+def _clip_bpe():
+    """CLIP's vocabulary and merges, read from the file that ships inside open_clip (the file only:
+    importing open_clip itself costs seconds, as it imports torchvision)."""
+    package = importlib.util.find_spec("open_clip").submodule_search_locations[0]
+    lines = gzip.open(os.path.join(package, "bpe_simple_vocab_16e6.txt.gz")).read().decode("utf-8").split("\n")
+    merges = [tuple(m.split()) for m in lines[1:49152 - 256 - 2 + 1]]  # as open_clip/CLIP read it
+    # CLIP's (GPT-2's) 256 base symbols, in vocabulary order: the printable bytes as themselves,
+    # then the other bytes, in byte order, as the characters from U+0100 up
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars = [chr(b) for b in printable] + [chr(256 + n) for n in range(256 - len(printable))]
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges]
+    vocab += ["<|startoftext|>", "<|endoftext|>"]
+    return {t: i for i, t in enumerate(vocab)}, merges
+
+
+def clip_tokenizer(model_max_length=77):
+    """The real CLIP BPE tokenizer (49408 tokens, as SD 1.5's), built offline from the vocabulary
+    that ships inside open_clip. transformers 5 needs `vocab=`/`merges=` (the old `vocab_file=`
+    names are silently ignored and give garbage ids)."""
+    vocab, merges = _clip_bpe()
+    tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
+    assert len(tok) == 49408, len(tok)
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# The models. Small versions of SD 1.5's three parts, plus the judge. Prompts are 16 tokens, not
+# 77: the world's captions are at most 11 tokens, and 77 tokens cost ~30% of the UNet's time.
+MAX_TOKENS = 16
+TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=MAX_TOKENS, projection_dim=64,
+            bos_token_id=49406, eos_token_id=49407, pad_token_id=49407)
+
+
+def new_vae():
+    # x2 down to a 16x16x4 latent; x4 variants lost colour or shape. No mid-block attention.
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
+                         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                         layers_per_block=1, norm_num_groups=8, sample_size=SIZE, mid_block_add_attention=False)
+
+
+def new_text_encoder():
+    from transformers import CLIPTextConfig, CLIPTextModel
+    return CLIPTextModel(CLIPTextConfig(**TEXT))
+
+
+def new_unet():
+    # Cross-attention at 8x8 and 4x4 (and the 4x4 mid block), none at 16x16. Note diffusers'
+    # historical naming: `attention_head_dim` here is the number of heads (2 heads of 32 channels).
+    from diffusers import UNet2DConditionModel
+    return UNet2DConditionModel(
+        sample_size=SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64),
+        layers_per_block=1, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=TEXT["hidden_size"], attention_head_dim=2, norm_num_groups=16)
+
+
+def new_scheduler():
+    # v-prediction with the cosine schedule (Nichol & Dhariwal 2021), whose last timestep has
+    # (almost) zero SNR: SD's scaled-linear schedule leaves much of the image visible at t=999 for a
+    # 16x16 latent, and epsilon-prediction then blew up. Sample with "trailing" DDIM timesteps so
+    # sampling starts at t=999 (Lin et al. 2024, "Common diffusion noise schedules are flawed").
+    from diffusers import DDIMScheduler
+    return DDIMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
+                         prediction_type="v_prediction", timestep_spacing="trailing",
+                         clip_sample=False, set_alpha_to_one=True, steps_offset=1)
+
+
+def new_judge():
+    # A tiny CLIP (Radford et al. 2021): a ViT on 8x8 patches (16 of them; 4x4 patches were 5x slower
+    # for the same held-out accuracy) and a 2-layer text transformer.
+    from transformers import CLIPConfig, CLIPModel
+    return CLIPModel(CLIPConfig(text_config=TEXT, projection_dim=64, vision_config=dict(
+        image_size=SIZE, patch_size=8, hidden_size=128, intermediate_size=256, num_hidden_layers=4,
+        num_attention_heads=4)))
+
+
+def new_aesthetic():
+    # A small MLP on the judge's L2-normalised image embedding, as the LAION predictor is an MLP on
+    # CLIP's. (The embedding keeps what matching a caption needs and drops much of the size and
+    # position that appeal depends on: held-out correlation 0.73 here, against 0.91 measured for the
+    # judge's pooled and mean patch features. An imperfect learned reward is the point: it can be
+    # over-optimised, and appeal() shows when it is.)
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 1))
+
+
+def aesthetic_score(judge, mlp, images):
+    """The world's LAION-style aesthetic score of images in [0, 1]: [B]. Differentiable."""
+    return mlp(F.normalize(judge_image_features(judge, images), dim=-1))[:, 0]
+
+
+def tokenize(tokenizer, texts):
+    return tokenizer(texts, padding="max_length", max_length=MAX_TOKENS, truncation=True,
+                     return_tensors="pt").input_ids
+
+
+def judge_image_features(judge, images):
+    """Projected image embeddings, [B, 64], from images in [0, 1] at 32x32 (any size is resized)."""
+    images = to_world_size(images)
+    return judge.visual_projection(judge.vision_model(pixel_values=images * 2 - 1).pooler_output)
+
+
+def judge_text_features(judge, input_ids):
+    return judge.text_projection(judge.text_model(input_ids=input_ids).pooler_output)
+
+
+def judge_logits(judge, images, text_features):
+    """CLIP's scaled cosine similarity of each image with each text: [B, T]."""
+    img = F.normalize(judge_image_features(judge, images), dim=-1)
+    return judge.logit_scale.exp() * img @ F.normalize(text_features, dim=-1).T
+
+
+def judge_read(judge, tokenizer, images):
+    """What the judge sees: colour, shape and background indices [B] (each the argmax of the
+    caption probabilities summed over the other two attributes)."""
+    with torch.no_grad():
+        text = judge_text_features(judge, tokenize(tokenizer, CAPTIONS))
+        probs = judge_logits(judge, images, text).softmax(-1).view(-1, len(COLOURS), len(SHAPES), len(BACKGROUNDS))
+    return dict(colour=probs.sum((2, 3)).argmax(1), shape=probs.sum((1, 3)).argmax(1),
+                background=probs.sum((1, 2)).argmax(1))
+
+
+def attribute_accuracy(read, labels):
+    colour, rest = labels // (len(SHAPES) * len(BACKGROUNDS)), labels % (len(SHAPES) * len(BACKGROUNDS))
+    truth = dict(colour=colour, shape=rest // len(BACKGROUNDS), background=rest % len(BACKGROUNDS))
+    return {k: (read[k] == truth[k]).float().mean().item() for k in truth}
+
+
+# ---------------------------------------------------------------------------------------------
+# The world's reward models, as rewards.py loads them (`--reward=shapes_alignment` etc.) from a
+# built world folder (shapes.ensure_world()): frozen weights.
+
+def load_judge(folder, device="cpu"):
+    from transformers import CLIPModel
+    return CLIPModel.from_pretrained(os.path.join(folder, "judge")).to(device).eval().requires_grad_(False)
+
+
+def load_aesthetic(folder, device="cpu"):
+    from safetensors.torch import load_file
+    mlp = new_aesthetic()
+    mlp.load_state_dict(load_file(os.path.join(folder, "aesthetic", "model.safetensors")))
+    return mlp.to(device).eval().requires_grad_(False)
