@@ -19,7 +19,8 @@ samples a held-out prompt set plainly (constant guidance, unweighted prompts, fi
 images `python sample.py --lora=<run> ...` draws) and is scored with the same reward.
 
 --ablation runs DiffExp's two parts separately: neither (the baseline), the CFG schedule only
-(cfg_only), the prompt weighting only (weights_only), and both (explore).
+(cfg_only), the prompt weighting only (weights_only), and both (explore); and both with w_low = 0,
+the unconditional model on the noisy steps instead of the unguided conditional one (w_low0).
 
 Outputs in the compare folder: reward.png (the curves), table.md and table.json, heldout.png (the
 held-out images of every arm's first seed, with their diversity), logs/<run>.txt (each run's output);
@@ -59,7 +60,8 @@ ablation = False             # also the arms cfg_only (CFG schedule only) and we
 args = ""                    # other trainer options, one string: --args="--epochs=12 --lr=3e-4"
 explore_args = ""            # trainer options for the exploring arms only, e.g. "--t_thres=900": their arms
                              # are named after them, the baseline's runs stay the same and are reused
-heldout = "auto"             # held-out prompts: a set or file; auto: unseen_animals for animals, else every 7th prompt
+heldout = "auto"             # held-out prompts: a set or file; auto: unseen_animals for animals, the dark background
+                             # for shapes_rare, else every 7th prompt
 heldout_prompts = 12         # at most this many held-out prompts are sampled (evenly spaced)
 heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0..n-1, the same for every run)
 metrics = "auto"             # also score the held-out images with these rewards (comma-separated), to see
@@ -74,7 +76,8 @@ TRAINERS = {"ddpo": "train_ddpo", "alignprop": "train_alignprop"}
 # like it, so it is not run twice.
 ARMS = {"baseline": [], "explore": ["--explore"]}
 ABLATION_ARMS = {"cfg_only": ["--explore", "--explore_weights=false"],
-                 "weights_only": ["--explore", "--explore_cfg=false"]}
+                 "weights_only": ["--explore", "--explore_cfg=false"],
+                 "w_low0": ["--explore", "--w_low=0"]}  # the unconditional model on the noisy steps
 # compare sets these per run; letting --args set them would break the comparison or the resume
 OWN_KEYS = ("model", "reward", "prompts", "seed", "out", "explore", "explore_cfg", "explore_weights", "stop_after")
 HOLDOUT_STRIDE = 7  # auto hold-out: prompts 0, 7, 14, ... (7 is coprime to the shapes world's 6x4x3 grid)
@@ -128,6 +131,10 @@ def plan():
     train_prompts = prompts
     if heldout == "auto" and prompts == "animals":
         held = prompt_sets.load_prompts("unseen_animals")
+    elif heldout == "auto" and prompts == "shapes_rare":  # the hard task: every rare pair on an unseen background
+        held = [p for p in train_list if "(dark)" in p]
+        train_list = [p for p in train_list if p not in held]
+        train_prompts = os.path.join(folder, "train_prompts.txt")
     elif heldout == "auto":
         train_list, held = held_out_split(train_list)
         train_prompts = os.path.join(folder, "train_prompts.txt")  # written before the runs start

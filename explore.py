@@ -16,7 +16,12 @@ import torch
 
 
 def cfg_schedule(timesteps, w_high, w_low=1.0, t_thres=800):
-    """One guidance scale per timestep: `w_low` where t > t_thres (the noisy start), else `w_high`."""
+    """One guidance scale per timestep: `w_low` where t > t_thres (the noisy start), else `w_high`.
+
+    The paper asks only for an "extremely low" scale. In eps = uncond + w (cond - uncond), w = 1 is
+    the conditional model without guidance (the prompt still steers the layout, as in the model's
+    training), and w = 0 is the unconditional model (the layout ignores the prompt entirely); both
+    are supported, and compare.py --ablation runs w_low = 0 as an arm of its own."""
     t = torch.as_tensor(timesteps)
     return torch.where(t > t_thres, torch.tensor(float(w_low)), torch.tensor(float(w_high)))
 

@@ -38,6 +38,8 @@ def prompt_sets():
     # DiffExp's alignment prompts (PickScore): "a(n) <animal> <activity>", both phrases marked.
     sets["animal_activities"] = [f"{_article(a)} ({a}) ({act})" for a in s["animals"] for act in s["activities"]]
     sets["shapes"] = shapes_world.prompts()  # the offline world's 72 captions
+    sets["shapes_rare"] = shapes_world.prompts("rare")  # its hard prompts: the 18 naming a rare pair
+    sets["shapes_common"] = shapes_world.prompts("common")  # the other 54
     return sets
 
 
@@ -67,3 +69,26 @@ def load_prompts(name_or_path):
                      f"use one of {', '.join(sorted(sets))} or a path to a text file")
 
 
+
+
+def spread_subset(prompts, n):
+    """n prompts of the set that cover as many of its marked phrases, and pairs of phrases, as n
+    prompts can: the trainers' evaluation prompts. On the shapes world, 16 of the 72 captions show
+    every colour, shape and background, and many of their combinations (every 4th caption, the
+    rule before, never showed a cross). Greedy: each pick adds the most phrases and phrase pairs
+    not yet shown, ties going to the evenly spaced prompts first, so a set without marks (the
+    animals) gets evenly spaced prompts."""
+    n = min(n, len(prompts))
+    spaced = [round(k * len(prompts) / n) for k in range(n)]
+    order = list(dict.fromkeys(spaced + list(range(len(prompts)))))  # evenly spaced ones first
+
+    def features(p):
+        phrases = explore.parse_phrases(p)[1] or [explore.parse_phrases(p)[0]]
+        return set(phrases) | {(a, b) for a in phrases for b in phrases if a < b}
+
+    chosen, shown = [], set()
+    for _ in range(n):
+        best = max((i for i in order if i not in chosen), key=lambda i: len(features(prompts[i]) - shown))
+        chosen.append(best)
+        shown |= features(prompts[best])
+    return [prompts[i] for i in chosen]

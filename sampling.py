@@ -168,9 +168,7 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
     if not 0 <= grad_steps <= n:
         raise ValueError(f"grad_steps={grad_steps} must be between 0 and num_steps={n}")
     if latents is None:
-        size = unet.config.sample_size
-        latents = torch.randn((cond.shape[0], unet.config.in_channels, size, size), generator=generator,
-                              device=generator.device if generator is not None else "cpu")
+        latents = initial_noise(pipe, cond.shape[0], generator)
     x = latents.to(dev, unet.dtype) * scheduler.init_noise_sigma  # fp32 (float64 in a gradient check)
     xs, log_probs = [x], []
     for i, t in enumerate(timesteps):
@@ -197,6 +195,25 @@ def seeded_generator(seed, *keys):
     for k in keys:
         s = (s * 1_000_003 + k) % (2**63 - 1)
     return torch.Generator().manual_seed(s)
+
+
+STREAMS = ("noise", "ddim", "prompts", "weights")
+
+
+def random_streams(seed, *keys):
+    """One generator per random quantity of a sampling batch, each seeded from (seed, purpose,
+    *keys): the initial noise, the DDIM noise, the prompt choice and DiffExp's prompt weights.
+    Common random numbers: two runs with the same seed draw the same prompts from the same initial
+    noise whether they explore or not, so they differ only in what exploring changes."""
+    return {name: seeded_generator(seed, purpose, *keys) for purpose, name in enumerate(STREAMS, 1)}
+
+
+def initial_noise(pipe, n, generator=None):
+    """x_T for n samples: standard normal latents of the UNet's shape (drawn on the CPU)."""
+    unet = pipe.unet
+    size = unet.config.sample_size
+    return torch.randn((n, unet.config.in_channels, size, size), generator=generator,
+                       device=generator.device if generator is not None else "cpu")
 
 
 @torch.no_grad()

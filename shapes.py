@@ -6,11 +6,11 @@ A reader without a GPU or hub access still gets a real Stable-Diffusion-shaped m
 as a diffusers `StableDiffusionPipeline` folder, so every other script treats it exactly like SD 1.5.
 Next to it: a tiny CLIP judge (the world's PickScore) and an aesthetic MLP on the judge's image
 embedding (the world's LAION predictor), trained to predict a programmatic "appeal" score. The
-models' architectures are in shapes_models.py; this file trains them in stages, caches the result
-and measures it.
+models' architectures are in shapes_models.py; this file trains them in stages and caches the
+result; shapes_eval.py measures it.
 
     python shapes.py                  # build the default world (cached), print its folder last
-    python shapes.py --evaluate       # also measure it (judge accuracy, guidance sweep, grids)
+    python shapes_eval.py             # measure it: the README's quality and hard-prompt tables
 """
 import glob
 import hashlib
@@ -26,11 +26,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
-import grids
-from shapes_models import (MAX_TOKENS, aesthetic_score, attribute_accuracy, clip_tokenizer, judge_image_features,
-                           judge_logits, judge_read, judge_text_features, load_aesthetic, load_judge, new_aesthetic,
-                           new_judge, new_scheduler, new_text_encoder, new_unet, new_vae, tokenize)
-from shapes_world import CAPTIONS, LABELS, appeal, caption, check, make_batch, render, sample_scenes
+from shapes_models import (MAX_TOKENS, attribute_accuracy, clip_tokenizer, judge_image_features, judge_logits,
+                           judge_read, judge_text_features, new_aesthetic, new_judge, new_scheduler, new_text_encoder,
+                           new_unet, new_vae, tokenize)
+from shapes_world import CAPTIONS, RARE_CAPTIONS, appeal, make_batch
 
 # ---------------------------------------------------------------------------------------------
 # Build configuration: `python shapes.py --key=value` overrides these; ensure_world(**overrides)
@@ -50,11 +49,9 @@ unet_lr = 1e-3  # denoiser AdamW peak learning rate (cosine decay after a short 
 ema = 0.999  # EMA decay of the saved denoiser weights
 p_empty = 0.1  # fraction of empty captions, so classifier-free guidance has an unconditional model
 p_high_t = 0.5  # fraction of training timesteps drawn from the noisy end (t >= 650)
-evaluate = False  # after building, measure judge accuracy and the guidance sweep, write grids
-eval_per_prompt = 4  # samples per prompt (72 prompts) at each guidance scale when evaluating
-eval_steps = 20  # DDIM steps when evaluating
+rare_weight = 0.05  # the denoiser sees each rare colour-shape pair this often relative to a common one (1 = uniform)
 
-BUILD_VERSION = 2  # bump when the build's code changes what it produces (invalidates caches)
+BUILD_VERSION = 3  # bump when the build's code changes what it produces (invalidates caches)
 MICRO = dict(vae_steps=2, vae_batch=4, judge_steps=2, judge_batch=8, aesthetic_images=256,
              aesthetic_steps=2, unet_steps=2, unet_batch=4)
 
@@ -181,7 +178,7 @@ def train_unet(cfg, vae, scaling_factor, judge):
     for step in (bar := tqdm(range(cfg["unet_steps"]), desc="unet", dynamic_ncols=True)):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg["unet_steps"], cfg["unet_lr"], warmup=100)
-        images, _, labels = make_batch(B, g)
+        images, _, labels = make_batch(B, g, cfg["rare_weight"])  # the rare pairs rarely: hard prompts
         with torch.no_grad():
             latents = vae.encode(images * 2 - 1).latent_dist.mean * scaling_factor
         # the empty caption for a fraction of the batch: the unconditional model that classifier-free
@@ -214,7 +211,7 @@ def train_unet(cfg, vae, scaling_factor, judge):
 # renamed into place only once complete, with a manifest of every file's SHA-256 written last; a
 # folder whose manifest is missing or does not match its files is rebuilt, never loaded.
 BUILD_KEYS = ("seed", "micro", "vae_steps", "vae_batch", "judge_steps", "judge_batch", "aesthetic_images",
-              "aesthetic_steps", "unet_steps", "unet_batch", "unet_lr", "ema", "p_empty", "p_high_t")
+              "aesthetic_steps", "unet_steps", "unet_batch", "unet_lr", "ema", "p_empty", "p_high_t", "rare_weight")
 MANIFEST = "world.json"
 
 
@@ -309,6 +306,7 @@ def build(folder, cfg):
     times["save"] = time.time() - start - sum(times.values())
     times["total"] = time.time() - start
     manifest = dict(config={k: cfg[k] for k in BUILD_KEYS}, version=BUILD_VERSION,
+                    rare_captions=RARE_CAPTIONS if cfg["rare_weight"] < 1 else [],
                     vae_psnr_db=round(psnr, 2), scaling_factor=scaling_factor,
                     judge_accuracy=judge_accuracy, aesthetic_correlation=round(aesthetic_corr, 4),
                     seconds={k: round(v, 1) for k, v in times.items()}, threads=torch.get_num_threads(),
@@ -320,76 +318,6 @@ def build(folder, cfg):
           + f", aesthetic r={aesthetic_corr:.3f}", file=sys.stderr)
 
 
-# ---------------------------------------------------------------------------------------------
-# Measuring the world (python shapes.py --evaluate): the numbers and grids in the README.
-GUIDANCE = (1.0, 3.0, 5.0, 7.5)
-GRID_PROMPTS = [caption(*words) for words in [
-    ("red", "circle", "dark"), ("green", "square", "light"), ("blue", "triangle", "grey"), ("yellow", "cross", "dark"),
-    ("purple", "circle", "light"), ("orange", "triangle", "grey"), ("red", "square", "grey"), ("blue", "cross", "light")]]
-
-
-def measure(images, labels, judge, tok, aesthetic_mlp, per_prompt):
-    """Judge and pixel-checker agreement with the captions, appeal and aesthetic, and diversity:
-    grids.diversity (pixels) and the spread of the shape's position. `images` come in runs of
-    `per_prompt` images of one caption."""
-    by_prompt = images.reshape(-1, per_prompt, *images.shape[1:])
-    centroids = check(images)["centroid"].reshape(-1, per_prompt, 2)
-    centroid_std = (centroids.std(1).norm(dim=1) / math.sqrt(2)).mean().item()  # per-axis std, in pixels
-    with torch.no_grad():
-        aes = aesthetic_score(judge, aesthetic_mlp, images)
-    return dict(n=len(labels), judge=attribute_accuracy(judge_read(judge, tok, images), labels),
-                pixels=attribute_accuracy(check(images), labels), diversity=round(grids.diversity(by_prompt), 4),
-                centroid_std=round(centroid_std, 2), appeal=round(appeal(images).mean().item(), 3),
-                aesthetic=round(aes.mean().item(), 3))
-
-
-def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
-    """Sample every caption at each guidance scale through diffusers' own StableDiffusionPipeline
-    (loaded with no project code), judge the samples, write grids; print a markdown table."""
-    from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline.from_pretrained(folder)
-    pipe.set_progress_bar_config(disable=True)
-    judge, aesthetic_mlp, tok = load_judge(folder), load_aesthetic(folder), clip_tokenizer(MAX_TOKENS)
-    labels = torch.arange(len(CAPTIONS)).repeat_interleave(per_prompt)
-    rows = {}
-    # real data: the same captions, fresh positions and sizes (the judge never saw these images)
-    scenes = sample_scenes(len(labels), torch.Generator().manual_seed(12345))
-    c, s, b = [torch.tensor(v) for v in zip(*[LABELS[i] for i in labels])]
-    scenes.update(colour=c, shape=s, background=b)
-    rows["real images"] = measure(render(scenes), labels, judge, tok, aesthetic_mlp, per_prompt)
-    samples = {}
-    for w in GUIDANCE:
-        t0, images = time.time(), []
-        for i in tqdm(range(0, len(CAPTIONS), 8), desc=f"guidance {w}", dynamic_ncols=True):
-            gen = [torch.Generator().manual_seed(1000 * j + k) for j in range(i, i + 8) for k in range(per_prompt)]
-            images.append(pipe(CAPTIONS[i:i + 8], num_images_per_prompt=per_prompt, guidance_scale=w,
-                               num_inference_steps=steps, generator=gen, output_type="pt").images)
-        samples[w] = torch.cat(images)
-        rows[f"guidance {w}"] = measure(samples[w], labels, judge, tok, aesthetic_mlp, per_prompt)
-        rows[f"guidance {w}"]["images_per_s"] = round(len(labels) / (time.time() - t0), 1)
-    # grids: the same seeds (initial noise) at guidance 1 and 5
-    os.makedirs(assets, exist_ok=True)
-    for w in (1.0, 5.0):
-        gen = [torch.Generator().manual_seed(k) for _ in GRID_PROMPTS for k in range(8)]
-        images = pipe(GRID_PROMPTS, num_images_per_prompt=8, guidance_scale=w, num_inference_steps=steps,
-                      generator=gen, output_type="pt").images
-        grids.save_grid(images, GRID_PROMPTS, os.path.join(assets, f"shapes_guidance{w:g}.png"), seeds=range(8),
-                         titles=[f"guidance {w:g}, DDIM {steps} steps, eta 0 (the same seeds in both grids)"])
-    lines = [f"DDIM {steps} steps, eta 0, {per_prompt} samples x {len(CAPTIONS)} prompts per row; "
-             "agreement with the prompt as read by the judge / by the pixel checker", "",
-             "| images | colour | shape | background | diversity (RMS px) | centroid std (px) | appeal | aesthetic |",
-             "|---|---|---|---|---|---|---|---|"]
-    for name, m in rows.items():
-        cells = [f"{m['judge'][k]:.2f} / {m['pixels'][k]:.2f}" for k in ("colour", "shape", "background")]
-        lines.append(f"| {name} | " + " | ".join(cells) + f" | {m['diversity']:.3f} | {m['centroid_std']:.1f} "
-                     f"| {m['appeal']:.2f} | {m['aesthetic']:.2f} |")
-    table = "\n".join(lines)
-    with open(os.path.join(assets, "shapes_quality.json"), "w") as f:
-        json.dump(dict(folder=os.path.basename(folder), steps=steps, per_prompt=per_prompt, rows=rows), f, indent=1)
-    print(table, file=sys.stderr)
-    return rows
-
-
 if __name__ == "__main__":
     defaults = {k: globals()[k] for k in BUILD_KEYS + ("cache",)}
     config = configurator.configure(globals())
@@ -397,6 +325,4 @@ if __name__ == "__main__":
     with open(os.path.join(world, MANIFEST)) as f:
         seconds = json.load(f)["seconds"]
     print("stage seconds (when built): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
-    if evaluate:
-        evaluate_world(world, per_prompt=eval_per_prompt, steps=eval_steps)
     print(world)

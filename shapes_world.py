@@ -5,6 +5,10 @@ light, grey or dark background, and their captions ("a red circle on a dark back
 all). Two programmatic readings of any image: `check`, the pixel checker (which colour, shape and
 background are drawn), and `appeal`, the world's ground-truth aesthetic score. The tiny models that
 learn this world are in shapes_models.py; shapes.py trains them.
+
+Hard prompts: six colour-shape pairs (RARE_PAIRS, one per colour, each shape at most twice) are
+rare in the denoiser's pretraining data only, as "a dolphin riding a bike" is rare in Stable
+Diffusion's: every colour and every shape stays common on its own, only the combination is rare.
 """
 import itertools
 import math
@@ -42,9 +46,12 @@ LABELS = list(itertools.product(range(len(COLOURS)), range(len(SHAPES)), range(l
 CAPTIONS = [caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b]) for c, s, b in LABELS]
 
 
-def prompts():
-    """The world's prompt set (72 prompts, phrases marked), as prompt_sets.load_prompts('shapes')."""
-    return [caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b], marked=True) for c, s, b in LABELS]
+def prompts(which="all"):
+    """The world's prompts, phrases marked: all 72 ("shapes"), the 18 naming a rare colour-shape
+    pair ("shapes_rare") or the other 54 ("shapes_common"), as prompt_sets.load_prompts gives them."""
+    keep = {"all": lambda i: True, "rare": lambda i: bool(is_rare(i)), "common": lambda i: not is_rare(i)}[which]
+    return [caption(COLOUR_NAMES[c], SHAPES[s], BACKGROUND_NAMES[b], marked=True)
+            for i, (c, s, b) in enumerate(LABELS) if keep(i)]
 
 
 def parse_prompt(prompt):
@@ -54,11 +61,40 @@ def parse_prompt(prompt):
     return find(COLOUR_NAMES), find(SHAPES), find(BACKGROUND_NAMES)
 
 
-def sample_scenes(n, generator):
-    """n random scenes: label indices, size r and centre (pixels), drawn from `generator`."""
+# The rare colour-shape pairs: one per colour; circle and triangle twice, square and cross once.
+RARE_PAIRS = (("red", "triangle"), ("green", "cross"), ("blue", "circle"),
+              ("yellow", "square"), ("purple", "triangle"), ("orange", "circle"))
+RARE_PAIR_INDICES = tuple(COLOUR_NAMES.index(c) * len(SHAPES) + SHAPES.index(s) for c, s in RARE_PAIRS)
+
+
+def is_rare(labels):
+    """Whether caption labels (indices into CAPTIONS) name a rare colour-shape pair: bool [n]."""
+    return torch.isin(torch.as_tensor(labels) // len(BACKGROUNDS), torch.tensor(RARE_PAIR_INDICES))
+
+
+RARE_CAPTIONS = [c for i, c in enumerate(CAPTIONS) if is_rare(torch.tensor([i]))[0]]
+
+
+def pair_weights(rare_weight):
+    """Sampling weight of each colour-shape pair (index colour * 4 + shape): 1 for a common pair,
+    `rare_weight` for a rare one. A rare pair is then drawn with probability
+    rare_weight / (18 + 6 rare_weight), all six with rare_weight / (3 + rare_weight)."""
+    w = torch.ones(len(COLOURS) * len(SHAPES))
+    w[list(RARE_PAIR_INDICES)] = rare_weight
+    return w
+
+
+def sample_scenes(n, generator, rare_weight=1.0):
+    """n random scenes: label indices, size r and centre (pixels), drawn from `generator`. With
+    rare_weight < 1 the colour-shape pair comes from pair_weights(rare_weight) (the denoiser's
+    data); 1 is the uniform world every other model learns from."""
     g = generator
-    shape = torch.randint(len(SHAPES), (n,), generator=g)
-    colour = torch.randint(len(COLOURS), (n,), generator=g)
+    if rare_weight == 1.0:
+        shape = torch.randint(len(SHAPES), (n,), generator=g)
+        colour = torch.randint(len(COLOURS), (n,), generator=g)
+    else:
+        pair = torch.multinomial(pair_weights(rare_weight), n, replacement=True, generator=g)
+        colour, shape = pair // len(SHAPES), pair % len(SHAPES)
     background = torch.randint(len(BACKGROUNDS), (n,), generator=g)
     r = R_MIN + (R_MAX - R_MIN) * torch.rand(n, generator=g)
     margin = r * EXTENT[shape] + 1.0
@@ -100,9 +136,10 @@ def render(scenes):
     return bg * (1 - cover) + fg * cover
 
 
-def make_batch(n, generator):
-    """(images [n,3,32,32], captions, labels [n] indexing CAPTIONS): fresh data, deterministic per generator."""
-    scenes = sample_scenes(n, generator)
+def make_batch(n, generator, rare_weight=1.0):
+    """(images [n,3,32,32], captions, labels [n] indexing CAPTIONS): fresh data, deterministic per
+    generator (see sample_scenes for rare_weight)."""
+    scenes = sample_scenes(n, generator, rare_weight)
     labels = (scenes["colour"] * len(SHAPES) + scenes["shape"]) * len(BACKGROUNDS) + scenes["background"]
     return render(scenes), [CAPTIONS[i] for i in labels.tolist()], labels
 

@@ -59,7 +59,7 @@ checkpointing = "auto"       # gradient checkpointing of the UNet calls: auto (o
 # DiffExp exploration (Chae et al. 2025, Sec. 3)
 explore = False              # explore during the first explore_frac of training
 explore_frac = 0.75          # fraction of training that explores (paper: 3/4)
-w_low = 1.0                  # CFG scale for the noisy timesteps t > t_thres (1.0 = no guidance)
+w_low = 1.0                  # CFG scale for t > t_thres: 1 = the conditional model unguided, 0 = the unconditional
 t_thres = 800                # timestep threshold of the CFG schedule (paper: 900, 800 or 700)
 weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U(1, weight_max)
 explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
@@ -94,7 +94,7 @@ def draw_k(g, truncation, num_steps, k_min, k_max):
     return int(truncation)
 
 
-def draft_lv_images(pipe, traj, cond, uncond, scale, g, n):
+def draft_lv_images(pipe, traj, cond, uncond, scale, n, g):
     """DRaFT-LV (Clark et al. 2024, Sec. 4.2): lower-variance gradient for the last step. The final
     latent x_0 is re-noised to the last timestep n times with fresh noise and denoised again with
     gradient; the reward gradient is averaged over the n copies."""
@@ -111,17 +111,18 @@ def draft_lv_images(pipe, traj, cond, uncond, scale, g, n):
     return torch.cat(images)
 
 
-def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, g, *, batch_size, num_steps, eta, guidance,
+def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_size, num_steps, eta, guidance,
                      scale=None, explore_weights=False, weight_max=1.2, draft_lv=0, use_ckpt=False):
     """Steps 1 and 2: draw a batch of prompts, sample it with gradient through the last k denoising
     steps, decode and score it. Exploring: `scale` is DiffExp's per-step guidance schedule (None:
-    constant `guidance`) and `explore_weights` up-weights one phrase of each prompt. Returns
-    (rewards [B] with their graph, the clean prompts)."""
-    idx = torch.randint(len(prompt_list), (batch_size,), generator=g)
+    constant `guidance`) and `explore_weights` up-weights one phrase of each prompt. `rng`: one
+    generator per random quantity (sampling.random_streams). Returns (rewards [B] with their
+    graph, the clean prompts)."""
+    idx = torch.randint(len(prompt_list), (batch_size,), generator=rng["prompts"])
     batch_prompts = [prompt_list[i] for i in idx]
     weights = None
     if explore_weights:  # DiffExp random prompt weighting
-        weights = draw_weights(batch_prompts, g, w_max=weight_max)
+        weights = draw_weights(batch_prompts, rng["weights"], w_max=weight_max)
     cond = sampling.encode_prompts(pipe, batch_prompts, weights)
     uncond = uncond_one.expand(batch_size, -1, -1)
     pipe.scheduler.set_timesteps(num_steps)
@@ -129,14 +130,15 @@ def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, g, *, batch_si
         scale = torch.full((num_steps,), guidance)
     scale = scale.to(pipe.unet.device)
     clean = [parse_phrases(p)[0] for p in batch_prompts]
+    latents = sampling.initial_noise(pipe, batch_size, rng["noise"])
     if draft_lv:
-        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
-                                generator=g, grad_steps=0, decode=False)
-        images = draft_lv_images(pipe, traj, cond, uncond, scale, g, draft_lv)
+        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta, latents=latents,
+                                generator=rng["ddim"], grad_steps=0, decode=False)
+        images = draft_lv_images(pipe, traj, cond, uncond, scale, draft_lv, rng["ddim"])
         clean = clean * draft_lv
     else:
-        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta,
-                                generator=g, grad_steps=k, checkpoint=use_ckpt)
+        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta, latents=latents,
+                                generator=rng["ddim"], grad_steps=k, checkpoint=use_ckpt)
         images = traj.images
     return reward_fn(images, clean), clean
 
@@ -173,9 +175,8 @@ def main():
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     use_ckpt = dev.type == "cuda" if checkpointing == "auto" else checkpointing.lower() in ("1", "true", "yes")
     uncond_one = sampling.encode_prompts(pipe, [""])
-    generator = lambda *keys: sampling.seeded_generator(seed, *keys)  # one stream per (step, batch, ...)
     pipe.scheduler.set_timesteps(num_steps)
-    schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low while t > t_thres
+    schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low for t > t_thres
 
     # ---- resume ------------------------------------------------------------------------------------
     start_epoch, queries, history = 0, 0, []
@@ -187,7 +188,7 @@ def main():
         if master:
             print(f"resuming {out} from epoch {start_epoch}")
 
-    eval_list = prompt_list[::max(1, len(prompt_list) // eval_prompts)][:eval_prompts]
+    eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
 
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
@@ -206,12 +207,13 @@ def main():
         pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not master, leave=False)
         for s in pbar:
             step = epoch * steps_per_epoch + s
-            k = draw_k(generator(step, 1_000_000), truncation, num_steps, k_min, k_max)  # the same K on every rank
+            g = sampling.seeded_generator(seed, step, 1_000_000)  # the same K on every rank
+            k = draw_k(g, truncation, num_steps, k_min, k_max)
             step_rewards = []
             for m in range(grad_accum):
                 # ---- 1. sample, with gradient through the last k steps, and 2. reward ----------
-                g = generator(step, m * world + rank)
-                r, clean = sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, g,
+                rng = sampling.random_streams(seed, step, m * world + rank)  # its own streams per process
+                r, clean = sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng,
                                             batch_size=batch_size, num_steps=num_steps, eta=eta, guidance=guidance,
                                             scale=schedule if exploring and explore_cfg else None,
                                             explore_weights=exploring and explore_weights, weight_max=weight_max,

@@ -53,7 +53,7 @@ guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
 # DiffExp exploration (Chae et al. 2025, Sec. 3)
 explore = False              # explore during the first explore_frac of the epochs
 explore_frac = 0.75          # fraction of training that explores (paper: 3/4)
-w_low = 1.0                  # CFG scale for the noisy timesteps t > t_thres (1.0 = no guidance)
+w_low = 1.0                  # CFG scale for t > t_thres: 1 = the conditional model unguided, 0 = the unconditional
 t_thres = 800                # timestep threshold of the CFG schedule (paper: 900, 800 or 700)
 weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U(1, weight_max)
 explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
@@ -93,16 +93,18 @@ def per_prompt_advantages(prompt_list, r, buffers, stat_buffer, stat_min_count):
     Each prompt keeps a running buffer of its last `stat_buffer` rewards; its advantage is the
     reward standardised by that buffer's mean and std, so an easy prompt that always scores high
     is not reinforced just for being easy. Until a prompt has `stat_min_count` rewards, the whole
-    batch's statistics are used. `buffers` (prompt -> list of floats) is updated in place."""
+    batch's statistics are used. The std is the population std (np.std, as ddpo-pytorch's
+    PerPromptStatTracker and TRL compute it), not the unbiased one. `buffers` (prompt -> list of
+    floats) is updated in place."""
     adv = torch.empty_like(r)
     for p in dict.fromkeys(prompt_list):  # unique, in order
         mask = torch.tensor([q == p for q in prompt_list])
         buffers[p] = (buffers[p] + r[mask].tolist())[-stat_buffer:]
         if len(buffers[p]) < stat_min_count:
-            mean, std = r.mean(), r.std()
+            mean, std = r.mean(), r.std(correction=0)
         else:
             b = torch.tensor(buffers[p], dtype=r.dtype)
-            mean, std = b.mean(), b.std()
+            mean, std = b.mean(), b.std(correction=0)
         adv[mask] = (r[mask] - mean) / (std + 1e-6)
     return adv
 
@@ -156,7 +158,6 @@ def main():
     timesteps = scheduler.timesteps
     num_train_steps = max(1, int(num_steps * timestep_fraction))
     uncond_one = sampling.encode_prompts(pipe, [""])
-    generator = lambda *keys: sampling.seeded_generator(seed, *keys)  # one stream per (epoch, batch, ...)
 
     # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
     start_epoch, queries, history, buffers = 0, 0, [], defaultdict(list)
@@ -170,7 +171,7 @@ def main():
             print(f"resuming {out} from epoch {start_epoch}")
 
     # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
-    eval_list = prompt_list[::max(1, len(prompt_list) // eval_prompts)][:eval_prompts]
+    eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
 
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
@@ -184,25 +185,32 @@ def main():
                 print(f"evaluation reward before training: {eval_before:.4f}")
         t0 = time.time()
         exploring = explore and explore_active(epoch, epochs, explore_frac)
+        if explore and not exploring and explore_active(epoch - 1, epochs, explore_frac):
+            # Exploration just ended: the buffers hold rewards of samples drawn with low early guidance
+            # and weighted prompts, a lower baseline than plain sampling earns. Start them afresh.
+            buffers.clear()
 
         # ---- 1. sample ---------------------------------------------------------------------------
         unet.eval()
         batches = []
         for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not master, leave=False):
-            g = generator(epoch, b * world + rank)  # a different stream per process and batch
-            idx = torch.randint(len(prompt_list), (sample_batch_size // samples_per_prompt,), generator=g)
+            rng = sampling.random_streams(seed, epoch, b * world + rank)  # its own streams per process and batch
+            n_prompts = sample_batch_size // samples_per_prompt
+            idx = torch.randint(len(prompt_list), (n_prompts,), generator=rng["prompts"])
             idx = idx.repeat_interleave(samples_per_prompt)
             batch_prompts = [prompt_list[i] for i in idx]
             weights = None
             if exploring and explore_weights:  # DiffExp random prompt weighting, drawn afresh
-                weights = draw_weights(batch_prompts, g, w_max=weight_max)
+                weights = draw_weights(batch_prompts, rng["weights"], w_max=weight_max)
             cond = sampling.encode_prompts(pipe, batch_prompts, weights)
             uncond = uncond_one.expand(len(batch_prompts), -1, -1)
             scale = torch.full((num_steps,), guidance)
             if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
                 scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
             with torch.no_grad():
-                traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, generator=g)
+                x_T = sampling.initial_noise(pipe, len(idx), rng["noise"])
+                traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, latents=x_T,
+                                        generator=rng["ddim"])
             # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
             clean = [parse_phrases(p)[0] for p in batch_prompts]
             with torch.no_grad():
@@ -230,7 +238,7 @@ def main():
         if per_prompt_stats:
             adv = per_prompt_advantages(all_prompts, all_r, buffers, stat_buffer, stat_min_count)
         else:
-            adv = (all_r - all_r.mean()) / (all_r.std() + 1e-6)
+            adv = (all_r - all_r.mean()) / (all_r.std(correction=0) + 1e-6)
         adv = adv.clamp(-adv_clip, adv_clip)[rank * n_local:(rank + 1) * n_local].to(dev)
 
         # ---- 4. train: PPO over the recorded denoising steps --------------------------------------
@@ -242,7 +250,7 @@ def main():
         stats = defaultdict(list)
         first_step = True
         for inner in range(inner_epochs):
-            g = generator(epoch, 10_000 + inner, rank)
+            g = sampling.seeded_generator(seed, epoch, 10_000 + inner, rank)
             perm = torch.randperm(n_local, generator=g)
             # each sample visits its own random order of steps (DDPO shuffles timesteps per sample)
             step_order = torch.stack([torch.randperm(num_steps, generator=g) for _ in range(n_local)])

@@ -155,3 +155,25 @@ def tiny_pickscore(tmp_path_factory):
     model.save_pretrained(d / "model")
     proc.save_pretrained(d / "processor")
     return model, proc, str(d / "model"), str(d / "processor")
+
+
+def record_sampling(monkeypatch):
+    """Record what the trainers draw: every rollout's initial noise and every batch of prompts
+    encoded (the texts, weighted or not; not the empty prompt), in call order."""
+    import sampling
+    seen = dict(noise=[], prompts=[])
+    real_noise, real_encode = sampling.initial_noise, sampling.encode_prompts
+
+    def initial_noise(*a, **k):
+        x = real_noise(*a, **k)
+        seen["noise"].append(x.clone())
+        return x
+
+    def encode_prompts(pipe, prompts, weights=None):
+        if list(prompts) != [""]:
+            seen["prompts"].append(list(prompts))
+        return real_encode(pipe, prompts, weights)
+
+    monkeypatch.setattr(sampling, "initial_noise", initial_noise)
+    monkeypatch.setattr(sampling, "encode_prompts", encode_prompts)
+    return seen

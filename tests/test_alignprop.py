@@ -7,7 +7,7 @@ import torch
 import lora
 import sampling
 from explore import cfg_schedule
-from conftest import lora_weights, read_log, run_trainer, torchrun
+from conftest import lora_weights, read_log, record_sampling, run_trainer, torchrun
 
 PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)"]
 
@@ -32,7 +32,8 @@ def test_only_the_last_k_unet_calls_carry_gradient(pipe, truncation, k):
     pipe.unet.register_forward_hook(lambda m, i, o: grad_enabled.append(torch.is_grad_enabled()))
     g = torch.Generator().manual_seed(0)
     assert ta.draw_k(g, truncation, num_steps=4, k_min=1, k_max=4) == k
-    r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, sampling.encode_prompts(pipe, [""]), k, g, **SETTINGS)
+    r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, sampling.encode_prompts(pipe, [""]), k,
+                               sampling.random_streams(0), **SETTINGS)
     assert grad_enabled == [False] * (4 - k) + [True] * k
     r.mean().backward()
     assert all(p.grad is not None for p in params) and any(p.grad.abs().sum() > 0 for p in params)
@@ -70,7 +71,7 @@ def test_full_backprop_gradient_matches_finite_differences(pipe, explore):
     schedule = cfg_schedule(pipe.scheduler.timesteps, w_high=5.0, w_low=1.0, t_thres=500)
 
     def loss():
-        r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, uncond, 4, torch.Generator().manual_seed(7),
+        r, _ = ta.sample_and_score(pipe, brightness, PROMPTS, uncond, 4, sampling.random_streams(7),
                                    scale=schedule if explore else None, explore_weights=explore, **SETTINGS)
         return -r.mean()
 
@@ -159,3 +160,17 @@ def test_bad_input_is_a_clear_error_with_nothing_written(tiny_pipeline_dir, prom
         run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, out), *flags)
     assert message in str(e.value) and str(e.value).startswith("error:")
     assert not out.exists()
+
+
+def test_same_seed_same_prompts_and_initial_noise_exploring_or_not(tiny_pipeline_dir, prompt_file, tmp_path,
+                                                                    monkeypatch):
+    """Common random numbers, as in DDPO: exploring draws prompt weights from a stream of its own."""
+    runs = {}
+    for explore in (False, True):
+        seen = record_sampling(monkeypatch)
+        run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, tmp_path / str(explore), "--epochs=1",
+                                              *(["--explore"] if explore else [])))
+        runs[explore] = seen
+        monkeypatch.undo()
+    assert runs[False]["prompts"] == runs[True]["prompts"] and len(runs[True]["noise"]) == 4  # 2 updates, 2 evaluations
+    assert all(torch.equal(a, b) for a, b in zip(runs[False]["noise"], runs[True]["noise"]))

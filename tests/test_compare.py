@@ -5,6 +5,7 @@ import importlib
 import json
 import os
 import re
+import shlex
 import statistics
 import subprocess
 import sys
@@ -182,15 +183,17 @@ def test_queries_to_reach_interpolates_the_first_crossing():
     assert compare.queries_to_reach([10, 20], [0.0, 1.0], 2.0) is None
 
 
-def test_ablation_plans_four_arms_differing_only_in_the_exploration_switches(tiny_pipeline_dir, nine_prompts, tmp_path):
+def test_ablation_plans_five_arms_differing_only_in_the_exploration_switches(tiny_pipeline_dir, nine_prompts, tmp_path):
     folder, runs, *_ = configured(*compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", "--ablation")).plan()
-    assert [r["name"] for r in runs] == [f"{a}-s{s}" for a in ("baseline", "explore", "cfg_only", "weights_only")
+    assert [r["name"] for r in runs] == [f"{a}-s{s}" for a in ("baseline", "explore", "cfg_only", "weights_only", "w_low0")
                                          for s in (0, 1)]
-    switches = {r["arm"]: (r["config"]["explore"], r["config"]["explore_cfg"], r["config"]["explore_weights"])
-                for r in runs}
-    assert switches == {"baseline": (False, True, True), "explore": (True, True, True),
-                        "cfg_only": (True, True, False), "weights_only": (True, False, True)}
-    strip = lambda c: {k: v for k, v in c.items() if k not in ("explore", "explore_cfg", "explore_weights", "seed", "out")}
+    switches = {r["arm"]: (r["config"]["explore"], r["config"]["explore_cfg"], r["config"]["explore_weights"],
+                           r["config"]["w_low"]) for r in runs}
+    assert switches == {"baseline": (False, True, True, 1.0), "explore": (True, True, True, 1.0),
+                        "cfg_only": (True, True, False, 1.0), "weights_only": (True, False, True, 1.0),
+                        "w_low0": (True, True, True, 0.0)}
+    switched = ("explore", "explore_cfg", "explore_weights", "w_low", "seed", "out")
+    strip = lambda c: {k: v for k, v in c.items() if k not in switched}
     assert all(strip(r["config"]) == strip(runs[0]["config"]) for r in runs)
     assert not os.path.exists(folder)  # planning writes nothing
 
@@ -201,7 +204,7 @@ def test_explore_args_change_only_the_exploring_arms_and_keep_the_baseline_runs(
     varied = {r["name"]: r for r in configured(*argv, "--explore_args=--t_thres=900 --w_low=2").plan()[1]}
     tag = "-t_thres900-w_low2"
     assert list(varied) == [f"baseline-s{s}" for s in (0, 1)] + [f"{a}{tag}-s{s}" for a in (
-        "explore", "cfg_only", "weights_only") for s in (0, 1)]
+        "explore", "cfg_only", "weights_only", "w_low0") for s in (0, 1)]
     for name, r in varied.items():
         if name.startswith("baseline"):  # the same runs, in the same folders: reused, not re-run
             assert r["dir"] == plain[name]["dir"] and r["config"] == plain[name]["config"]
@@ -209,6 +212,7 @@ def test_explore_args_change_only_the_exploring_arms_and_keep_the_baseline_runs(
             before = plain[name.replace(tag, "")]["config"]
             changed = {k for k in r["config"] if r["config"][k] != before[k]}
             assert changed == {"out", "t_thres", "w_low"} and (r["config"]["t_thres"], r["config"]["w_low"]) == (900, 2.0)
+            assert shlex.join(r["argv"]).endswith("--t_thres=900 --w_low=2")  # after the arm's own flags: they win
 
 
 @pytest.mark.parametrize("extra, message", [

@@ -6,7 +6,6 @@ import textwrap
 import pytest
 
 import configurator
-import prompt_sets
 
 DEFAULTS = {"lr": 3e-4, "epochs": 10, "explore": False, "reward": "shapes_aesthetic", "max_steps": None}
 
@@ -61,25 +60,3 @@ def test_configure_reads_a_scripts_defaults_and_help(tmp_path):
     assert "NOT_AN_OPTION" not in h.stdout
     bad = run("--NOT_AN_OPTION=3")
     assert bad.returncode != 0 and "unknown option" in bad.stderr
-
-
-def test_prompt_sets_match_the_papers():
-    animals = prompt_sets.load_prompts("animals")
-    assert len(animals) == 45 == len(set(animals)) and animals[0] == "cat" and "kangaroo" in animals
-    aa = prompt_sets.load_prompts("animal_activities")
-    assert len(aa) == 135 and "an (owl)" not in aa
-    assert "a (dolphin) (riding a bike)" in aa and "an (ant) (playing chess)" in aa
-    unseen = prompt_sets.load_prompts("unseen_animals")
-    assert len(unseen) >= 18 and not set(unseen) & set(animals)
-
-
-def test_prompt_file_and_errors(tmp_path):
-    f = tmp_path / "p.txt"
-    f.write_text("a red circle\n\n# comment\na (blue) square\n")
-    assert prompt_sets.load_prompts(str(f)) == ["a red circle", "a (blue) square"]
-    empty = tmp_path / "empty.txt"
-    empty.write_text("\n# nothing\n")
-    with pytest.raises(SystemExit, match="no prompts"):
-        prompt_sets.load_prompts(str(empty))
-    with pytest.raises(SystemExit, match="unknown prompt set"):
-        prompt_sets.load_prompts("animalz")

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from conftest import lora_weights, read_log, run_trainer, torchrun
+from conftest import lora_weights, read_log, record_sampling, run_trainer, torchrun
 
 import train_ddpo
 
@@ -46,14 +46,48 @@ def test_per_prompt_advantages_against_hand_computation():
     prompts = ["a", "a", "a", "b"]
     r = torch.tensor([1.0, 2.0, 3.0, 10.0])
     adv = train_ddpo.per_prompt_advantages(prompts, r, buffers, stat_buffer=4, stat_min_count=3)
-    # "a" has 3 rewards (enough): its own mean 2 and std 1; "b" has 1: the batch's statistics
-    assert adv[:3].tolist() == pytest.approx([-1.0, 0.0, 1.0], abs=1e-5)
-    assert adv[3].item() == pytest.approx((10 - r.mean().item()) / r.std().item(), rel=1e-5)
+    # "a" has 3 rewards (enough): its own mean 2 and population std sqrt(2/3); "b" has 1: the batch's
+    assert adv[:3].tolist() == pytest.approx([-(1.5 ** 0.5), 0.0, 1.5 ** 0.5], abs=1e-5)
+    batch_std = (sum((x - 4.0) ** 2 for x in (1.0, 2.0, 3.0, 10.0)) / 4) ** 0.5  # mean 4, population std
+    assert adv[3].item() == pytest.approx(6.0 / batch_std, rel=1e-5)
     # the buffer keeps only the last 4 rewards of each prompt
     adv = train_ddpo.per_prompt_advantages(["a", "a"], torch.tensor([4.0, 5.0]), buffers, stat_buffer=4, stat_min_count=3)
     assert buffers["a"] == [2.0, 3.0, 4.0, 5.0]
-    b = torch.tensor([2.0, 3.0, 4.0, 5.0])
-    assert adv.tolist() == pytest.approx(((torch.tensor([4.0, 5.0]) - b.mean()) / b.std()).tolist(), rel=1e-5)
+    assert adv.tolist() == pytest.approx([(4 - 3.5) / 1.25 ** 0.5, (5 - 3.5) / 1.25 ** 0.5], rel=1e-5)
+
+
+class ReferenceTracker:
+    """ddpo-pytorch's per-prompt stat tracker (ddpo_pytorch/stat_tracking.py, as TRL's DDPOTrainer
+    used it), re-written here in numpy from its description: a deque of the last buffer_size rewards
+    per prompt, extended with the batch's rewards first; below min_count the whole batch's
+    np.mean / np.std, else the prompt's own; std + 1e-6."""
+
+    def __init__(self, buffer_size, min_count):
+        self.buffer_size, self.min_count, self.stats = buffer_size, min_count, {}
+
+    def update(self, prompts, rewards):
+        from collections import deque
+        import numpy as np
+        prompts, rewards = np.array(prompts), np.array(rewards, dtype=np.float64)
+        advantages = np.empty_like(rewards)
+        for p in np.unique(prompts):
+            own = rewards[prompts == p]
+            self.stats.setdefault(p, deque(maxlen=self.buffer_size)).extend(own)
+            pool = rewards if len(self.stats[p]) < self.min_count else np.array(self.stats[p])
+            advantages[prompts == p] = (own - np.mean(pool)) / (np.std(pool) + 1e-6)
+        return advantages
+
+
+def test_per_prompt_advantages_match_ddpo_pytorchs_tracker():
+    from collections import defaultdict
+    g = torch.Generator().manual_seed(0)
+    ref, buffers = ReferenceTracker(buffer_size=8, min_count=5), defaultdict(list)
+    for epoch in range(6):  # buffers fill, overflow, and some prompts stay below min_count
+        idx = torch.randint(4, (12,), generator=g)
+        prompts = [f"prompt {i}" for i in idx.tolist()]
+        r = torch.randn(12, generator=g, dtype=torch.float64) * (1 + epoch)
+        ours = train_ddpo.per_prompt_advantages(prompts, r, buffers, stat_buffer=8, stat_min_count=5)
+        assert ours.tolist() == pytest.approx(ref.update(prompts, r.numpy()).tolist(), rel=1e-9, abs=1e-9)
 
 
 @pytest.mark.parametrize("explore", [False, True])
@@ -180,3 +214,30 @@ def test_changed_config_in_an_existing_run_folder_is_refused(tiny_pipeline_dir, 
     run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out, "--epochs=1"))
     with pytest.raises(SystemExit, match=r"different config \(lr: 0.003 -> 0.01\).*resume.*--out"):
         run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out, "--epochs=1"), "--lr=0.01")
+
+
+def test_buffers_start_afresh_when_exploration_ends(tiny_pipeline_dir, prompt_file, tmp_path):
+    """Epoch 0 explores, epoch 1 samples plainly: the per-prompt buffers after epoch 1 hold only its
+    own 8 rewards (exploring samples would be a stale, lower baseline); without exploring, 16."""
+    for explore, expected in ((True, 8), (False, 16)):
+        out = tmp_path / str(explore)
+        run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out, "--explore_frac=0.5",
+                                         *(["--explore"] if explore else [])))
+        ck = torch.load(out / "ckpt.pt", weights_only=False)
+        assert [h["explore"] for h in ck["history"]] == [explore, False]
+        assert sum(len(b) for b in ck["buffers"].values()) == expected
+
+
+def test_same_seed_same_prompts_and_initial_noise_exploring_or_not(tiny_pipeline_dir, prompt_file, tmp_path,
+                                                                    monkeypatch):
+    """Common random numbers: the prompt choice and the initial noise have streams of their own, so
+    drawing prompt weights while exploring shifts neither."""
+    runs = {}
+    for explore in (False, True):
+        seen = record_sampling(monkeypatch)
+        run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, tmp_path / str(explore), "--epochs=1",
+                                         *(["--explore"] if explore else [])))
+        runs[explore] = seen
+        monkeypatch.undo()
+    assert runs[False]["prompts"] == runs[True]["prompts"] and len(runs[True]["noise"]) == 4  # 2 batches, 2 evaluations
+    assert all(torch.equal(a, b) for a, b in zip(runs[False]["noise"], runs[True]["noise"]))

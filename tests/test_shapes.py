@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import prompt_sets
+import rewards
 import shapes
 import shapes_models
 import shapes_world
@@ -63,6 +64,38 @@ def test_shapes_stay_inside_the_image():
     background = shapes_world.GREYS[scenes["background"]][:, None, None]
     assert torch.allclose(border, background.expand_as(border))
     assert scenes["r"].min() >= shapes_world.R_MIN and scenes["r"].max() <= shapes_world.R_MAX
+
+
+def test_rare_pairs_leave_every_colour_and_shape_common():
+    colours = [c for c, _ in shapes_world.RARE_PAIRS]
+    shapes_ = [s for _, s in shapes_world.RARE_PAIRS]
+    assert sorted(colours) == sorted(shapes_world.COLOUR_NAMES)  # one rare pair per colour
+    assert max(shapes_.count(s) for s in shapes_world.SHAPES) <= 2  # each shape rare with two colours at most
+    rare = prompt_sets.load_prompts("shapes_rare")
+    assert [rewards.strip_marks(p) for p in rare] == shapes_world.RARE_CAPTIONS and len(rare) == 18
+    common = prompt_sets.load_prompts("shapes_common")
+    assert len(common) == 54 and sorted(rare + common) == sorted(prompt_sets.load_prompts("shapes"))
+    for p in rare:
+        c, s, _ = shapes_world.parse_prompt(p)
+        assert (shapes_world.COLOUR_NAMES[c], shapes_world.SHAPES[s]) in shapes_world.RARE_PAIRS
+
+
+@pytest.mark.parametrize("rare_weight", [0.05, 0.2])
+def test_the_denoisers_sampler_draws_rare_pairs_at_the_configured_rate(rare_weight):
+    n = 200_000
+    scenes = shapes_world.sample_scenes(n, torch.Generator().manual_seed(0), rare_weight)
+    pair = scenes["colour"] * len(shapes_world.SHAPES) + scenes["shape"]
+    rare = torch.isin(pair, torch.tensor(shapes_world.RARE_PAIR_INDICES))
+    expected = 6 * rare_weight / (18 + 6 * rare_weight)  # a rare pair weighs rare_weight, a common one 1
+    assert rare.float().mean().item() == pytest.approx(expected, abs=4 * (expected / n) ** 0.5)
+    counts = torch.bincount(pair, minlength=24).float() / n
+    common = [i for i in range(24) if i not in shapes_world.RARE_PAIR_INDICES]
+    assert counts[common].min() > 0.9 / (18 + 6 * rare_weight) and counts[common].max() < 1.1 / (18 + 6 * rare_weight)
+    # backgrounds stay uniform, and the other models' data (rare_weight 1) stays what it was
+    assert torch.bincount(scenes["background"], minlength=3).min() > 0.32 * n
+    uniform = shapes_world.sample_scenes(1000, torch.Generator().manual_seed(0))
+    again = shapes_world.sample_scenes(1000, torch.Generator().manual_seed(0), 1.0)
+    assert all(torch.equal(uniform[k], again[k]) for k in uniform)
 
 
 def test_captions_and_prompts():
@@ -162,6 +195,8 @@ def test_world_is_a_plain_diffusers_pipeline_folder(world):
                   output_type="pt", generator=torch.Generator().manual_seed(0)).images
     assert images.shape == (1, 3, 32, 32)
     assert set(manifest["seconds"]) >= {"vae", "judge", "aesthetic", "unet", "total"}
+    # the hard prompts are recorded with the world: the clean captions of the rare pairs
+    assert manifest["rare_captions"] == shapes_world.RARE_CAPTIONS and manifest["config"]["rare_weight"] < 1
     # the text encoder is the judge's text tower, frozen (as SD 1.5 uses CLIP's)
     judge = shapes_models.load_judge(folder)
     for name, p in pipe.text_encoder.state_dict().items():
