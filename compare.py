@@ -287,8 +287,9 @@ def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache, metric_fns={}):
     return c
 
 
-def evaluate_all(folder, run_list, held):
-    """Evaluate every run (and the pretrained model) on the held-out prompts."""
+def evaluate_all(folder, run_list, held, trained):
+    """Evaluate every run (and the pretrained model) on the held-out prompts and on `trained`, a
+    subset of the training prompts. Returns two dicts, run name -> evaluate()'s result."""
     cfg = run_list[0]["config"]
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg.get("reward_options", "")))
@@ -298,12 +299,16 @@ def evaluate_all(folder, run_list, held):
           f"{cfg['num_steps']} steps, eta {cfg['eta']:g}", flush=True)
     results = {"pretrained": evaluate(pipe, reward_fn, held, cfg, None, os.path.join(folder, "pretrained_heldout.pt"),
                                       metric_fns)}
+    on_trained = {"pretrained": evaluate(pipe, reward_fn, trained, cfg, None, os.path.join(folder, "pretrained_trained.pt"),
+                                         metric_fns)}
     for r in run_list:
-        results[r["name"]] = evaluate(pipe, reward_fn, held, cfg, os.path.join(r["dir"], "lora"),
-                                      os.path.join(r["dir"], "heldout.pt"), metric_fns)
+        lora_dir = os.path.join(r["dir"], "lora")
+        results[r["name"]] = evaluate(pipe, reward_fn, held, cfg, lora_dir, os.path.join(r["dir"], "heldout.pt"), metric_fns)
+        on_trained[r["name"]] = evaluate(pipe, reward_fn, trained, cfg, lora_dir, os.path.join(r["dir"], "trained.pt"),
+                                         metric_fns)
         print(f"{r['name']}: held-out reward {results[r['name']]['reward']:.4f}, "
               f"diversity {results[r['name']]['diversity']:.4f}", flush=True)
-    return results
+    return results, on_trained
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,7 +346,22 @@ def band(per_point):
     return dict(mean=[statistics.fmean(v) for v in per_point], std=[mean_std(v)["std"] for v in per_point])
 
 
-def summarise(run_list, evals):
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
+         2.120, 2.110, 2.101, 2.093, 2.086]  # Student's t, 97.5% quantile, 1..20 degrees of freedom
+
+
+def paired_difference(arm_values, base_values):
+    """Arm minus baseline, seed by seed (the same seed draws the same prompts and noise in both: a
+    paired design), with the mean difference's 95% t-interval and what it supports: "helps" or
+    "hurts" when the interval excludes 0, else "no difference"."""
+    d = [a - b for a, b in zip(arm_values, base_values)]
+    mean = statistics.fmean(d)
+    half = T_975[min(len(d) - 1, len(T_975)) - 1] * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+    verdict = "helps" if mean - half > 0 else "hurts" if mean + half < 0 else "no difference"
+    return dict(mean=mean, low=mean - half, high=mean + half, n=len(d), verdict=verdict)
+
+
+def summarise(run_list, evals, trained_evals):
     arms = {}
     for arm in dict.fromkeys(r["arm"] for r in run_list):
         logs = [read_log(r["dir"]) for r in run_list if r["arm"] == arm]
@@ -363,10 +383,18 @@ def summarise(run_list, evals):
             heldout_reward=mean_std([evals[n]["reward"] for n in names]),
             heldout_metrics={m: mean_std([evals[n]["metrics"][m] for n in names]) for m in evals["pretrained"]["metrics"]},
             heldout_diversity=mean_std([evals[n]["diversity"] for n in names]),
+            trained_metrics={m: mean_std([trained_evals[n]["metrics"][m] for n in names])
+                             for m in trained_evals["pretrained"]["metrics"]},
             train_seconds=sum(h["seconds"] for log in logs for h in log))
     target = arms["baseline"]["final_eval"]["mean"]
+    base = arms["baseline"]
     for a in arms.values():
         a["queries_to_baseline"] = queries_to_reach(a["curve"]["queries"], a["curve"]["mean"], target)
+        if a is not base:  # seed s of this arm against seed s of the baseline
+            pair = lambda key, sub=None: paired_difference(*[(x[key][sub] if sub else x[key])["per_seed"] for x in (a, base)])
+            a["paired"] = dict(final_eval=pair("final_eval"), heldout_reward=pair("heldout_reward"),
+                               **{f"trained {m}": pair("trained_metrics", m) for m in a["trained_metrics"]},
+                               **{f"held-out {m}": pair("heldout_metrics", m) for m in a["heldout_metrics"]})
     return arms
 
 
@@ -392,6 +420,20 @@ def table_markdown(summary):
         lines.append(f"| {name} | {pm(a['final_eval'])} | {q} | {pm(a['final_train'])} | "
                      f"{pm(a['heldout_reward'])} | " + "".join(f"{pm(v)} | " for v in a["heldout_metrics"].values())
                      + f"{pm(a['heldout_diversity'])} |")
+    paired = {name: a["paired"] for name, a in arms.items() if "paired" in a}
+    if paired and c["seeds"] > 1:
+        cols = list(next(iter(paired.values())))
+        lines += ["", "Each arm minus the baseline, seed by seed (the same seed draws the same prompts and initial noise "
+                  "in every arm): mean difference [95% t-interval over seeds], and what the interval supports.", "",
+                  "| arm | " + " | ".join(col.replace("_", " ") for col in cols) + " |", "|---|" + "---|" * len(cols)]
+        for name, p in paired.items():
+            lines.append(f"| {name} | " + " | ".join(f"{p[k]['mean']:+.4f} [{p[k]['low']:+.4f}, {p[k]['high']:+.4f}] "
+                                                     f"{p[k]['verdict']}" for k in cols) + " |")
+    if c["pretrained_trained"]["metrics"]:
+        lines += ["", "Ground truth on training prompts (" + f"{len(c['trained'])} of them, {c['heldout_seeds']} seeds each), "
+                  "pretrained: " + ", ".join(f"{m} {v:.4f}" for m, v in c["pretrained_trained"]["metrics"].items())
+                  + "; after training: " + "; ".join(f"{name} " + ", ".join(f"{m} {pm(v)}" for m, v in a["trained_metrics"].items())
+                                                     for name, a in arms.items()) + "."]
     lines += ["", f"Held-out prompts ({len(c['heldout'])}, {c['heldout_seeds']} seeds each): "
               + "; ".join(f"`{p}`" for p in c["heldout"]) + ".",
               f"Training time: {c['train_seconds'] / 60:.1f} min in all (sum of the runs' epochs); "
@@ -437,12 +479,14 @@ def main():
         f.write("".join(p + "\n" for p in held))
     ran = train_all(folder, run_list)
     print(f"training: {ran} runs ran, {len(run_list) - ran} finished earlier", flush=True)
-    evals = evaluate_all(folder, run_list, held)
+    trained = prompt_sets.spread_subset(train_list, heldout_prompts)
+    evals, trained_evals = evaluate_all(folder, run_list, held, trained)
     summary = dict(trainer=trainer, model=model, reward=reward, prompts=prompts, args=args,
                    seeds=seeds, reward_queries=read_log(run_list[0]["dir"])[-1]["reward_queries"],
                    heldout=held, heldout_seeds=heldout_seeds,
                    pretrained={k: evals["pretrained"][k] for k in ("reward", "metrics", "diversity")},
-                   arms=summarise(run_list, evals), runs_ran=ran)
+                   trained=trained, pretrained_trained={k: trained_evals["pretrained"][k] for k in ("reward", "metrics")},
+                   arms=summarise(run_list, evals, trained_evals), runs_ran=ran)
     summary["train_seconds"] = sum(a["train_seconds"] for a in summary["arms"].values())
     summary["wall_seconds"] = time.time() - t0
     tag = explore_tag()  # a comparison of another exploration setting keeps its own outputs

@@ -247,3 +247,16 @@ def test_a_failing_run_names_the_run_and_the_trainer_error(tiny_pipeline_dir, ni
     assert re.match(r"error: run baseline-s\d failed \(exit code 1\): error: unknown reward 'beauty'", str(e.value))
     assert "re-run the same command" in str(e.value)
     assert not (tmp_path / "c" / "baseline-s0" / "log.jsonl").exists()
+
+
+def test_paired_difference_against_a_hand_computation():
+    compare = configured()
+    # differences 0.1, 0.3, 0.2: mean 0.2, sample std 0.1, t(2 df) = 4.303 -> half-width 4.303 * 0.1 / sqrt(3)
+    p = compare.paired_difference([1.1, 2.3, 3.2], [1.0, 2.0, 3.0])
+    half = 4.303 * 0.1 / 3 ** 0.5
+    assert p["mean"] == pytest.approx(0.2) and (p["low"], p["high"]) == pytest.approx((0.2 - half, 0.2 + half))
+    assert p["verdict"] == "no difference" and p["n"] == 3  # 0.2 - 0.248 < 0
+    assert compare.paired_difference([1.2, 2.2, 3.2, 4.21], [1.0, 2.0, 3.0, 4.0])["verdict"] == "helps"
+    assert compare.paired_difference([0.8, 1.79, 2.8], [1.0, 2.0, 3.0])["verdict"] == "hurts"
+    # unpaired, these two arms overlap by a wide margin; paired, the same seeds show a consistent gain
+    assert compare.paired_difference([5.0, 7.0, 9.0, 11.0], [4.9, 6.8, 8.95, 10.9])["verdict"] == "helps"
