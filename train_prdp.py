@@ -76,7 +76,7 @@ train_batch_size = 16        # trajectories per UNet call when replaying recorde
 # PRDP (Deng et al. 2024, Sec. 3.1 and 3.3; their settings on SD 1.4 in App. E, Table 4)
 updates_per_epoch = 2        # K: full-batch updates per epoch; 2 is the fewest at which the clip acts (paper: 10 / 1)
 beta = 100.0                 # KL weight: the targets are (r_i - r_j) / beta; why 100: the note below it (paper: 3e-5)
-clip_eps = 1e-3              # per-step clip: a step's log-ratio stays within +-clip_eps of the sampling model's (paper: 1e-6)
+clip_eps = 1e-3              # per-step clip: each step's log-ratio within +-clip_eps of the sampling model's (paper: 1e-6)
 # Why beta = 100 and clip_eps = 1e-3 on the shapes world. The model's prediction for a trajectory is
 # R = mean over steps of log p_theta/p_ref, each step's log-prob a per-dimension MEAN over the latent
 # (sampling.ddim_step, as our DDPO's), so these numbers are in those units, not the paper's. clip_eps

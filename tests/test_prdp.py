@@ -100,7 +100,8 @@ def test_step_by_step_gradient_equals_autograd_on_the_whole_graph(pipe):
     # the whole graph: every step of every trajectory with gradient, then autograd
     lps = []
     for s in range(T):
-        eps_pred = sampling.guided_eps(unet, data["latents"][:, s], timesteps[s], data["cond"], data["uncond"], data["scale"][:, s])
+        eps_pred = sampling.guided_eps(unet, data["latents"][:, s], timesteps[s], data["cond"], data["uncond"],
+                                       data["scale"][:, s])
         lps.append(sampling.ddim_step(scheduler, eps_pred, timesteps[s], data["latents"][:, s], eta,
                                       prev_sample=data["latents"][:, s + 1])[1])
     new_graph = torch.stack(lps, 1) - lp_ref
