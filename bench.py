@@ -2,11 +2,14 @@
 
     python bench.py                                   # the shapes world, both trainers, CPU
     python bench.py --trainers=ddpo --ddpo_args="--sample_batch_size=8 --explore"
+    python bench.py --trainers=prdp --batch_sizes=    # PRDP's epoch alone
 
 1. Each trainer runs for real (its own main(), in this process, in a temporary folder) for `warmup`
    + `epochs` epochs. Its functions are wrapped with timers (time.perf_counter) before it starts:
    sampling.rollout and encode_prompts (sampling), guided_eps and ddim_step (sampling without
-   gradient, training forward with it; DDPO's ppo_loss too), decode_latents (decoding), the reward,
+   gradient, training forward with it; DDPO's ppo_loss and PRDP's rdp_loss too; PRDP's replay of the
+   recorded steps is training forward even without gradient: the reference model's log-probs and
+   the recomputation before each update after the first), decode_latents (decoding), the reward,
    torch.autograd.backward (training backward), clip_grad_norm_ and optimizer.step (optimizer).
    A section's time excludes the sections nested in it (rollout's decode counts as decoding), so
    the sections never overlap and overhead = epoch wall time - their sum. The epoch wall time is
@@ -52,9 +55,10 @@ import sampling
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python bench.py --help` lists them)
 model = "shapes"             # 'shapes', a hub id, or a local diffusers folder (given to both trainers)
-trainers = "ddpo,alignprop"  # which trainers to time, comma-separated
+trainers = "ddpo,alignprop"  # which trainers to time, comma-separated: ddpo, alignprop, prdp
 ddpo_args = ""               # other train_ddpo.py options, one string: "--sample_batch_size=8 --explore"
 alignprop_args = ""          # other train_alignprop.py options, one string
+prdp_args = ""               # other train_prdp.py options, one string
 warmup = 1                   # trainer epochs run before the timed ones (first calls allocate and cache)
 epochs = 1                   # timed trainer epochs (averaged)
 repeats = 3                  # timed repetitions per pure-UNet shape and per throughput point (median / total)
@@ -67,7 +71,7 @@ json_out = ""                # also write all results as JSON to this file
 # ------------------------------------------------------------------------------------------------
 
 SECTIONS = ["sampling", "decoding", "reward", "train forward", "train backward", "optimizer", "overhead"]
-TRAINER_MODULES = {"ddpo": "train_ddpo", "alignprop": "train_alignprop"}
+TRAINER_MODULES = {"ddpo": "train_ddpo", "alignprop": "train_alignprop", "prdp": "train_prdp"}
 NOT_IN_ARGS = ("model", "out", "epochs", "stop_after", "eval_every")  # bench sets these
 
 # ------------------------------------------------------------------------------------------------
@@ -109,8 +113,9 @@ def timed(section, fn):
 
 
 def by_grad():
-    """The same UNet call is sampling without gradient and training with it."""
-    return "train forward" if torch.is_grad_enabled() else "sampling"
+    """The same UNet call is sampling without gradient and training with it; inside a training
+    section (PRDP's replay of recorded steps) a call without gradient is training work too."""
+    return "train forward" if torch.is_grad_enabled() or (_stack and _stack[-1][0] == "train forward") else "sampling"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -152,8 +157,9 @@ def time_trainer(name, extra):
                (rewards, "load", lambda *a, **k: timed("reward", real["load"](*a, **k))),
                (torch.autograd, "backward", timed("train backward", torch.autograd.backward)),
                (torch.nn.utils, "clip_grad_norm_", timed("optimizer", torch.nn.utils.clip_grad_norm_))]
-    if hasattr(module, "ppo_loss"):
-        patches.append((module, "ppo_loss", timed("train forward", module.ppo_loss)))
+    for loss_or_replay in ("ppo_loss", "rdp_loss", "replay"):  # the trainer's own training functions
+        if hasattr(module, loss_or_replay):
+            patches.append((module, loss_or_replay, timed("train forward", getattr(module, loss_or_replay))))
     real = {attr: getattr(obj, attr) for obj, attr, _ in patches}
     optim = importlib.import_module("torch.optim.optimizer")
     hooks = [optim.register_optimizer_step_pre_hook(lambda *a: _enter("optimizer")),
@@ -330,6 +336,9 @@ def describe(b):
     if b["trainer"] == "ddpo":
         return (f"DDPO: {c['num_batches']} x {c['sample_batch_size']} samples, {c['num_steps']} steps, "
                 f"train batch {c['train_batch_size']}, timestep fraction {c['timestep_fraction']:g}")
+    if b["trainer"] == "prdp":
+        return (f"PRDP: {c['prompts_per_epoch']} prompts x {c['images_per_prompt']} images, {c['num_steps']} steps, "
+                f"{c['updates_per_epoch']} updates per epoch, train batch {c['train_batch_size']}")
     return (f"AlignProp: {c['steps_per_epoch']} steps x {c['grad_accum']} x {c['batch_size']} samples, "
             f"{c['num_steps']} steps, truncation K={c['truncation']}")
 
@@ -383,7 +392,7 @@ def main():
                          "(the first timed epoch starts where a warm-up epoch ends)")
     extras = {}
     for n in names:
-        extras[n] = shlex.split(ddpo_args if n == "ddpo" else alignprop_args)
+        extras[n] = shlex.split({"ddpo": ddpo_args, "alignprop": alignprop_args, "prdp": prdp_args}[n])
         for a in extras[n]:
             key = a[2:].partition("=")[0].replace("-", "_")
             if key in NOT_IN_ARGS:

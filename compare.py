@@ -7,6 +7,7 @@ the reward curves with +-1 std bands over seeds and writes a table:
 
     python compare.py --trainer=ddpo                          # shapes world, 3 seeds per arm
     python compare.py --trainer=alignprop --ablation          # DiffExp's ablation, 4 arms (below)
+    python compare.py --trainer=prdp                          # PRDP (train_prdp.py), the same experiment
     python compare.py --trainer=ddpo --args="--epochs=12 --w_low=0"   # anything else: to the trainer
     python compare.py --trainer=ddpo --explore_args="--t_thres=900"   # another exploration setting
                                                                       # against the same baseline runs
@@ -51,7 +52,7 @@ import sampling
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python compare.py --help` lists them)
-trainer = "ddpo"             # which trainer: ddpo or alignprop
+trainer = "ddpo"             # which trainer: ddpo, alignprop or prdp
 model = "shapes"             # passed to the trainer: 'shapes', a hub id, or a local diffusers folder
 reward = "shapes_aesthetic"  # passed to the trainer (and scores the held-out images)
 prompts = "shapes"           # training prompt set or file (minus the held-out prompts, see heldout)
@@ -71,7 +72,7 @@ out = ""                     # compare folder; default out/compare-<trainer>-<re
 # ------------------------------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-TRAINERS = {"ddpo": "train_ddpo", "alignprop": "train_alignprop"}
+TRAINERS = {"ddpo": "train_ddpo", "alignprop": "train_alignprop", "prdp": "train_prdp"}
 # arm -> trainer flags. "neither" is the baseline: exploring with both parts off samples exactly
 # like it, so it is not run twice.
 ARMS = {"baseline": [], "explore": ["--explore"]}

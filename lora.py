@@ -5,6 +5,7 @@ so an injected model is exactly the base model until trained, and a layer trains
 instead of in * out. `save` writes the keys diffusers' `pipe.load_lora_weights` reads for a UNet LoRA
 (`unet.<module path>.lora_A.weight` / `.lora_B.weight`): a run's weights load there with no conversion.
 """
+import contextlib
 import os
 
 import torch
@@ -32,6 +33,7 @@ class LoRALinear(nn.Linear):
         nn.init.normal_(self.lora_A, std=1.0 / rank)
         self.rank, self.alpha = rank, float(alpha)
         self.unmerged_weight = None  # a copy of W while (alpha/r) B A is merged into it
+        self.enabled = True  # False inside `disabled(unet)`: the base layer alone
 
     def scaled_B(self):
         # Scale B rather than the output: `save` writes exactly this tensor, so a loader that assumes
@@ -44,6 +46,8 @@ class LoRALinear(nn.Linear):
             if torch.is_grad_enabled() and self.lora_A.requires_grad:
                 raise RuntimeError("LoRA is merged into the base weights, so A and B get no gradient: call "
                                    "lora.unmerge(unet) before training, or sample under torch.no_grad()")
+            return y
+        if not self.enabled:  # the pretrained layer, exactly: the low-rank path is not even computed
             return y
         h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.scaled_B())
         return y + h.to(y.dtype)
@@ -127,6 +131,24 @@ def load(unet, path):
         sd[f"{name}.lora_{kind[0]}"] = t
         sd[f"{name}.alpha"] = t.shape[0] if kind == "A.weight" else t.shape[1]  # alpha = r: B holds the scale
     load_state_dict(unet, sd, source=path)
+
+
+@contextlib.contextmanager
+def disabled(unet):
+    """`with lora.disabled(unet):` the UNet is the pretrained model again, bit for bit (y = W x + b in
+    every LoRA layer), and A, B are left untouched; on exit (also on an exception) each layer is
+    switched back as it was. PRDP's reference model p_ref is the trained UNet inside this block: no
+    second copy of the UNet in memory. A merged UNet is refused: its W holds the update."""
+    if any(m.unmerged_weight is not None for m in layers(unet).values()):
+        raise ValueError("lora.disabled needs an unmerged UNet (W holds the update while merged); call lora.unmerge(unet) first")
+    before = {m: m.enabled for m in layers(unet).values()}
+    for m in before:
+        m.enabled = False
+    try:
+        yield unet
+    finally:
+        for m, was in before.items():
+            m.enabled = was
 
 
 def merge(unet):

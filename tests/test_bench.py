@@ -79,6 +79,35 @@ def test_alignprop_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file
     assert calls == {(4, False): 4, (4, True): 2}
 
 
+@pytest.mark.slow
+def test_prdp_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file):
+    bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=prdp", "--batch_sizes=", "--repeats=1",
+                       f"--prdp_args=--reward=jpeg_incompressibility --prompts={prompt_file} --num_steps=3 "
+                       "--prompts_per_epoch=1 --images_per_prompt=2 --sample_batch_size=2 --train_batch_size=2 "
+                       "--updates_per_epoch=2")
+    (b,), speeds = bench.main()
+    check_breakdown(b)
+    assert b["queries"] == 2 and speeds == []
+    # 3 steps, each call CFG-batched on 2 x 2 latents: sampling; the reference model's replay; update
+    # 1 with gradient; update 2's replay without gradient, then with it
+    calls = {(k["x"][0], k["grad"]): k["count"] for k in b["unet_calls"]}
+    assert calls == {(4, False): 9, (4, True): 6}
+
+
+def test_unet_calls_without_gradient_inside_a_training_section_are_training():
+    """PRDP's replays without gradient (reference model, recomputation) book as train forward."""
+    bench = configured()
+    with torch.no_grad():
+        assert bench.by_grad() == "sampling"
+        bench._enter("train forward")
+        try:
+            assert bench.by_grad() == "train forward"
+        finally:
+            bench._leave()
+    assert bench.by_grad() == "train forward"  # with gradient, anywhere
+    bench._times.clear()
+
+
 def test_section_timers_exclude_nested_sections():
     """A section's time leaves out the sections called inside it, so they can be added up: an outer
     section that sleeps 0.05 s and calls an inner one that sleeps 0.1 s books 0.05 s and 0.1 s."""

@@ -168,6 +168,20 @@ def test_alignprop_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
     assert summary["reward_queries"] == 2 and (out / "reward.png").exists()
 
 
+@pytest.mark.slow
+def test_prdp_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
+    out = tmp_path / "c"
+    summary = configured(f"--model={tiny_pipeline_dir}", "--trainer=prdp", "--reward=jpeg_incompressibility",
+                         f"--prompts={nine_prompts}", "--seeds=1", "--jobs=2", "--heldout_seeds=2", f"--out={out}",
+                         "--args=--num_steps=2 --prompts_per_epoch=1 --images_per_prompt=2 --sample_batch_size=2 "
+                         "--train_batch_size=2 --epochs=1 --eval_prompts=1 --eval_seeds=1").main()
+    for arm in ("baseline", "explore"):
+        log = read_log(out / f"{arm}-s0")
+        assert json.loads((out / f"{arm}-s0" / "config.json").read_text())["explore"] == (arm == "explore")
+        assert summary["arms"][arm]["final_eval"]["mean"] == log[-1]["eval_reward"]
+    assert summary["reward_queries"] == 2 and (out / "reward.png").exists() and (out / "table.md").exists()
+
+
 def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_reward():
     compare = configured()  # --metrics=auto
     assert compare.metric_names(dict(model="shapes", reward="shapes_aesthetic")) == ["shapes_correct", "shapes_appeal"]

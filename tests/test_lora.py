@@ -199,6 +199,36 @@ def test_merge_unmerge():
     assert torch.equal(unet_out(unet), adapted)
 
 
+def test_disabled_is_the_pretrained_unet_bit_for_bit_and_restores():
+    """PRDP's reference model: inside `lora.disabled` the trained UNet computes exactly what it did
+    before injection; after it (also after an exception) the adapter is back, and so is the gradient."""
+    unet = tiny_pipeline().unet
+    base = unet_out(unet)
+    lora.inject(unet, rank=4)
+    randomise(unet)
+    adapted = unet_out(unet)
+    assert (adapted - base).abs().max() > 1e-2
+    with lora.disabled(unet):
+        assert torch.equal(unet_out(unet), base)
+        with lora.disabled(unet):  # nested: the inner exit leaves the outer one disabled
+            pass
+        assert torch.equal(unet_out(unet), base)
+    assert torch.equal(unet_out(unet), adapted)
+    with pytest.raises(KeyError):
+        with lora.disabled(unet):
+            raise KeyError("boom")
+    assert torch.equal(unet_out(unet), adapted)
+    x, t, c = torch.randn(1, 4, 8, 8), torch.tensor([5]), torch.randn(1, 5, 16)
+    with lora.disabled(unet):  # no LoRA in the forward pass: no graph to A and B
+        assert not unet(x, t, c).sample.requires_grad
+    unet(x, t, c).sample.sum().backward()
+    assert all(m.lora_B.grad is not None for m in lora.layers(unet).values())
+    lora.merge(unet)
+    with pytest.raises(ValueError, match="unmerge"):
+        with lora.disabled(unet):
+            pass
+
+
 def test_sd15_rank4_parameter_count():
     from diffusers import UNet2DConditionModel
     with torch.device("meta"):  # shapes only: no weights allocated, nothing downloaded

@@ -2,7 +2,7 @@
 
 Every command in the README's recipe block runs here as written, except that the model becomes a
 tiny random SD-shaped folder, the reward's weights become tiny random ones, and the run is cut to
-one epoch (AlignProp: one update). A misspelt or mistyped flag, batch sizes that do not divide, a
+one epoch (AlignProp: one update; PRDP: two updates). A misspelt or mistyped flag, batch sizes that do not divide, a
 truncation the step count does not allow, or a reward that cannot train with that trainer fails
 here, before anyone rents a GPU for it."""
 import json
@@ -47,10 +47,10 @@ def same(value, text):
 
 
 def test_the_readme_has_the_papers_four_settings():
-    """DDPO and AlignProp, each with aesthetic on the 45 animals and PickScore on the 135
+    """DDPO, AlignProp and PRDP, each with aesthetic on the 45 animals and PickScore on the 135
     animal-activity prompts, on SD 1.5, with DiffExp on."""
     settings = {(s, f.get("reward"), f.get("prompts")) for s, f in RECIPES}
-    for script in ("train_ddpo", "train_alignprop"):
+    for script in ("train_ddpo", "train_alignprop", "train_prdp"):
         assert (script, "aesthetic", "animals") in settings
         assert (script, "pickscore", "animal_activities") in settings
     assert all(f["model"] == SD15 and f.get("explore") == "true" for _, f in RECIPES)
@@ -66,6 +66,10 @@ def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_
                    epochs="1", eval_prompts="2", eval_seeds="1")
     if script == "train_alignprop":
         swapped["steps_per_epoch"] = "1"
+    if script == "train_prdp":  # 2 of the 10 updates: the second replays every step and clips;
+        # train_batch_size only sets how many trajectories share a UNet call (PRDP asks nothing of
+        # it): all 64 in one instead of 4 makes 16x fewer calls, 10 s instead of 70 here
+        swapped.update(updates_per_epoch="2", train_batch_size="64")
     argv = [f"--{k}={v}" for k, v in {**flags, **swapped}.items()]
     mod = run_trainer(script, *argv)
     (rec,) = read_log(tmp_path / "run")
@@ -77,6 +81,9 @@ def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_
     if script == "train_ddpo":
         assert rec["reward_queries"] == mod.sample_batch_size * mod.num_batches
         assert rec["ratio_dev"] < 1e-5 and rec["explore"]
+    elif script == "train_prdp":
+        assert rec["reward_queries"] == mod.prompts_per_epoch * mod.images_per_prompt
+        assert rec["ratio_dev"] < 1e-5 and rec["explore"] and rec["loss"] > 0
     else:
         assert rec["reward_queries"] == mod.batch_size * mod.grad_accum
         assert all(1 <= k <= mod.num_steps for k in rec["k"])

@@ -1,0 +1,371 @@
+"""PRDP with DiffExp exploration, top to bottom.
+
+PRDP (Deng et al., "PRDP: Proximal Reward Difference Prediction for Large-Scale Reward Finetuning of
+Diffusion Models", CVPR 2024, arXiv:2402.08714) maximises the KL-regularised reward over whole
+denoising trajectories, E[r(x0, c)] - beta KL(p_theta || p_ref) (eq. 6), without a policy gradient.
+The optimum is p* = p_ref exp(r / beta) / Z(c) (eq. 7), so for two trajectories a, b of the SAME
+prompt the intractable Z(c) cancels (eq. 9):
+
+    log p*/p_ref (a) - log p*/p_ref (b) = (r_a - r_b) / beta
+
+PRDP turns this into supervised regression (the RDP objective, eq. 14): the model "predicts" the
+reward difference of two images of one prompt with the left side (theta in place of *), and is
+trained onto the observed right side; the model with zero loss is the RL optimum (App. A.3).
+p_ref is the PRETRAINED model: here the same UNet with its LoRA switched off. Each epoch
+(Algorithm 1, with the proximal update of Sec. 3.3):
+
+    1. sample     N prompts x B images with the current model, recording every step (as DDPO does)
+    2. reward     score the images (one reward query per image)
+    3. reference  every recorded step's log-prob under the pretrained model
+    4. train      K full-batch updates of the pairwise regression, each step's log-ratio clipped to
+                  within eps of the sampling model's, the larger of the clipped and unclipped errors
+
+DiffExp (Chae et al., "DiffExp: Efficient Exploration in Reward Fine-tuning for Text-to-Image
+Diffusion Models", AAAI 2025, Sec. 3) changes only step 1, and only for the first 3/4 of training,
+exactly as in train_ddpo.py.
+
+    python train_prdp.py --explore                      # shapes world, CPU
+    python train_prdp.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --reward=aesthetic \\
+        --prompts=animals ...                           # the paper's setting (see README)
+    torchrun --nproc_per_node=2 train_prdp.py ...       # several processes (DDP)
+"""
+import os
+import time
+from collections import defaultdict
+
+import torch
+from tqdm import tqdm
+
+import configurator
+import distributed
+import lora
+import pipelines
+import prompt_sets
+import rewards
+import runs
+import sampling
+from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
+
+# ------------------------------------------------------------------------------------------------
+# defaults (override with --key=value; `python train_prdp.py --help` lists them)
+# what to train
+model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
+reward = "shapes_aesthetic"  # rewards.py name: shapes_aesthetic, shapes_alignment, aesthetic, pickscore, jpeg_...
+prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
+reward_options = ""          # extra rewards.load options, "key=value,key=value" (e.g. mlp_path=...)
+out = ""                     # run folder; default out/prdp-<reward>[-explore]-s<seed>
+seed = 0                     # seeds sampling noise, prompts and prompt weights; same seed = same run
+# sampling (PRDP on SD 1.4: 50 DDPM steps, guidance 5; DDIM with eta 1 is DDPM's step)
+num_steps = 20               # DDIM steps per image
+eta = 1.0                    # DDIM noise; must be > 0 so every step has a log-likelihood
+guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
+# DiffExp exploration (Chae et al. 2025, Sec. 3)
+explore = False              # explore during the first explore_frac of the epochs
+explore_frac = 0.75          # fraction of training that explores (paper: 3/4)
+w_low = 1.0                  # CFG scale for the noisy timesteps t > t_thres (1.0 = no guidance)
+t_thres = 800                # timestep threshold of the CFG schedule (paper: 900, 800 or 700)
+weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U(1, weight_max)
+explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
+explore_weights = True       # ablation: use random prompt weighting when exploring
+# batches (per process; a torchrun run multiplies the prompts per epoch by the world size)
+epochs = 48                  # sample-then-train rounds; 48 x 64 = 3,072 reward queries, DDPO's default budget
+prompts_per_epoch = 8        # N: prompts drawn per epoch (Algorithm 1; paper, small scale: 32)
+images_per_prompt = 8        # B: images per prompt; every pair of them is a training pair (paper: 16)
+sample_batch_size = 16       # images per sampling call: whole prompt groups, a multiple of images_per_prompt
+train_batch_size = 16        # trajectories per UNet call when replaying recorded steps (memory, not maths)
+# PRDP (Deng et al. 2024, Sec. 3.1 and 3.3; their settings on SD 1.4 in App. E, Table 4)
+updates_per_epoch = 2        # K: full-batch updates per epoch; 2 is the fewest at which the clip acts (paper: 10 / 1)
+beta = 100.0                 # KL weight: the targets are (r_i - r_j) / beta; why 100: the note below it (paper: 3e-5)
+clip_eps = 1e-3              # per-step clip: each step's log-ratio within +-clip_eps of the sampling model's (paper: 1e-6)
+# Why beta = 100 and clip_eps = 1e-3 on the shapes world. The model's prediction for a trajectory is
+# R = mean over steps of log p_theta/p_ref, each step's log-prob a per-dimension MEAN over the latent
+# (sampling.ddim_step, as our DDPO's), so these numbers are in those units, not the paper's. clip_eps
+# is train_ddpo.py's clip_range (ratio 1 +- 1e-3 is log-ratio +-1e-3 per step): the two trainers may
+# move each step's likelihood equally far per epoch, so R moves by about 1e-3 per epoch, a few 1e-2
+# over a run. shapes_aesthetic rewards of one prompt differ by ~0.5-1, so beta = 100 puts the targets
+# (r_i - r_j) / beta at ~0.005-0.01: within reach after some 5-10 epochs, so the regression can be
+# met and its pull back towards the pretrained model (the KL term) acts within the run. The paper's
+# 3e-5 would put them at ~3e4, out of reach: PRDP is then a pairwise policy gradient bounded by
+# clip_eps, with no KL effect (README, the caveat under the GPU recipes). The log's pred_ratio says
+# which regime a run is in.
+# optimisation (PRDP: AdamW, weight decay 1e-4, grad-norm clip 1.0)
+lr = 3e-3                    # AdamW learning rate on the LoRA weights (as train_ddpo.py; SD 1.5 LoRA: 3e-4)
+weight_decay = 1e-4          # AdamW weight decay
+max_grad_norm = 1.0          # gradient-norm clip
+lora_rank = 4                # LoRA rank (alpha = rank)
+# evaluation and logging
+eval_every = 8               # epochs between evaluations (plain sampling, fixed prompts and seeds)
+eval_prompts = 16            # prompts in the evaluation grid
+eval_seeds = 4               # images per evaluation prompt
+device = "auto"              # auto, cpu, cuda
+stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
+# ------------------------------------------------------------------------------------------------
+
+
+def rdp_loss(R, R_clip, r, groups, beta):
+    """PRDP's loss over the whole batch (eq. 14 with the proximal clip, eq. 16-18; the paper's own
+    code in App. G): for every pair (i, j) of trajectories of the same prompt group with r_i > r_j
+    (ties dropped, so each pair once), the squared error of the predicted reward difference
+    R_i - R_j against the target (r_i - r_j) / beta, the larger of the unclipped and the clipped one,
+    averaged over the pairs (Algorithm 1, line 10).
+
+    R, R_clip [n]: each trajectory's predicted log p_theta/p_ref, unclipped and clipped; r [n] the
+    rewards; groups [n] the prompt group of each. Returns the loss and two diagnostics of the
+    prediction: the correlation of predicted with target differences, and the ratio of their sizes
+    (root mean squares; << 1: the targets are out of reach, beta is small for this reward)."""
+    pairs = (groups[:, None] == groups[None, :]) & (r[:, None] > r[None, :])
+    target = (r[:, None] - r[None, :])[pairs] / beta
+    pred = (R[:, None] - R[None, :])[pairs]
+    pred_clip = (R_clip[:, None] - R_clip[None, :])[pairs]
+    # Pessimistic, like PPO's clipped objective: the max is an upper bound of the unclipped loss, and
+    # a pair whose clipped error is the larger gets no gradient from steps that left the clip band.
+    loss = torch.maximum((pred - target) ** 2, (pred_clip - target) ** 2).sum() / max(1, len(target))
+    if len(target) == 0:  # every pair tied (e.g. a constant reward): nothing to learn, a zero gradient
+        return loss, 0.0, 0.0
+    p, q = pred.detach() - pred.detach().mean(), target - target.mean()
+    corr = (p * q).sum() / ((p * p).sum() * (q * q).sum()).sqrt().clamp(min=1e-30)
+    size = (pred.detach().pow(2).mean() / target.pow(2).mean()).sqrt()
+    return loss, corr.item(), size.item()
+
+
+def step_weights(new, old, r, groups, beta, clip_eps):
+    """The loss, and per-step weights w [n, T] such that the gradient of sum(w * log p_theta) is the
+    loss's gradient, from every step's log-ratio `new` [n, T] = log p_theta/p_ref under theta now
+    (no gradient needed) and `old` [n, T], the sampling model's.
+
+    The loss depends on trajectory i only through R_i = mean_t new[i, t] and R_clip_i = mean_t of
+    the clipped log-ratios (App. G averages over steps where eq. 21 sums: beta absorbs the factor
+    T). So dL/dR_i and dL/dR_clip_i, n numbers each, come from autograd on those [n] vectors alone,
+    no UNet involved; then the chain rule: dR_i/dnew[i, t] = 1/T, dR_clip_i/dnew[i, t] = 1/T inside
+    the clip band and 0 outside (torch.clamp's gradient), and dnew/dtheta = dlog p_theta/dtheta, as
+    p_ref is fixed. (On an epoch's first update R == R_clip, torch.maximum splits the gradient half
+    and half between them, and every step is inside the band: w is the unclipped gradient, as it
+    should be.) Returns (w, loss, pred_corr, pred_ratio, inside [n, T])."""
+    clipped = torch.clamp(new, old - clip_eps, old + clip_eps)  # the proximal clip, per step (eq. 20)
+    R, R_clip = new.mean(1).requires_grad_(), clipped.mean(1).requires_grad_()
+    loss, corr, size = rdp_loss(R, R_clip, r, groups, beta)
+    dR, dR_clip = torch.autograd.grad(loss, (R, R_clip))
+    inside = (new >= old - clip_eps) & (new <= old + clip_eps)
+    w = (dR[:, None] + dR_clip[:, None] * inside) / new.shape[1]
+    return w, loss.item(), corr, size, inside
+
+
+def replay(unet, scheduler, data, timesteps, eta, batch_size, weights=None):
+    """The log-prob [n, T] of every recorded step x_t -> x_{t-1} under the UNet as it is now,
+    recomputed with the guidance scale and the prompt embedding that drew it (sampling.rollout
+    records both). With `weights` [n, T], also back-propagate sum(weights * log-probs) into the LoRA
+    weights' .grad, one step of one micro-batch at a time: only that small graph is ever held, never
+    the T steps of all trajectories (as train_ddpo.py trains)."""
+    n, T = data["log_probs"].shape
+    log_probs = torch.empty_like(data["log_probs"])
+    for a in range(0, n, batch_size):
+        i = slice(a, a + batch_size)
+        for s in range(T):
+            with torch.set_grad_enabled(weights is not None):
+                x_t, x_prev = data["latents"][i, s], data["latents"][i, s + 1]
+                eps = sampling.guided_eps(unet, x_t, timesteps[s], data["cond"][i], data["uncond"][i],
+                                          data["scale"][i, s])
+                _, lp = sampling.ddim_step(scheduler, eps, timesteps[s], x_t, eta, prev_sample=x_prev)
+                if weights is not None:
+                    (weights[i, s] * lp).sum().backward()
+            log_probs[i, s] = lp.detach()
+    return log_probs
+
+
+def main():
+    # ---- checks first: bad input costs nothing -------------------------------------------------
+    global out
+    if eta <= 0:
+        raise SystemExit("error: --eta must be > 0: with eta=0 DDIM is deterministic and a step has no "
+                         "likelihood to take a log-ratio of (PRDP samples with DDPM, i.e. eta=1.0)")
+    if beta <= 0:
+        raise SystemExit(f"error: --beta must be > 0 (the KL weight; the targets are (r_i - r_j) / beta), got {beta}")
+    if clip_eps <= 0:
+        raise SystemExit(f"error: --clip_eps must be > 0 (the per-step clip range), got {clip_eps}")
+    if images_per_prompt < 2:
+        raise SystemExit(f"error: --images_per_prompt must be >= 2: PRDP learns from pairs of images of one "
+                         f"prompt, got {images_per_prompt}")
+    if prompts_per_epoch < 1 or updates_per_epoch < 1 or train_batch_size < 1:
+        raise SystemExit("error: --prompts_per_epoch, --updates_per_epoch and --train_batch_size must be >= 1")
+    samples_per_epoch = prompts_per_epoch * images_per_prompt
+    if sample_batch_size % images_per_prompt or samples_per_epoch % sample_batch_size:
+        raise SystemExit(f"error: --sample_batch_size={sample_batch_size} must be a multiple of images_per_prompt="
+                         f"{images_per_prompt} (a sampling call draws whole prompt groups) and divide "
+                         f"prompts_per_epoch*images_per_prompt = {samples_per_epoch}")
+    prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
+    out = out or f"out/prdp-{reward}{'-explore' if explore else ''}-s{seed}"
+    config["out"] = out
+    runs.check_run(out, config, ignore=("stop_after",))
+
+    # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
+    ddp, rank, world, dev = distributed.setup(device)
+    master = rank == 0
+    try:
+        reward_fn = rewards.load(reward, device=dev, **configurator.parse_options(reward_options))
+        pipe = pipelines.load_pipeline(model, device=dev)
+    except (ValueError, TypeError, rewards.RewardUnavailable) as e:
+        raise SystemExit(f"error: {e}")
+    unet, scheduler = pipe.unet, pipe.scheduler
+    if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
+        runs.prepare_run(out, config, ignore=("stop_after",))
+    torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
+    params = lora.inject(unet, rank=lora_rank)  # B = 0: theta starts as p_ref (Algorithm 1, line 1)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scheduler.set_timesteps(num_steps, device=dev)
+    timesteps = scheduler.timesteps
+    num_batches = samples_per_epoch // sample_batch_size
+    uncond_one = sampling.encode_prompts(pipe, [""])
+    generator = lambda *keys: sampling.seeded_generator(seed, *keys)  # one stream per (epoch, batch, ...)
+
+    # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
+    start_epoch, queries, history = 0, 0, []
+    ck = runs.load_checkpoint(out)
+    if ck:
+        lora.load_state_dict(unet, ck["lora"])
+        optimizer.load_state_dict(ck["optimizer"])
+        start_epoch, queries, history = ck["epoch"] + 1, ck["reward_queries"], ck["history"]
+        if master:
+            print(f"resuming {out} from epoch {start_epoch}")
+
+    # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
+    eval_list = prompt_list[::max(1, len(prompt_list) // eval_prompts)][:eval_prompts]
+
+    for epoch in range(start_epoch, epochs):
+        if stop_after and epoch - start_epoch >= stop_after:
+            break
+        if epoch == 0:  # where the evaluation curve starts: the model before any update
+            eval_before = sampling.evaluate(
+                pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
+                os.path.join(out, "eval_base.png") if master else None,
+                f"before training: plain sampling, guidance {guidance:g}")
+            if master:
+                print(f"evaluation reward before training: {eval_before:.4f}")
+        t0 = time.time()
+        exploring = explore and explore_active(epoch, epochs, explore_frac)
+
+        # ---- 1. sample: N prompts x B images from theta_old, the model as it is now (Alg. 1, l. 3-7)
+        unet.eval()
+        batches = []
+        for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not master, leave=False):
+            g = generator(epoch, b * world + rank)  # a different stream per process and batch
+            idx = torch.randint(len(prompt_list), (sample_batch_size // images_per_prompt,), generator=g)
+            idx = idx.repeat_interleave(images_per_prompt)  # each prompt's B images side by side: a group
+            batch_prompts = [prompt_list[i] for i in idx]
+            weights = None
+            if exploring and explore_weights:  # DiffExp random prompt weighting, drawn afresh per image
+                weights = draw_weights(batch_prompts, g, w_max=weight_max)
+            cond = sampling.encode_prompts(pipe, batch_prompts, weights)
+            uncond = uncond_one.expand(len(batch_prompts), -1, -1)
+            scale = torch.full((num_steps,), guidance)
+            if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
+                scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
+            with torch.no_grad():
+                traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, generator=g)
+            # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
+            clean = [parse_phrases(p)[0] for p in batch_prompts]
+            with torch.no_grad():
+                r = reward_fn(traj.images, clean).float().cpu()
+            batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond,
+                                uncond=traj.uncond, scale=traj.guidance.expand(len(idx), -1),
+                                rewards=r, idx=idx))
+        data = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        n_local = len(data["rewards"])
+
+        # ---- 3. reference: each recorded step's log-prob under p_ref, the pretrained model --------
+        # The same UNet with its LoRA switched off, fed the same latents, guidance scales and prompt
+        # embeddings that drew the step. One extra no-grad UNet call per step, no second model.
+        #
+        # Which policy is optimised while exploring: every step is scored (here, and under theta
+        # below) with the scale and the weighted embedding that drew it, so the model fitted is the
+        # exploring one, p_theta(x | weighted prompt, low early guidance), and its KL is measured
+        # against the pretrained model under the same exploring conditioning. The LoRA it learns is
+        # the one plain sampling uses, which is what evaluation measures (as in train_ddpo.py). One
+        # approximation: the prompt weights differ between the B images of a prompt, so log Z of
+        # eq. 8 cancels in a pair only up to the small difference that w ~ U(1, 1.2) makes.
+        with lora.disabled(unet):
+            lp_ref = replay(unet, scheduler, data, timesteps, eta, train_batch_size)
+        # the sampling model's per-step log-ratio log p_theta_old/p_ref: fixed for the epoch (eq. 20)
+        old = data["log_probs"] - lp_ref
+
+        # gather every process's rewards, prompts and log-ratios: the loss is over the global batch
+        all_r, all_idx, all_old = data["rewards"], data["idx"], old.cpu()
+        if ddp:
+            all_r = distributed.gather(data["rewards"].to(dev)).cpu()
+            all_idx = distributed.gather(data["idx"].to(dev)).cpu()
+            all_old = distributed.gather(old).cpu()
+        all_prompts = [prompt_list[i] for i in all_idx]
+        if not torch.isfinite(all_r).all():
+            bad = int((~torch.isfinite(all_r)).nonzero()[0])
+            raise SystemExit(f"error: reward {reward} returned {all_r[bad].item()} for prompt "
+                             f"{all_prompts[bad]!r}; check the reward model and its inputs")
+        queries += len(all_r)
+        # every sampling call holds whole groups, and gather keeps rank order: group = index // B
+        groups = torch.arange(len(all_r)) // images_per_prompt
+        mine = slice(rank * n_local, (rank + 1) * n_local)  # this process's trajectories
+
+        # ---- 4. train: K full-batch updates of the pairwise regression (Alg. 1, lines 9-12) -------
+        # Never the graphs of all T steps of all trajectories at once: each update (a) computes every
+        # step's log-ratio under theta without gradient, (b) turns the loss into per-step weights
+        # (step_weights), (c) back-propagates them one step and micro-batch at a time (replay).
+        unet.train()
+        stats = defaultdict(list)
+        for k in range(updates_per_epoch):
+            # (a) theta's log-ratios. First update: theta is still theta_old, they are `old` (free).
+            all_new = all_old
+            if k > 0:
+                new = replay(unet, scheduler, data, timesteps, eta, train_batch_size) - lp_ref
+                all_new = distributed.gather(new).cpu() if ddp else new.cpu()
+            # (b) the loss over every process's pairs and its per-step weights, the same on every rank
+            w, loss, corr, size, inside = step_weights(all_new, all_old, all_r, groups, beta, clip_eps)
+            # (c) back-propagate this process's share. x world: average_gradients divides the sum by it.
+            lp = replay(unet, scheduler, data, timesteps, eta, train_batch_size, weights=w[mine].to(dev) * world)
+            if k == 0:  # on-policy check: theta_old recomputes the very log-probs it sampled with
+                stats["ratio_dev"].append((lp - data["log_probs"]).exp().sub(1).abs().max().item())
+                stats["pred_corr"].append(corr)
+                stats["pred_ratio"].append(size)
+            if ddp:  # average the LoRA gradients over processes (what DDP would do)
+                distributed.average_gradients(params)
+            gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            stats["loss"].append(loss)
+            stats["grad_norm"].append(gn.item())
+        stats["clipfrac"] = [(~inside).float().mean().item()]  # at the last update: how far the K updates went
+        stats["kl_ref"] = [all_old.mean().item()]
+
+        # ---- log, evaluate, checkpoint --------------------------------------------------------------
+        # pred_corr / pred_ratio: how well theta_old's R_i - R_j predicts the fresh samples' reward
+        # differences / how big it is next to the targets; kl_ref: mean per-step log p_theta_old/p_ref
+        # on theta_old's own samples, an estimate of their KL (per step and latent dimension).
+        rec = dict(epoch=epoch, explore=exploring, reward_mean=all_r.mean().item(),
+                   reward_std=all_r.std().item(), reward_queries=queries,
+                   **{k: sum(v) / len(v) for k, v in stats.items()}, seconds=0.0)
+        if epoch == 0:
+            rec["eval_before"] = eval_before
+        if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
+            rec["eval_reward"] = sampling.evaluate(
+                pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
+                os.path.join(out, f"eval_{epoch:04d}.png") if master else None,
+                f"epoch {epoch}: plain sampling, guidance {guidance:g}")
+        rec["seconds"] = round(time.time() - t0, 2)
+        history.append(rec)
+        if master:
+            runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
+                                           reward_queries=queries, history=history, config=config))
+            runs.write_log(out, history)
+            print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
+                  f"queries {queries} | loss {rec['loss']:.3e} | pred corr {rec['pred_corr']:+.2f} "
+                  f"ratio {rec['pred_ratio']:.2e} | kl_ref {rec['kl_ref']:.1e} | clipfrac {rec['clipfrac']:.3f} | "
+                  f"ratio-1 {rec['ratio_dev']:.1e} | {'explore | ' if exploring else ''}"
+                  + (f"eval {rec['eval_reward']:.4f} | " if "eval_reward" in rec else "")
+                  + f"{rec['seconds']:.1f}s")
+
+    if master:
+        lora.save(unet, os.path.join(out, "lora"))
+        print(f"done: {out} (LoRA weights in {out}/lora, log in {out}/log.jsonl, plot {out}/reward.png)")
+    distributed.teardown(ddp)
+
+
+if __name__ == "__main__":
+    config = configurator.configure(globals())
+    main()
