@@ -62,7 +62,7 @@ guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
 # DiffExp exploration (Chae et al. 2025, Sec. 3)
 explore = False              # explore during the first explore_frac of the epochs
 explore_frac = 0.75          # fraction of training that explores (paper: 3/4)
-w_low = 1.0                  # CFG scale for the noisy timesteps t > t_thres (1.0 = no guidance)
+w_low = 1.0                  # CFG scale for t > t_thres: 1 = the conditional model unguided, 0 = the unconditional
 t_thres = 800                # timestep threshold of the CFG schedule (paper: 900, 800 or 700)
 weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U(1, weight_max)
 explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
@@ -215,7 +215,6 @@ def main():
     timesteps = scheduler.timesteps
     num_batches = samples_per_epoch // sample_batch_size
     uncond_one = sampling.encode_prompts(pipe, [""])
-    generator = lambda *keys: sampling.seeded_generator(seed, *keys)  # one stream per (epoch, batch, ...)
 
     # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
     start_epoch, queries, history = 0, 0, []
@@ -228,7 +227,7 @@ def main():
             print(f"resuming {out} from epoch {start_epoch}")
 
     # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
-    eval_list = prompt_list[::max(1, len(prompt_list) // eval_prompts)][:eval_prompts]
+    eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
 
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
@@ -247,20 +246,23 @@ def main():
         unet.eval()
         batches = []
         for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not master, leave=False):
-            g = generator(epoch, b * world + rank)  # a different stream per process and batch
-            idx = torch.randint(len(prompt_list), (sample_batch_size // images_per_prompt,), generator=g)
+            rng = sampling.random_streams(seed, epoch, b * world + rank)  # its own streams per process and batch
+            n_prompts = sample_batch_size // images_per_prompt
+            idx = torch.randint(len(prompt_list), (n_prompts,), generator=rng["prompts"])
             idx = idx.repeat_interleave(images_per_prompt)  # each prompt's B images side by side: a group
             batch_prompts = [prompt_list[i] for i in idx]
             weights = None
             if exploring and explore_weights:  # DiffExp random prompt weighting, drawn afresh per image
-                weights = draw_weights(batch_prompts, g, w_max=weight_max)
+                weights = draw_weights(batch_prompts, rng["weights"], w_max=weight_max)
             cond = sampling.encode_prompts(pipe, batch_prompts, weights)
             uncond = uncond_one.expand(len(batch_prompts), -1, -1)
             scale = torch.full((num_steps,), guidance)
             if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
                 scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
             with torch.no_grad():
-                traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, generator=g)
+                x_T = sampling.initial_noise(pipe, len(idx), rng["noise"])
+                traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, latents=x_T,
+                                        generator=rng["ddim"])
             # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
             clean = [parse_phrases(p)[0] for p in batch_prompts]
             with torch.no_grad():
