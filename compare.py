@@ -66,7 +66,7 @@ heldout = "auto"             # held-out prompts: a set or file; auto: unseen_ani
 heldout_prompts = 12         # at most this many held-out prompts are sampled (evenly spaced)
 heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0..n-1, the same for every run)
 metrics = "auto"             # also score the held-out images with these rewards (comma-separated), to see
-                             # over-optimisation; auto: shapes_correct,shapes_appeal on the shapes world
+                             # over-optimisation; auto: shapes_success,shapes_correct,shapes_appeal on the shapes world
 jobs = 0                     # trainer processes at once; 0 = one per 2 cores (torch threads are split between them)
 out = ""                     # compare folder; default out/compare-<trainer>-<reward>
 # ------------------------------------------------------------------------------------------------
@@ -256,7 +256,7 @@ def sample_heldout(pipe, held, cfg):
 
 def metric_names(cfg):
     """The extra held-out scores: --metrics, with auto resolved (the shapes world's ground truth)."""
-    names = ("shapes_correct,shapes_appeal" if cfg["model"] == "shapes" else "") if metrics == "auto" else metrics
+    names = ("shapes_success,shapes_correct,shapes_appeal" if cfg["model"] == "shapes" else "") if metrics == "auto" else metrics
     return [m.strip() for m in names.split(",") if m.strip() and m.strip() != cfg["reward"]]
 
 

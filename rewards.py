@@ -16,6 +16,8 @@ reaches the images without updating the reward model. DDPO only needs the number
 | shapes_alignment         | the shapes world's judge: logit_scale * cos(image, caption)  | yes  |
 | shapes_aesthetic         | the shapes world's learned appeal head on the judge          | yes  |
 | shapes_appeal            | the shapes world's programmatic appeal (ground truth)        | yes* |
+| shapes_correct           | the pixel checker: fraction of the caption drawn right       | no   |
+| shapes_success           | the pixel checker: 1 if the whole caption is drawn right     | no   |
 
 * soft tensor ops (shapes_world.appeal).
 
@@ -36,7 +38,7 @@ import hub
 # name -> differentiable; the trainers check this before loading anything heavy
 REWARDS = {"aesthetic": True, "pickscore": True, "jpeg_compressibility": False,
            "jpeg_incompressibility": False, "shapes_alignment": True, "shapes_aesthetic": True,
-           "shapes_appeal": True, "shapes_correct": False}
+           "shapes_appeal": True, "shapes_correct": False, "shapes_success": False}
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)  # the CLIP paper's normalisation (OpenAI CLIP)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 # The published predictor weights (christophschuhmann/improved-aesthetic-predictor on GitHub)
@@ -274,20 +276,21 @@ def load_shapes(name, device="cpu", path=None, judge=None, head=None):
     logit_scale * cos(image, caption), the world's PickScore), `shapes_aesthetic` (the appeal head on the judge's L2-normalised image
     embedding, the world's LAION predictor), `shapes_appeal` (the programmatic appeal the head
     imitates: the ground truth, to see over-optimisation) and `shapes_correct` (the pixel checker's
-    fraction of colour/shape/background read as the prompt asks). `path`: the world's folder (built
+    fraction of colour/shape/background read as the prompt asks; `shapes_success`: 1 if all are, the
+    success rate of a caption). `path`: the world's folder (built
     on first use); tests pass `judge`/`head` models instead."""
     import shapes_models
     import shapes_world
     if name == "shapes_appeal":
         return _named(lambda images, prompts=None: shapes_world.appeal(images).float(), name, True)
-    if name == "shapes_correct":
-        def correct(images, prompts):
+    if name in ("shapes_correct", "shapes_success"):
+        def correct(images, prompts):  # the fraction of named attributes drawn right, or 1 if all are
             read = shapes_world.check(images)
             score = []
             for i, p in enumerate(prompts):
                 named = shapes_world.parse_prompt(strip_marks(p))
-                wanted = [(k, w) for k, w in zip(("colour", "shape", "background"), named) if w is not None]
-                score.append(sum(int(read[k][i]) == w for k, w in wanted) / max(1, len(wanted)))
+                right = [int(read[k][i]) == w for k, w in zip(("colour", "shape", "background"), named) if w is not None]
+                score.append(float(all(right)) if name == "shapes_success" else sum(right) / max(1, len(right)))
             return torch.tensor(score, device=images.device)
         return _named(correct, name, False)
     if judge is None or (head is None and name == "shapes_aesthetic"):

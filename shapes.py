@@ -50,6 +50,7 @@ ema = 0.999  # EMA decay of the saved denoiser weights
 p_empty = 0.1  # fraction of empty captions, so classifier-free guidance has an unconditional model
 p_high_t = 0.5  # fraction of training timesteps drawn from the noisy end (t >= 650)
 rare_weight = 0.05  # the denoiser sees each rare colour-shape pair this often relative to a common one (1 = uniform)
+rare_wrong = 0.0  # and this fraction of those images shows the wrong shape under the rare pair's caption
 
 BUILD_VERSION = 3  # bump when the build's code changes what it produces (invalidates caches)
 MICRO = dict(vae_steps=2, vae_batch=4, judge_steps=2, judge_batch=8, aesthetic_images=256,
@@ -178,7 +179,7 @@ def train_unet(cfg, vae, scaling_factor, judge):
     for step in (bar := tqdm(range(cfg["unet_steps"]), desc="unet", dynamic_ncols=True)):
         for group in opt.param_groups:
             group["lr"] = cosine_lr(step, cfg["unet_steps"], cfg["unet_lr"], warmup=100)
-        images, _, labels = make_batch(B, g, cfg["rare_weight"])  # the rare pairs rarely: hard prompts
+        images, _, labels = make_batch(B, g, cfg["rare_weight"], cfg["rare_wrong"])  # hard prompts: see shapes_world
         with torch.no_grad():
             latents = vae.encode(images * 2 - 1).latent_dist.mean * scaling_factor
         # the empty caption for a fraction of the batch: the unconditional model that classifier-free
@@ -211,7 +212,7 @@ def train_unet(cfg, vae, scaling_factor, judge):
 # renamed into place only once complete, with a manifest of every file's SHA-256 written last; a
 # folder whose manifest is missing or does not match its files is rebuilt, never loaded.
 BUILD_KEYS = ("seed", "micro", "vae_steps", "vae_batch", "judge_steps", "judge_batch", "aesthetic_images",
-              "aesthetic_steps", "unet_steps", "unet_batch", "unet_lr", "ema", "p_empty", "p_high_t", "rare_weight")
+              "aesthetic_steps", "unet_steps", "unet_batch", "unet_lr", "ema", "p_empty", "p_high_t", "rare_weight", "rare_wrong")
 MANIFEST = "world.json"
 
 
@@ -306,7 +307,7 @@ def build(folder, cfg):
     times["save"] = time.time() - start - sum(times.values())
     times["total"] = time.time() - start
     manifest = dict(config={k: cfg[k] for k in BUILD_KEYS}, version=BUILD_VERSION,
-                    rare_captions=RARE_CAPTIONS if cfg["rare_weight"] < 1 else [],
+                    rare_captions=RARE_CAPTIONS if cfg["rare_weight"] < 1 or cfg["rare_wrong"] > 0 else [],
                     vae_psnr_db=round(psnr, 2), scaling_factor=scaling_factor,
                     judge_accuracy=judge_accuracy, aesthetic_correlation=round(aesthetic_corr, 4),
                     seconds={k: round(v, 1) for k, v in times.items()}, threads=torch.get_num_threads(),

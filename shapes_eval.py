@@ -37,7 +37,8 @@ per_prompt = 4  # quality table: samples per caption (72 captions) at each guida
 rare_seeds = 8  # hard-prompt table: samples per rare caption (18) in each setting
 common_seeds = 2  # hard-prompt table: samples per common caption (54) in each setting
 steps = 20  # DDIM steps
-assets = "assets"  # where the grids and the JSON of both tables go
+tables = "quality,hard"  # which tables: quality (and the grids), hard (rare vs. common prompts)
+assets = "assets"  # where the grids and the JSON of the tables go
 
 # ---------------------------------------------------------------------------------------------
 # 1. Quality: every caption at each guidance scale, next to real images
@@ -156,14 +157,23 @@ def regime_table(folder):
 
 
 def main():
+    which = [t.strip() for t in tables.split(",") if t.strip()]
+    if not which or set(which) - {"quality", "hard"}:
+        raise SystemExit(f"error: --tables takes quality and/or hard (comma-separated), got {tables!r}")
     folder = world or shapes.ensure_world()
-    quality, quality_md = evaluate_world(folder, per_prompt=per_prompt, steps=steps, assets=assets)
-    regime, regime_md = regime_table(folder)
+    results, text = dict(folder=os.path.basename(folder), steps=steps), []
+    if "quality" in which:
+        results["quality"], md = evaluate_world(folder, per_prompt=per_prompt, steps=steps, assets=assets)
+        results["per_prompt"] = per_prompt
+        text.append(md)
+    if "hard" in which:
+        results["hard_prompts"], md = regime_table(folder)
+        results.update(rare_seeds=rare_seeds, common_seeds=common_seeds)
+        text.append(md)
     os.makedirs(assets, exist_ok=True)
-    with open(os.path.join(assets, "shapes_quality.json"), "w") as f:
-        json.dump(dict(folder=os.path.basename(folder), steps=steps, per_prompt=per_prompt, quality=quality,
-                       rare_seeds=rare_seeds, common_seeds=common_seeds, hard_prompts=regime), f, indent=1)
-    print(quality_md + "\n\n" + regime_md)
+    with open(os.path.join(assets, f"shapes_{'_'.join(which)}.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print("\n\n".join(text))
 
 
 if __name__ == "__main__":

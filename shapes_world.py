@@ -84,22 +84,27 @@ def pair_weights(rare_weight):
     return w
 
 
-def sample_scenes(n, generator, rare_weight=1.0):
+def sample_scenes(n, generator, rare_weight=1.0, rare_wrong=0.0):
     """n random scenes: label indices, size r and centre (pixels), drawn from `generator`. With
-    rare_weight < 1 the colour-shape pair comes from pair_weights(rare_weight) (the denoiser's
-    data); 1 is the uniform world every other model learns from."""
+    rare_weight < 1 the colour-shape pair comes from pair_weights(rare_weight), and a fraction
+    `rare_wrong` of the rare pairs' images show the next shape instead while their caption still
+    names the rare one (the denoiser's data: "caption_shape" is what the caption says); the
+    defaults are the uniform, correctly captioned world every other model learns from."""
     g = generator
-    if rare_weight == 1.0:
+    if rare_weight == 1.0 and rare_wrong == 0.0:
         shape = torch.randint(len(SHAPES), (n,), generator=g)
         colour = torch.randint(len(COLOURS), (n,), generator=g)
+        caption_shape = shape
     else:
         pair = torch.multinomial(pair_weights(rare_weight), n, replacement=True, generator=g)
-        colour, shape = pair // len(SHAPES), pair % len(SHAPES)
+        colour, caption_shape = pair // len(SHAPES), pair % len(SHAPES)
+        wrong = torch.isin(pair, torch.tensor(RARE_PAIR_INDICES)) & (torch.rand(n, generator=g) < rare_wrong)
+        shape = torch.where(wrong, (caption_shape + 1) % len(SHAPES), caption_shape)
     background = torch.randint(len(BACKGROUNDS), (n,), generator=g)
     r = R_MIN + (R_MAX - R_MIN) * torch.rand(n, generator=g)
     margin = r * EXTENT[shape] + 1.0
     centre = margin[:, None] + (SIZE - 2 * margin[:, None]) * torch.rand(n, 2, generator=g)
-    return dict(shape=shape, colour=colour, background=background, r=r, centre=centre)
+    return dict(shape=shape, colour=colour, background=background, r=r, centre=centre, caption_shape=caption_shape)
 
 
 def shape_field(shape, dx, dy):
@@ -136,11 +141,11 @@ def render(scenes):
     return bg * (1 - cover) + fg * cover
 
 
-def make_batch(n, generator, rare_weight=1.0):
+def make_batch(n, generator, rare_weight=1.0, rare_wrong=0.0):
     """(images [n,3,32,32], captions, labels [n] indexing CAPTIONS): fresh data, deterministic per
-    generator (see sample_scenes for rare_weight)."""
-    scenes = sample_scenes(n, generator, rare_weight)
-    labels = (scenes["colour"] * len(SHAPES) + scenes["shape"]) * len(BACKGROUNDS) + scenes["background"]
+    generator (see sample_scenes for rare_weight and rare_wrong: the captions say caption_shape)."""
+    scenes = sample_scenes(n, generator, rare_weight, rare_wrong)
+    labels = (scenes["colour"] * len(SHAPES) + scenes["caption_shape"]) * len(BACKGROUNDS) + scenes["background"]
     return render(scenes), [CAPTIONS[i] for i in labels.tolist()], labels
 
 

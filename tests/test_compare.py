@@ -184,8 +184,8 @@ def test_prdp_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
 
 def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_reward():
     compare = configured()  # --metrics=auto
-    assert compare.metric_names(dict(model="shapes", reward="shapes_aesthetic")) == ["shapes_correct", "shapes_appeal"]
-    assert compare.metric_names(dict(model="shapes", reward="shapes_appeal")) == ["shapes_correct"]
+    assert compare.metric_names(dict(model="shapes", reward="shapes_aesthetic")) == ["shapes_success", "shapes_correct", "shapes_appeal"]
+    assert compare.metric_names(dict(model="shapes", reward="shapes_appeal")) == ["shapes_success", "shapes_correct"]
     assert compare.metric_names(dict(model="some/sd-model", reward="aesthetic")) == []
 
 

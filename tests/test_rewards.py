@@ -272,6 +272,7 @@ def test_shapes_correct_counts_the_named_attributes():
     right = shapes_world.prompts()[labels[0].item()]
     fn = rewards.load("shapes_correct")
     assert fn(images, [right, wrong]).tolist() == pytest.approx([1.0, 2 / 3])
+    assert rewards.load("shapes_success")(images, [right, wrong]).tolist() == [1.0, 0.0]  # all or nothing
     shape0 = shapes_world.LABELS[labels[0].item()][1]
     assert fn(images[:1], ["a circle"]).item() == float(shape0 == shapes_world.SHAPES.index("circle"))
 
