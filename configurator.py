@@ -12,10 +12,17 @@ and then calls `configure(globals())`, which overrides them from the command lin
 `--key=value` and `--key value` both work, a bare `--flag` sets a boolean to True (`--no-flag`
 sets it to False), dashes and underscores are the same, values are checked against the type of
 the default, `--help` lists every key with its default and comment, and an unknown key is an error
-that names the closest known keys.
+that names the closest known keys. A number must be finite (`--lr=1e999` is refused).
+
+The scripts check their values at the top of main(), before anything loads or is written, with
+`require` (one line, `error: ...`, exit code 1) and its shorthands at_least, positive and between:
+
+    require(0 < eta <= 1, f"--eta must be in (0, 1], got {eta}")
+    at_least(1, epochs=epochs, num_steps=num_steps)     # error: --num_steps must be >= 1, got 0
 """
 import ast
 import difflib
+import math
 import re
 import sys
 
@@ -53,6 +60,8 @@ def _convert(key, text, default):
         if not ok or isinstance(value, bool):
             kind = "an integer" if isinstance(default, int) else "a number"
             raise SystemExit(f"error: --{key} expects {kind}, got {text!r}")
+        if not math.isfinite(value):
+            raise SystemExit(f"error: --{key} expects a finite number, got {text!r}")
         return type(default)(value)
     if default is None:
         if text.lower() == "none":
@@ -122,6 +131,31 @@ def configure(g, argv=None):
     config = parse(sys.argv[1:] if argv is None else argv, defaults, comments, g.get("__doc__") or "")
     g.update(config)
     return config
+
+
+def require(ok, message):
+    """Stop the script with one line, `error: <message>`, unless `ok`: the input checks every script
+    runs first. The message names the option, the value given and what is allowed."""
+    if not ok:
+        raise SystemExit(f"error: {message}")
+
+
+def at_least(low, **options):
+    """require(value >= low) for each option=value: at_least(1, epochs=epochs)."""
+    for key, value in options.items():
+        require(value >= low, f"--{key} must be >= {low}, got {value!r}")
+
+
+def positive(**options):
+    """require(value > 0) for each option=value: positive(lr=lr)."""
+    for key, value in options.items():
+        require(value > 0, f"--{key} must be > 0, got {value!r}")
+
+
+def between(low, high, **options):
+    """require(low <= value <= high) for each option=value."""
+    for key, value in options.items():
+        require(low <= value <= high, f"--{key} must be between {low} and {high}, got {value!r}")
 
 
 def parse_options(text):

@@ -13,6 +13,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+import runs
+
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every self- and cross-attention's q, k, v, out
 FILE_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers looks for in a folder
 
@@ -106,15 +108,18 @@ def load_state_dict(unet, sd, source="state dict"):
 
 def save(unet, path):
     """Write the adapter for diffusers: a `.safetensors` file, or a folder receiving FILE_NAME.
-    B is stored as (alpha/r) B (see LoRALinear.scaled_B), so the file needs no alphas."""
+    B is stored as (alpha/r) B (see LoRALinear.scaled_B), so the file needs no alphas. Non-finite
+    weights are refused (an existing file stays as it was)."""
     if not layers(unet):
         raise ValueError("the UNet has no LoRA layers to save; call lora.inject(unet) first")
     path = str(path) if str(path).endswith(".safetensors") else os.path.join(path, FILE_NAME)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     tensors = {f"unet.{name}.lora_{k}.weight": (m.lora_A if k == "A" else m.scaled_B()).detach().cpu().contiguous()
                for name, m in layers(unet).items() for k in "AB"}
-    save_file(tensors, path + ".tmp", metadata={"format": "pt"})
-    os.replace(path + ".tmp", path)  # write then rename: a crash never leaves a half-written file
+    if bad := [k for k, t in tensors.items() if not torch.isfinite(t).all()]:
+        raise ValueError(f"LoRA weight {bad[0]} is not finite; not saved to {path}")
+    # write, flush, then rename: a crash never leaves a half-written file
+    runs.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
 def load(unet, path):

@@ -22,21 +22,27 @@ def _hub_folder(model):
                      "pass a local diffusers folder with --model=<folder>, or use --model=shapes")
 
 
+def check_model(model):
+    """Where `model` will load from, without loading it: "shapes", a local folder, or a hub id's
+    cached snapshot (or the id, if the hub is reachable). A ValueError (one line) otherwise, at once:
+    the scripts call this before anything slow, so a typo in --model costs nothing."""
+    if model == "shapes" or os.path.isdir(model):
+        return model
+    if model.count("/") == 1 and not model.startswith((".", "/", "~")):
+        return _hub_folder(model) or model
+    raise ValueError(f"no diffusers folder at {model!r}; pass an existing folder, a hub id "
+                     f"like {DEFAULT_HUB_MODEL}, or shapes")
+
+
 def load_pipeline(model="shapes", device="cpu", dtype=None):
     """A StableDiffusionPipeline with a DDIM scheduler, from "shapes" (the offline world, built on
     first use), a hub id (e.g. DEFAULT_HUB_MODEL) or a local diffusers folder. The VAE and text
     encoder are frozen and in `dtype` (fp16 on CUDA, fp32 on CPU by default); the UNet stays fp32
     because the trainers attach their trainable LoRA weights to it (run it under autocast on GPU)."""
-    if model == "shapes":
+    path = check_model(model)
+    if path == "shapes":
         import shapes  # the world's build code: imported only when it is the model
         path = shapes.ensure_world()
-    elif os.path.isdir(model):
-        path = model
-    elif model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        path = _hub_folder(model) or model
-    else:
-        raise ValueError(f"no diffusers folder at {model!r}; pass an existing folder, a hub id "
-                         f"like {DEFAULT_HUB_MODEL}, or shapes")
     from diffusers import DDIMScheduler, StableDiffusionPipeline  # after the checks: importing takes seconds
     if dtype is None:
         dtype = torch.float16 if str(device).startswith("cuda") else torch.float32

@@ -1,23 +1,46 @@
 """Run folders: everything a trainer writes, in out/<run>/: config.json (checked, so re-running the
 same command resumes and a different one is refused), ckpt.pt (the resume checkpoint), log.jsonl
-(one line per epoch) and reward.png (reward against reward queries).
+(one line per epoch) and reward.png (reward against reward queries); and the fail-safe for
+non-finite numbers (Skips).
 
-Everything is written atomically (write a temporary file, then rename), so a run killed at any
-moment (even kill -9) leaves either the old file or the new one, never half of one.
+Everything is written atomically (write a temporary file, flush it to disk, then rename), so a run
+killed at any moment (even kill -9, or a power cut) leaves either the old file or the new one, never
+half of one. A checkpoint holds tensors and plain data only (loaded with weights_only=True), and one
+with a non-finite tensor is never written: the last good one stays.
 """
 import json
 import os
+import sys
 
 
 def atomic_write(path, write):
-    """Call write(tmp_path), then rename tmp_path to path."""
+    """Call write(tmp_path), fsync it, then rename tmp_path to path (and fsync the folder, so the
+    rename itself survives a crash). On an error the temporary file is removed, the old file kept."""
     tmp = f"{path}.tmp{os.getpid()}"
-    write(tmp)
-    os.replace(tmp, path)
+    try:
+        write(tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:  # a directory fsync is not supported everywhere (e.g. Windows); the file itself is safe
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
 
 
 def write_text(path, text):
-    atomic_write(path, lambda tmp: open(tmp, "w").write(text))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+    atomic_write(path, write)
 
 
 def check_run(out, config, ignore=()):
@@ -45,15 +68,73 @@ def prepare_run(out, config, ignore=()):
 
 
 def load_checkpoint(out):
-    """The run's resume checkpoint (a dict), or None if it has none yet."""
+    """The run's resume checkpoint (a dict), or None if it has none yet. Loaded with
+    weights_only=True: tensors and plain data only, so a checkpoint cannot run code."""
     import torch
     path = os.path.join(out, "ckpt.pt")
-    return torch.load(path, map_location="cpu", weights_only=False) if os.path.exists(path) else None
+    if not os.path.exists(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise SystemExit(f"error: cannot read the checkpoint {path} ({str(e).splitlines()[0]}); "
+                         f"pass --out=<new folder> (or delete {out}) to start afresh")
+
+
+def non_finite(obj, where=""):
+    """The path of the first floating-point tensor in `obj` (nested dicts, lists, tuples) holding a
+    NaN or an infinity, e.g. "lora/down.0.to_q.lora_B"; None if every tensor is finite."""
+    import torch
+    if isinstance(obj, torch.Tensor):
+        return where if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        if (bad := non_finite(value, f"{where}/{key}" if where else str(key))) is not None:
+            return bad
+    return None
 
 
 def save_checkpoint(out, checkpoint):
+    """Write out/ckpt.pt atomically. A checkpoint with a non-finite tensor (NaN weights or optimizer
+    state) is refused and the previous one kept; the new file is read back with the safe loader
+    before it replaces the old one."""
     import torch
-    atomic_write(os.path.join(out, "ckpt.pt"), lambda tmp: torch.save(checkpoint, tmp))
+    path = os.path.join(out, "ckpt.pt")
+    if (bad := non_finite(checkpoint)) is not None:
+        raise SystemExit(f"error: the checkpoint of epoch {checkpoint.get('epoch')} has non-finite values in {bad}; "
+                         f"not saved: {path} keeps the last good one (re-run to resume from it)")
+
+    def write(tmp):
+        torch.save(checkpoint, tmp)
+        torch.load(tmp, map_location="cpu", weights_only=True)  # plain data and readable, or the old file stays
+    atomic_write(path, write)
+
+
+class Skips:
+    """The fail-safe for non-finite numbers. A NaN or infinite reward, sample, loss or gradient
+    would poison the LoRA weights, so the update it would feed is skipped, with a warning on stderr;
+    `limit` skips in a row stop the run with one line saying what went wrong and where. Any update
+    that goes through resets the count. The trainers log the skips per epoch (skipped_updates)."""
+
+    def __init__(self, limit, out, verbose=True):
+        self.limit, self.out, self.verbose, self.in_a_row = limit, out, verbose, 0
+
+    def skip(self, what, prompts=()):
+        """Count a skipped update; `what` went wrong (with the epoch), on `prompts` (the batch's)."""
+        unique = list(dict.fromkeys(prompts))
+        shown = ", ".join(repr(p) for p in unique[:2]) + (f" and {len(unique) - 2} more" if len(unique) > 2 else "")
+        if unique:
+            what += f", on prompt{'s' if len(unique) > 1 else ''} {shown}"
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise SystemExit(f"error: {what}; {self.in_a_row} updates in a row skipped, so the run stops "
+                             f"(--max_skips={self.limit}); {self.out}/ckpt.pt keeps the last good state")
+        if self.verbose:
+            print(f"warning: {what}; update skipped ({self.in_a_row} in a row; the run stops at {self.limit})",
+                  file=sys.stderr, flush=True)
+
+    def ok(self):
+        self.in_a_row = 0
 
 
 def write_log(out, history):
