@@ -51,6 +51,7 @@ import pipelines
 import rewards
 import runs
 import sampling
+from configurator import at_least, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python bench.py --help` lists them)
@@ -376,7 +377,22 @@ def markdown(results, speeds, ktable=(), sdmem=None):
     return "\n".join(lines) + "\n"
 
 
+def check_trainer(name, extra):
+    """The trainer's own checks (its main(check_only=True)) on the options bench passes it: a bad
+    --ddpo_args or --alignprop_args fails at once, not after the other trainer has been timed."""
+    for a in extra:
+        key = a[2:].partition("=")[0].replace("-", "_")
+        require(key not in NOT_IN_ARGS, f"--{name}_args must not set --{key}: bench.py sets it")
+    module = importlib.reload(importlib.import_module(TRAINER_MODULES[name]))  # fresh defaults
+    try:
+        module.config = configurator.configure(vars(module), [f"--model={model}", *extra])
+        module.main(check_only=True)
+    except SystemExit as e:
+        raise SystemExit(f"error: in --{name}_args ({TRAINER_MODULES[name]}.py): {str(e).removeprefix('error: ')}")
+
+
 def main():
+    # checks first: bad input costs nothing
     names = [n.strip() for n in trainers.split(",") if n.strip()]
     if bad := [n for n in names if n not in TRAINER_MODULES]:
         raise SystemExit(f"error: --trainers takes {', '.join(TRAINER_MODULES)} (comma-separated), got {bad[0]!r}")
@@ -390,13 +406,20 @@ def main():
     if warmup < 1 or epochs < 1 or repeats < 1 or any(b < 1 for b in sizes):
         raise SystemExit("error: --warmup, --epochs, --repeats and every batch size must be >= 1 "
                          "(the first timed epoch starts where a warm-up epoch ends)")
-    extras = {}
+    at_least(1, num_steps=num_steps)
+    at_least(0, guidance=guidance)
+    try:
+        pipelines.check_model(model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    require(not json_out or os.path.isdir(os.path.dirname(os.path.abspath(json_out))),
+            f"--json_out={json_out}: its folder does not exist")
+    given = {"ddpo": ddpo_args, "alignprop": alignprop_args, "prdp": prdp_args}
+    extras = {n: shlex.split(given[n]) for n in TRAINER_MODULES}
     for n in names:
-        extras[n] = shlex.split({"ddpo": ddpo_args, "alignprop": alignprop_args, "prdp": prdp_args}[n])
-        for a in extras[n]:
-            key = a[2:].partition("=")[0].replace("-", "_")
-            if key in NOT_IN_ARGS:
-                raise SystemExit(f"error: --{n}_args must not set --{key}: bench.py sets it")
+        check_trainer(n, extras[n])
+    for k in ks:  # each K is its own train_alignprop.py run
+        check_trainer("alignprop", [*extras["alignprop"], f"--truncation={k}"])
     load, cores = os.getloadavg()[0], os.cpu_count() or 1
     if load > 0.5 * cores:
         print(f"warning: load average {load:.1f} on {cores} cores: other processes are running, and the "

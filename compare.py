@@ -49,6 +49,7 @@ import prompt_sets
 import rewards
 import runs
 import sampling
+from configurator import at_least, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python compare.py --help` lists them)
@@ -64,7 +65,7 @@ explore_args = ""            # trainer options for the exploring arms only, e.g.
 heldout = "auto"             # held-out prompts: a set or file; auto: unseen_animals for animals, the dark background
                              # for shapes_rare, else every 7th prompt
 heldout_prompts = 12         # at most this many held-out prompts are sampled (evenly spaced)
-heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0..n-1, the same for every run)
+heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0..n-1, the same for every run; >= 2 for diversity)
 metrics = "auto"             # also score the held-out images with these rewards (comma-separated), to see
                              # over-optimisation; auto: shapes_success,shapes_correct,shapes_appeal on the shapes world
 jobs = 0                     # trainer processes at once; 0 = one per 2 cores (torch threads are split between them)
@@ -104,22 +105,29 @@ def held_out_split(prompt_list):
 
 def trainer_config(argv):
     """The trainer's config for `argv`, resolved by the trainer's own defaults and parser, exactly as
-    the trainer writes it to config.json: a bad key or value in --args fails here, with the
-    trainer's message, before anything runs."""
-    module = importlib.import_module(TRAINERS[trainer])
+    the trainer writes it to config.json, and checked by the trainer's own checks (its
+    main(check_only=True)): a bad key or value in --args fails here, with the trainer's message,
+    before anything runs."""
+    module = importlib.reload(importlib.import_module(TRAINERS[trainer]))  # fresh defaults
     try:
-        return configurator.configure(dict(vars(module)), argv)
+        module.config = configurator.configure(vars(module), argv)
+        module.prompts = prompts  # the held-out split's training file is written later: check the set it comes from
+        module.main(check_only=True)
     except SystemExit as e:
         raise SystemExit(f"error: in --args ({TRAINERS[trainer]}.py): {str(e).removeprefix('error: ')}")
+    return module.config
 
 
 def plan():
     """Check the input and return the runs: [dict(name, arm, seed, dir, argv, config)], plus the
     training and held-out prompts. Nothing is written."""
-    if trainer not in TRAINERS:
-        raise SystemExit(f"error: --trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
-    if seeds < 1 or heldout_prompts < 1 or heldout_seeds < 1 or jobs < 0:
-        raise SystemExit("error: --seeds, --heldout_prompts and --heldout_seeds must be >= 1 and --jobs >= 0")
+    require(trainer in TRAINERS, f"--trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
+    at_least(1, seeds=seeds, heldout_prompts=heldout_prompts)
+    at_least(2, heldout_seeds=heldout_seeds)  # the diversity column compares a prompt's seeds
+    at_least(0, jobs=jobs)
+    require(reward in rewards.REWARDS, f"unknown reward {reward!r}; known rewards: {', '.join(rewards.REWARDS)}")
+    if bad := [m for m in metrics.split(",") if metrics != "auto" and m.strip() and m.strip() not in rewards.REWARDS]:
+        raise SystemExit(f"error: --metrics: unknown reward {bad[0].strip()!r}; known rewards: {', '.join(rewards.REWARDS)}")
     extra, explore_extra = shlex.split(args), shlex.split(explore_args)
     for name, given in (("args", extra), ("explore_args", explore_extra)):
         for a in given:
@@ -127,6 +135,10 @@ def plan():
             if key in OWN_KEYS or (key.startswith("no_") and key[3:] in OWN_KEYS):
                 raise SystemExit(f"error: --{name} must not set --{key}: compare.py sets it for every run "
                                  f"(use compare's own --{key.removeprefix('no_')} where it has one)")
+    try:
+        pipelines.check_model(model)
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     folder = out or f"out/compare-{trainer}-{reward}"
     train_list = prompt_sets.load_prompts(prompts)
     train_prompts = prompts
@@ -161,7 +173,7 @@ def plan():
                 raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
                                  f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
-        runs.check_run(r["dir"], r["config"], ignore=("stop_after",))
+        runs.check_run(r["dir"], r["config"], ignore=("stop_after", "max_skips"))
     return folder, run_list, train_list, train_prompts, held
 
 
@@ -269,7 +281,7 @@ def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache, metric_fns={}):
                     eta=cfg["eta"], reward=cfg["reward"], metrics=sorted(metric_fns),
                     weights_mtime=os.path.getmtime(weights) if weights else None)
     if os.path.exists(cache):
-        c = torch.load(cache, weights_only=False)
+        c = torch.load(cache, weights_only=True)  # tensors and plain data only
         if c["settings"] == settings:
             return c
     if weights:

@@ -5,6 +5,8 @@ by side: the command-line front end of sampling.py.
     python sample.py --prompt="a (red) (circle)" --lora=out/ddpo
     python sample.py --explore                        # plain vs DiffExp exploration, side by side
 """
+import os
+
 import torch
 
 import configurator
@@ -12,7 +14,8 @@ import grids
 import pipelines
 import prompt_sets
 import sampling
-from lora import load as load_lora  # `lora` is this script's --lora option
+from configurator import at_least, between, require  # the input checks
+from lora import FILE_NAME, load as load_lora  # `lora` is this script's --lora option
 
 # defaults (override with --key=value; `python sample.py --help` lists them)
 model = "shapes"  # "shapes" (the offline world), a hub id, or a local diffusers folder
@@ -21,10 +24,10 @@ prompts = "auto"  # prompt set name or text file; auto = the world's captions fo
 num_prompts = 8  # grid rows: the first N prompts
 num_seeds = 4  # grid columns: seeds seed, seed+1, ...
 seed = 0  # first seed (initial noise); also seeds the prompt weights and DDIM noise
-lora = ""  # LoRA weights to load into the UNet: a run directory or a weights file
+lora = ""  # LoRA weights to load into the UNet: a run folder, its lora/ folder or a .safetensors file
 guidance = 5.0  # classifier-free guidance scale (w_high when exploring)
 steps = 20  # DDIM steps
-eta = 0.0  # DDIM eta: 0 = deterministic DDIM, 1 = the stochastic policy DDPO trains
+eta = 0.0  # DDIM eta, in [0, 1]: 0 = deterministic DDIM, 1 = the stochastic policy DDPO trains
 explore = False  # also sample with DiffExp exploration, side by side, and print the diversity of each
 w_low = 1.0  # exploration: guidance scale for the noisy timesteps t > t_thres
 t_thres = 800  # exploration: timestep threshold of the guidance schedule
@@ -33,7 +36,26 @@ device = "auto"  # auto = cuda if available, else cpu
 out = "out/samples.png"  # where the grid PNG goes
 
 
+def lora_file(path):
+    """The weights file of --lora: the path itself, or FILE_NAME in it or in its lora/ folder (a
+    trainer's run folder); None if there is none."""
+    for candidate in (path, os.path.join(path, FILE_NAME), os.path.join(path, "lora", FILE_NAME)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def main():
+    # checks first: bad input costs nothing
+    at_least(1, num_prompts=num_prompts, num_seeds=num_seeds, steps=steps, batch_size=batch_size)
+    at_least(0, guidance=guidance, w_low=w_low, t_thres=t_thres)
+    between(0, 1, eta=eta)  # above 1 the DDIM step's variance outgrows the step (NaN images)
+    between(0, 2**32 - 1, seed=seed)
+    require(not lora or lora_file(lora), f"--lora={lora}: no LoRA weights there; pass a run folder (out/<run>), "
+                                         f"its lora/ folder or a {FILE_NAME} file")
+    require(os.path.splitext(out)[1].lower() in (".png", ".jpg", ".jpeg"), f"--out must end in .png or .jpg, got {out!r}")
+    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if prompt:
         prompt_list = prompt_sets.check_marks([prompt])
@@ -42,10 +64,13 @@ def main():
         prompt_list = prompt_sets.load_prompts(name)[:num_prompts]
     try:
         pipe = pipelines.load_pipeline(model, dev)
+        if lora:
+            load_lora(pipe.unet, lora_file(lora))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    if lora:
-        load_lora(pipe.unet, lora)
+    T = pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps
+    require(steps <= T, f"--steps must be <= the model's {T} training timesteps, got {steps}")
+    require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
     seeds = list(range(seed, seed + num_seeds))
     with torch.no_grad():
         settings = dict(guidance=guidance, steps=steps, eta=eta, w_low=w_low, t_thres=t_thres, seed=seed,

@@ -216,8 +216,21 @@ BUILD_KEYS = ("seed", "micro", "vae_steps", "vae_batch", "judge_steps", "judge_b
 MANIFEST = "world.json"
 
 
+# what each build option allows, checked before anything is built: (test, the allowed values in words)
+ALLOWED = {"seed": (lambda v: 0 <= v < 2**32, "between 0 and 2**32 - 1"),
+           **{k: (lambda v: v >= 1, ">= 1") for k in ("vae_steps", "vae_batch", "judge_steps", "judge_batch",
+                                                    "aesthetic_images", "aesthetic_steps", "unet_steps", "unet_batch")},
+           "unet_lr": (lambda v: v > 0, "> 0"),
+           "ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
+           "p_empty": (lambda v: 0 <= v < 1, "in [0, 1) (1 would leave no captioned images)"),
+           "p_high_t": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+           "rare_weight": (lambda v: 0 <= v <= 1, "in [0, 1] (1 = uniform, 0 = never)"),
+           "rare_wrong": (lambda v: 0 <= v <= 1, "in [0, 1] (a fraction of the rare pairs' images)")}
+
+
 def build_config(**overrides):
-    """The build configuration: this file's defaults, the micro sizes if micro=True, then overrides."""
+    """The build configuration: this file's defaults, the micro sizes if micro=True, then overrides.
+    An unknown option or a value outside ALLOWED is a ValueError (one line), before any work."""
     unknown = set(overrides) - set(BUILD_KEYS) - {"cache"}
     if unknown:
         raise ValueError(f"unknown shapes build option(s) {sorted(unknown)}; known: {', '.join(BUILD_KEYS)}, cache")
@@ -225,6 +238,9 @@ def build_config(**overrides):
     if overrides.get("micro", cfg["micro"]):
         cfg.update({k: v for k, v in MICRO.items() if k in cfg})
     cfg.update(overrides)
+    for key, (ok, allowed) in ALLOWED.items():
+        if not ok(cfg[key]):
+            raise ValueError(f"--{key} must be {allowed}, got {cfg[key]!r}")
     return cfg
 
 
@@ -322,7 +338,12 @@ def build(folder, cfg):
 if __name__ == "__main__":
     defaults = {k: globals()[k] for k in BUILD_KEYS + ("cache",)}
     config = configurator.configure(globals())
-    world = ensure_world(**{k: config[k] for k, v in defaults.items() if config[k] != v})
+    overrides = {k: config[k] for k, v in defaults.items() if config[k] != v}
+    try:
+        build_config(**overrides)  # checks first: a bad option costs nothing
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    world = ensure_world(**overrides)
     with open(os.path.join(world, MANIFEST)) as f:
         seconds = json.load(f)["seconds"]
     print("stage seconds (when built): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))

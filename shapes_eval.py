@@ -27,8 +27,9 @@ import grids
 import pipelines
 import sampling
 import shapes
+from configurator import at_least, between, require  # the input checks
 from shapes_models import (MAX_TOKENS, aesthetic_score, attribute_accuracy, clip_tokenizer, judge_read, load_aesthetic,
-                           load_judge)
+                           load_judge, new_scheduler)
 from shapes_world import CAPTIONS, LABELS, appeal, caption, check, is_rare, prompts, render, sample_scenes
 
 # defaults (override with --key=value; `python shapes_eval.py --help` lists them)
@@ -157,6 +158,13 @@ def regime_table(folder):
 
 
 def main():
+    # checks first: bad input costs nothing (and the default world takes minutes to build)
+    at_least(2, per_prompt=per_prompt)  # diversity and the centroid spread compare a caption's samples
+    at_least(1, rare_seeds=rare_seeds, common_seeds=common_seeds)
+    between(1, new_scheduler().config.num_train_timesteps, steps=steps)
+    require(not world or shapes.is_complete(world),
+            f"--world={world} is not a built shapes world (no folder with a matching world.json); "
+            "build one with python shapes.py, or leave --world empty for the default")
     which = [t.strip() for t in tables.split(",") if t.strip()]
     if not which or set(which) - {"quality", "hard"}:
         raise SystemExit(f"error: --tables takes quality and/or hard (comma-separated), got {tables!r}")

@@ -12,6 +12,10 @@ back-propagation, and AlignProp draws K at random every step. Each step:
     2. reward     decode and score the images (one reward query per image)
     3. update     loss = -mean reward; backward into the LoRA weights; clip; AdamW
 
+Fail-safe: a NaN or infinite reward or gradient skips its update, with a warning; --max_skips in a
+row stop the run, and a checkpoint with a non-finite weight is never written (runs.py), so the last
+good one is always there to resume from.
+
 DiffExp (Chae et al., AAAI 2025, Sec. 3) changes only how step 1 draws the batch, for the first 3/4
 of training: a very low CFG scale for the noisy timesteps t > t_thres, and one phrase of each prompt
 up-weighted at random.
@@ -20,6 +24,7 @@ up-weighted at random.
     python train_alignprop.py --truncation=rand         # AlignProp's randomised K
     torchrun --nproc_per_node=2 train_alignprop.py ...  # several processes (DDP)
 """
+import math
 import os
 import time
 from collections import defaultdict
@@ -35,6 +40,7 @@ import prompt_sets
 import rewards
 import runs
 import sampling
+from configurator import at_least, between, positive, require  # the input checks
 from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
 
 # ------------------------------------------------------------------------------------------------
@@ -48,13 +54,14 @@ out = ""                     # run folder; default out/alignprop-<reward>[-explo
 seed = 0                     # seeds sampling noise and prompts; same seed = same run
 # sampling
 num_steps = 20               # DDIM steps per image
-eta = 0.0                    # DDIM noise (0 = deterministic DDIM, as DRaFT samples)
+eta = 0.0                    # DDIM noise, in [0, 1] (0 = deterministic DDIM, as DRaFT samples)
 guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
 # truncated back-propagation
 truncation = "1"             # K steps with gradient: an integer (1 = DRaFT-1), 'all', or 'rand'
 k_min = 1                    # with truncation=rand: K ~ uniform over {k_min, ..., k_max}, drawn every step
 k_max = 10                   # with truncation=rand: largest K
-draft_lv = 0                 # DRaFT-LV: average the last step's gradient over n re-noised copies (0 = off; paper: 2)
+draft_lv = 0                 # DRaFT-LV: average the last step's gradient over n re-noised copies (0 = off; paper: 2);
+                             # its K is 1 by definition, so it refuses another --truncation; --checkpointing applies
 checkpointing = "auto"       # gradient checkpointing of the UNet calls: auto (on with CUDA), true, false
 # DiffExp exploration (Chae et al. 2025, Sec. 3)
 explore = False              # explore during the first explore_frac of training
@@ -81,6 +88,7 @@ eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
 device = "auto"              # auto, cpu, cuda
 stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
+max_skips = 3                # a NaN/inf reward or gradient skips its update; this many in a row stop the run
 # ------------------------------------------------------------------------------------------------
 
 
@@ -94,10 +102,11 @@ def draw_k(g, truncation, num_steps, k_min, k_max):
     return int(truncation)
 
 
-def draft_lv_images(pipe, traj, cond, uncond, scale, n, g):
+def draft_lv_images(pipe, traj, cond, uncond, scale, n, g, use_ckpt=False):
     """DRaFT-LV (Clark et al. 2024, Sec. 4.2): lower-variance gradient for the last step. The final
     latent x_0 is re-noised to the last timestep n times with fresh noise and denoised again with
-    gradient; the reward gradient is averaged over the n copies."""
+    gradient; the reward gradient is averaged over the n copies. use_ckpt: gradient checkpointing
+    of those n UNet calls."""
     sched = pipe.scheduler
     t = sched.timesteps[-1]
     x0 = traj.latents[:, -1].detach()
@@ -105,7 +114,11 @@ def draft_lv_images(pipe, traj, cond, uncond, scale, n, g):
     for _ in range(n):
         noise = torch.randn(x0.shape, generator=g).to(x0)
         x_t = sched.add_noise(x0, noise, t.reshape(1))
-        eps = sampling.guided_eps(pipe.unet, x_t, t, cond, uncond, scale[-1])
+        if use_ckpt:
+            eps = torch.utils.checkpoint.checkpoint(sampling.guided_eps, pipe.unet, x_t, t, cond, uncond, scale[-1],
+                                                    use_reentrant=False)
+        else:
+            eps = sampling.guided_eps(pipe.unet, x_t, t, cond, uncond, scale[-1])
         x_prev, _ = sampling.ddim_step(sched, eps, t, x_t, 0.0)
         images.append(sampling.decode_latents(pipe, x_prev))
     return torch.cat(images)
@@ -134,7 +147,7 @@ def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_
     if draft_lv:
         traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta, latents=latents,
                                 generator=rng["ddim"], grad_steps=0, decode=False)
-        images = draft_lv_images(pipe, traj, cond, uncond, scale, draft_lv, rng["ddim"])
+        images = draft_lv_images(pipe, traj, cond, uncond, scale, draft_lv, rng["ddim"], use_ckpt)
         clean = clean * draft_lv
     else:
         traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta, latents=latents,
@@ -143,44 +156,77 @@ def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_
     return reward_fn(images, clean), clean
 
 
-def main():
+def finite_mean(values):
+    """The mean of the finite values, NaN if there are none (an epoch's log after skipped updates)."""
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main(check_only=False):
     # ---- checks first: bad input costs nothing -------------------------------------------------
+    # (check_only: compare.py and bench.py check the options they pass on, before running anything)
     global out
-    if truncation not in ("all", "rand") and not (truncation.isdigit() and 1 <= int(truncation) <= num_steps):
-        raise SystemExit(f"error: --truncation must be an integer in 1..{num_steps}, 'all' or 'rand', got {truncation!r}")
-    if truncation == "rand" and not 1 <= k_min <= k_max <= num_steps:
-        raise SystemExit(f"error: need 1 <= k_min <= k_max <= num_steps, got {k_min}, {k_max}, {num_steps}")
-    if eta < 0:
-        raise SystemExit(f"error: --eta must be >= 0, got {eta}")
+    require(reward in rewards.REWARDS, f"unknown reward {reward!r}; known rewards: {', '.join(rewards.REWARDS)}")
+    try:
+        rewards.require_differentiable(reward)  # before anything is loaded: suggest DDPO instead
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
+    at_least(1, num_steps=num_steps, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+             grad_accum=grad_accum, lora_rank=lora_rank, eval_every=eval_every, eval_prompts=eval_prompts,
+             eval_seeds=eval_seeds, max_skips=max_skips, weight_max=weight_max)
+    at_least(0, draft_lv=draft_lv, guidance=guidance, w_low=w_low, t_thres=t_thres, weight_decay=weight_decay,
+             stop_after=stop_after)
+    positive(lr=lr, max_grad_norm=max_grad_norm, loss_coef=loss_coef)
+    between(0, 1, eta=eta, explore_frac=explore_frac)  # eta above 1: the DDIM step's variance outgrows it (NaN)
+    between(0, 2**32 - 1, seed=seed)
+    require(truncation in ("all", "rand") or (truncation.isdigit() and 1 <= int(truncation) <= num_steps),
+            f"--truncation must be an integer in 1..{num_steps}, 'all' or 'rand', got {truncation!r}")
+    require(truncation != "rand" or 1 <= k_min <= k_max <= num_steps,
+            f"--truncation=rand needs 1 <= k_min <= k_max <= num_steps, got {k_min}, {k_max}, {num_steps}")
+    require(not draft_lv or truncation == "1", f"--draft_lv={draft_lv} back-propagates through the last step only "
+                                               f"(K=1), so it cannot take --truncation={truncation}; drop one of them")
+    require(checkpointing.lower() in ("auto", "true", "false", "yes", "no", "on", "off", "1", "0"),
+            f"--checkpointing must be auto, true or false, got {checkpointing!r}")
+    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+    reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
+    if check_only:
+        return
     out = out or f"out/alignprop-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
-    runs.check_run(out, config, ignore=("stop_after",))
+    runs.check_run(out, config, ignore=("stop_after", "max_skips"))
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
     ddp, rank, world, dev = distributed.setup(device)
     master = rank == 0
+    ck = runs.load_checkpoint(out)  # a resume: read it now, so a changed process count costs nothing
+    if ck and ck.get("world_size", world) != world:
+        raise SystemExit(f"error: {out} was trained with {ck['world_size']} processes and this run has {world}; the "
+                         f"global batch and the random streams depend on it: resume with {ck['world_size']} "
+                         "(torchrun --nproc_per_node=N), or pass --out=<new folder>")
     try:
-        if reward in rewards.REWARDS:  # before anything is loaded: suggest DDPO instead
-            rewards.require_differentiable(reward)
-        reward_fn = rewards.load(reward, device=dev, **configurator.parse_options(reward_options))
+        pipelines.check_model(model)  # a typo in --model fails at once, not after the reward has loaded
+        reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
         pipe = pipelines.load_pipeline(model, device=dev)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     unet = pipe.unet
+    T = pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps
+    require(num_steps <= T, f"--num_steps must be <= the model's {T} training timesteps, got {num_steps}")
+    require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        runs.prepare_run(out, config, ignore=("stop_after",))
+        runs.prepare_run(out, config, ignore=("stop_after", "max_skips"))
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    use_ckpt = dev.type == "cuda" if checkpointing == "auto" else checkpointing.lower() in ("1", "true", "yes")
+    use_ckpt = dev.type == "cuda" if checkpointing == "auto" else checkpointing.lower() in ("true", "yes", "on", "1")
     uncond_one = sampling.encode_prompts(pipe, [""])
     pipe.scheduler.set_timesteps(num_steps)
     schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low for t > t_thres
 
     # ---- resume ------------------------------------------------------------------------------------
     start_epoch, queries, history = 0, 0, []
-    ck = runs.load_checkpoint(out)
     if ck:
         lora.load_state_dict(unet, ck["lora"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -189,6 +235,7 @@ def main():
             print(f"resuming {out} from epoch {start_epoch}")
 
     eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
+    skips = runs.Skips(max_skips, out, verbose=master)  # the fail-safe for NaN and inf (runs.py)
 
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
@@ -202,14 +249,14 @@ def main():
                 print(f"evaluation reward before training: {eval_before:.4f}")
         t0 = time.time()
         exploring = explore and explore_active(epoch, epochs, explore_frac)
-        stats = defaultdict(list)
+        stats, skipped = defaultdict(list), 0
         unet.train()
         pbar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", disable=not master, leave=False)
         for s in pbar:
             step = epoch * steps_per_epoch + s
             g = sampling.seeded_generator(seed, step, 1_000_000)  # the same K on every rank
             k = draw_k(g, truncation, num_steps, k_min, k_max)
-            step_rewards = []
+            step_rewards, step_prompts = [], []
             for m in range(grad_accum):
                 # ---- 1. sample, with gradient through the last k steps, and 2. reward ----------
                 rng = sampling.random_streams(seed, step, m * world + rank)  # its own streams per process
@@ -218,34 +265,42 @@ def main():
                                             scale=schedule if exploring and explore_cfg else None,
                                             explore_weights=exploring and explore_weights, weight_max=weight_max,
                                             draft_lv=draft_lv, use_ckpt=use_ckpt)
-                if not torch.isfinite(r).all():
-                    bad = int((~torch.isfinite(r)).nonzero()[0])
-                    raise SystemExit(f"error: reward {reward} returned {r[bad].item()} for prompt "
-                                     f"{clean[bad]!r}; check the reward model and its inputs")
-                # ---- 3. update: ascend the reward ------------------------------------------------
+                # ---- 3. update: ascend the reward (a NaN reward is caught before the step) --------
                 loss = -loss_coef * r.mean()
                 (loss / grad_accum).backward()
                 step_rewards.append(r.detach().float().cpu())  # with DRaFT-LV, n queries per image
+                step_prompts += clean
                 stats["loss"].append(loss.item())
             if ddp:  # average the LoRA gradients over processes (what DDP would do)
                 distributed.average_gradients(params)
             gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
             r_all = torch.cat(step_rewards)
             if ddp:
                 r_all = distributed.gather(r_all.to(dev)).cpu()
             queries += len(r_all)
+            if torch.isfinite(r_all).all() and torch.isfinite(gn):  # the same on every process
+                optimizer.step()
+                skips.ok()
+                stats["grad_norm"].append(gn.item())
+            else:  # the fail-safe: a NaN or inf reward or gradient never reaches the weights
+                skipped += 1
+                bad = (~torch.isfinite(r_all)).nonzero().flatten().tolist()
+                if bad:  # rank 0's rewards come first in r_all, so the master names its own prompt
+                    skips.skip(f"reward {reward} returned {r_all[bad[0]].item()} in epoch {epoch}",
+                               prompts=step_prompts[bad[0]:bad[0] + 1])
+                else:
+                    skips.skip(f"non-finite gradient (norm {gn.item()}) in epoch {epoch}", prompts=step_prompts)
+            optimizer.zero_grad(set_to_none=True)
             stats["rewards"].append(r_all)
-            stats["grad_norm"].append(gn.item())
             stats["k"].append(k)
 
         # ---- log, evaluate, checkpoint --------------------------------------------------------------
         r_epoch = torch.cat(stats["rewards"])
+        r_epoch = r_epoch[torch.isfinite(r_epoch)]
         rec = dict(epoch=epoch, explore=exploring, reward_mean=r_epoch.mean().item(),
-                   reward_std=r_epoch.std().item(), reward_queries=queries,
-                   loss=sum(stats["loss"]) / len(stats["loss"]),
-                   grad_norm=sum(stats["grad_norm"]) / len(stats["grad_norm"]), k=stats["k"])
+                   reward_std=r_epoch.std().item() if len(r_epoch) > 1 else float("nan"), reward_queries=queries,
+                   loss=finite_mean(stats["loss"]), grad_norm=finite_mean(stats["grad_norm"]), k=stats["k"],
+                   skipped_updates=skipped)
         if epoch == 0:
             rec["eval_before"] = eval_before
         if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
@@ -257,11 +312,12 @@ def main():
         history.append(rec)
         if master:
             runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
-                                           reward_queries=queries, history=history, config=config))
+                                           reward_queries=queries, history=history, config=config, world_size=world))
             runs.write_log(out, history)
             print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
                   f"queries {queries} | loss {rec['loss']:.4f} | grad norm {rec['grad_norm']:.3f} | "
                   f"K {stats['k']} | {'explore | ' if exploring else ''}"
+                  + (f"skipped {skipped} updates | " if skipped else "")
                   + (f"eval {rec['eval_reward']:.4f} | " if "eval_reward" in rec else "")
                   + f"{rec['seconds']:.1f}s")
 

@@ -10,6 +10,10 @@ final image can be maximised with a policy gradient. Each epoch:
     3. advantages normalise the rewards per prompt
     4. train      PPO's clipped importance-sampled objective over the recorded steps (LoRA only)
 
+Fail-safe: a NaN or infinite reward, sample, loss or gradient skips the update it would feed, with
+a warning; --max_skips in a row stop the run, and a checkpoint with a non-finite weight is never
+written (runs.py), so the last good one is always there to resume from.
+
 DiffExp (Chae et al., "DiffExp: Efficient Exploration in Reward Fine-tuning for Text-to-Image
 Diffusion Models", AAAI 2025, Sec. 3) changes only step 1, and only for the first 3/4 of training:
 a very low CFG scale for the early, noisy timesteps (t > t_thres), and a random up-weighting of one
@@ -20,6 +24,7 @@ phrase of each prompt.
         --prompts=animals ...                           # the paper's setting (see README)
     torchrun --nproc_per_node=2 train_ddpo.py ...       # several processes (DDP)
 """
+import math
 import os
 import time
 from collections import defaultdict
@@ -35,6 +40,7 @@ import prompt_sets
 import rewards
 import runs
 import sampling
+from configurator import at_least, between, positive, require  # the input checks
 from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
 
 # ------------------------------------------------------------------------------------------------
@@ -48,7 +54,7 @@ out = ""                     # run folder; default out/ddpo-<reward>[-explore]-s
 seed = 0                     # seeds sampling noise, prompts and shuffling; same seed = same run
 # sampling (DDPO paper, Appendix: 50 DDIM steps, eta 1, guidance 5 on SD 1.5)
 num_steps = 20               # DDIM steps per image
-eta = 1.0                    # DDIM noise; must be > 0 so every step has a log-likelihood
+eta = 1.0                    # DDIM noise, in (0, 1]: > 0 so every step has a log-likelihood (above 1: NaN)
 guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
 # DiffExp exploration (Chae et al. 2025, Sec. 3)
 explore = False              # explore during the first explore_frac of the epochs
@@ -84,6 +90,7 @@ eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
 device = "auto"              # auto, cpu, cuda
 stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
+max_skips = 3                # a NaN/inf reward, sample, loss or gradient skips its update; this many in a row stop the run
 # ------------------------------------------------------------------------------------------------
 
 
@@ -121,36 +128,70 @@ def ppo_loss(log_prob, old_log_prob, adv, clip_range):
     return loss, approx_kl.detach(), clipfrac.detach(), ratio.detach()
 
 
-def main():
+def finite_mean(values):
+    """The mean of the finite values, NaN if there are none (an epoch's log after skipped updates)."""
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main(check_only=False):
     # ---- checks first: bad input costs nothing -------------------------------------------------
+    # (check_only: compare.py and bench.py check the options they pass on, before running anything)
     global out
-    if eta <= 0:
-        raise SystemExit("error: --eta must be > 0: with eta=0 DDIM is deterministic and a step has no "
-                         "likelihood for the policy gradient (DDPO uses eta=1.0)")
-    if not 0 < timestep_fraction <= 1:
-        raise SystemExit(f"error: --timestep_fraction must be in (0, 1], got {timestep_fraction}")
-    if samples_per_prompt < 1 or sample_batch_size % samples_per_prompt:
-        raise SystemExit(f"error: --samples_per_prompt={samples_per_prompt} must divide sample_batch_size={sample_batch_size}")
+    require(reward in rewards.REWARDS, f"unknown reward {reward!r}; known rewards: {', '.join(rewards.REWARDS)}")
+    at_least(1, num_steps=num_steps, epochs=epochs, sample_batch_size=sample_batch_size, num_batches=num_batches,
+             samples_per_prompt=samples_per_prompt, train_batch_size=train_batch_size, grad_accum=grad_accum,
+             inner_epochs=inner_epochs, stat_buffer=stat_buffer, lora_rank=lora_rank, eval_every=eval_every,
+             eval_prompts=eval_prompts, eval_seeds=eval_seeds, max_skips=max_skips, weight_max=weight_max)
+    at_least(0, guidance=guidance, w_low=w_low, t_thres=t_thres, weight_decay=weight_decay, stop_after=stop_after)
+    positive(lr=lr, clip_range=clip_range, adv_clip=adv_clip, max_grad_norm=max_grad_norm)
+    between(0, 1, explore_frac=explore_frac)
+    between(0, 2**32 - 1, seed=seed)
+    require(0 < eta <= 1, f"--eta must be in (0, 1], got {eta}: with eta=0 DDIM is deterministic and a step has no "
+                          "likelihood for the policy gradient, above 1 its variance outgrows the step (NaN samples); "
+                          "DDPO uses eta=1.0")
+    require(0 < timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {timestep_fraction}")
+    require(sample_batch_size % samples_per_prompt == 0,
+            f"--samples_per_prompt={samples_per_prompt} must divide --sample_batch_size={sample_batch_size}")
     samples_per_epoch = sample_batch_size * num_batches
-    if samples_per_epoch % (train_batch_size * grad_accum):
-        raise SystemExit(f"error: samples per epoch (sample_batch_size*num_batches = {samples_per_epoch}) "
-                         f"must be a multiple of train_batch_size*grad_accum = {train_batch_size * grad_accum}")
+    require(samples_per_epoch >= 2, f"sample_batch_size*num_batches = {samples_per_epoch}: the advantages are "
+                                    "rewards standardised over the epoch's samples, which needs at least 2")
+    require(samples_per_epoch % (train_batch_size * grad_accum) == 0,
+            f"samples per epoch (sample_batch_size*num_batches = {samples_per_epoch}) must be a multiple of "
+            f"train_batch_size*grad_accum = {train_batch_size * grad_accum}")
+    require(2 <= stat_min_count <= stat_buffer, f"--stat_min_count must be between 2 and --stat_buffer={stat_buffer}, "
+                                                f"got {stat_min_count}: the std of one reward is 0, and a prompt's "
+                                                "buffer never holds more than stat_buffer")
+    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+    reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
+    if check_only:
+        return
     out = out or f"out/ddpo-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
-    runs.check_run(out, config, ignore=("stop_after",))
+    runs.check_run(out, config, ignore=("stop_after", "max_skips"))
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
     ddp, rank, world, dev = distributed.setup(device)
     master = rank == 0
+    ck = runs.load_checkpoint(out)  # a resume: read it now, so a changed process count costs nothing
+    if ck and ck.get("world_size", world) != world:
+        raise SystemExit(f"error: {out} was trained with {ck['world_size']} processes and this run has {world}; the "
+                         f"global batch and the random streams depend on it: resume with {ck['world_size']} "
+                         "(torchrun --nproc_per_node=N), or pass --out=<new folder>")
     try:
-        reward_fn = rewards.load(reward, device=dev, **configurator.parse_options(reward_options))
+        pipelines.check_model(model)  # a typo in --model fails at once, not after the reward has loaded
+        reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
         pipe = pipelines.load_pipeline(model, device=dev)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     unet, scheduler = pipe.unet, pipe.scheduler
+    T = scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps
+    require(num_steps <= T, f"--num_steps must be <= the model's {T} training timesteps, got {num_steps}")
+    require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        runs.prepare_run(out, config, ignore=("stop_after",))
+        runs.prepare_run(out, config, ignore=("stop_after", "max_skips"))
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -161,7 +202,6 @@ def main():
 
     # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
     start_epoch, queries, history, buffers = 0, 0, [], defaultdict(list)
-    ck = runs.load_checkpoint(out)
     if ck:
         lora.load_state_dict(unet, ck["lora"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -172,6 +212,7 @@ def main():
 
     # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
     eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
+    skips = runs.Skips(max_skips, out, verbose=master)  # the fail-safe for NaN and inf (runs.py)
 
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
@@ -215,31 +256,43 @@ def main():
             clean = [parse_phrases(p)[0] for p in batch_prompts]
             with torch.no_grad():
                 r = reward_fn(traj.images, clean).float().cpu()
+            # A chain that went NaN can still score a finite reward (a JPEG of NaN pixels has a size):
+            # a sample is good only if its latents and log-probs are finite too.
+            chain_ok = torch.isfinite(traj.latents).flatten(1).all(1) & torch.isfinite(traj.log_probs).all(1)
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond,
                                 uncond=traj.uncond, scale=traj.guidance.expand(len(idx), -1),
-                                rewards=r, idx=idx))
+                                rewards=r, chain_ok=chain_ok.float().cpu(), idx=idx))
         local = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
         n_local = len(local["rewards"])
+        n_updates = inner_epochs * n_local // (train_batch_size * grad_accum)  # optimizer steps per epoch
 
         # gather every process's rewards and prompts: statistics are over the global batch
-        all_r, all_idx = local["rewards"], local["idx"]
+        all_r, all_ok, all_idx = local["rewards"], local["chain_ok"], local["idx"]
         if ddp:
             all_r = distributed.gather(local["rewards"].to(dev)).cpu()
+            all_ok = distributed.gather(local["chain_ok"].to(dev)).cpu()
             all_idx = distributed.gather(local["idx"].to(dev)).cpu()
         all_prompts = [prompt_list[i] for i in all_idx]
-        if not torch.isfinite(all_r).all():
-            bad = int((~torch.isfinite(all_r)).nonzero()[0])
-            raise SystemExit(f"error: reward {reward} returned {all_r[bad].item()} for prompt "
-                             f"{all_prompts[bad]!r}; check the reward model and its inputs")
         queries += len(all_r)
+        good = torch.isfinite(all_r) & (all_ok > 0)
+        samples_ok, skipped = bool(good.all()), 0
+        if not samples_ok:  # the fail-safe: no update from these samples (every process sees the same)
+            i = int((~good).nonzero()[0])
+            skipped += n_updates
+            skips.skip((f"reward {reward} returned {all_r[i].item()}" if all_ok[i] else
+                        f"sampling gave non-finite latents or log-probs (eta {eta:g}, guidance {guidance:g})")
+                       + f" in epoch {epoch}", prompts=[all_prompts[i]])
 
         # ---- 3. advantages -------------------------------------------------------------------------
         # keyed by the unweighted prompt text: exploration changes the embedding, not the task
-        if per_prompt_stats:
+        if not samples_ok:
+            adv = None
+        elif per_prompt_stats:
             adv = per_prompt_advantages(all_prompts, all_r, buffers, stat_buffer, stat_min_count)
         else:
             adv = (all_r - all_r.mean()) / (all_r.std(correction=0) + 1e-6)
-        adv = adv.clamp(-adv_clip, adv_clip)[rank * n_local:(rank + 1) * n_local].to(dev)
+        if adv is not None:
+            adv = adv.clamp(-adv_clip, adv_clip)[rank * n_local:(rank + 1) * n_local].to(dev)
 
         # ---- 4. train: PPO over the recorded denoising steps --------------------------------------
         # The log-prob of each recorded step is recomputed with the guidance scale and the prompt
@@ -249,7 +302,7 @@ def main():
         unet.train()
         stats = defaultdict(list)
         first_step = True
-        for inner in range(inner_epochs):
+        for inner in range(inner_epochs if samples_ok else 0):
             g = sampling.seeded_generator(seed, epoch, 10_000 + inner, rank)
             perm = torch.randperm(n_local, generator=g)
             # each sample visits its own random order of steps (DDPO shuffles timesteps per sample)
@@ -276,16 +329,24 @@ def main():
                     if ddp:  # average the LoRA gradients over processes (what DDP would do)
                         distributed.average_gradients(params)
                     gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-                    optimizer.step()
+                    if torch.isfinite(gn):  # the same on every process: the gradients are averaged
+                        optimizer.step()
+                        skips.ok()
+                        stats["grad_norm"].append(gn.item())
+                    else:  # the fail-safe: a NaN or inf loss or gradient never reaches the weights
+                        skipped += 1
+                        done = perm[(m + 1 - grad_accum) * train_batch_size:(m + 1) * train_batch_size]
+                        skips.skip(f"non-finite loss or gradient (gradient norm {gn.item()}) in epoch {epoch}",
+                                   prompts=[prompt_list[k] for k in local["idx"][done]])
                     optimizer.zero_grad(set_to_none=True)
-                    stats["grad_norm"].append(gn.item())
                     first_step = False
 
         # ---- log, evaluate, checkpoint --------------------------------------------------------------
-        rec = dict(epoch=epoch, explore=exploring, reward_mean=all_r.mean().item(),
-                   reward_std=all_r.std().item(), reward_queries=queries,
-                   **{k: sum(v) / len(v) for k, v in stats.items() if k != "ratio_dev"},
-                   ratio_dev=max(stats["ratio_dev"]), seconds=0.0)
+        r_good = all_r[good]  # a skipped sample's reward is NaN, or the score of a NaN image
+        rec = dict(epoch=epoch, explore=exploring, reward_mean=r_good.mean().item(),
+                   reward_std=r_good.std().item() if len(r_good) > 1 else float("nan"), reward_queries=queries,
+                   **{k: finite_mean(stats[k]) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")},
+                   ratio_dev=max(stats["ratio_dev"], default=float("nan")), skipped_updates=skipped, seconds=0.0)
         if epoch == 0:
             rec["eval_before"] = eval_before
         if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
@@ -298,11 +359,12 @@ def main():
         if master:
             runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
                                            reward_queries=queries, history=history, buffers=dict(buffers),
-                                           config=config))
+                                           config=config, world_size=world))
             runs.write_log(out, history)
             print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
                   f"queries {queries} | kl {rec['approx_kl']:.2e} | clipfrac {rec['clipfrac']:.3f} | "
                   f"ratio-1 {rec['ratio_dev']:.1e} | {'explore | ' if exploring else ''}"
+                  + (f"skipped {skipped} updates | " if skipped else "")
                   + (f"eval {rec['eval_reward']:.4f} | " if "eval_reward" in rec else "")
                   + f"{rec['seconds']:.1f}s")
 

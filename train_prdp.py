@@ -20,6 +20,10 @@ p_ref is the PRETRAINED model: here the same UNet with its LoRA switched off. Ea
     4. train      K full-batch updates of the pairwise regression, each step's log-ratio clipped to
                   within eps of the sampling model's, the larger of the clipped and unclipped errors
 
+Fail-safe: a NaN or infinite reward, sample, reference log-prob or gradient skips the update it
+would feed, with a warning; --max_skips in a row stop the run, and a checkpoint with a non-finite
+weight is never written (runs.py), so the last good one is always there to resume from.
+
 DiffExp (Chae et al., "DiffExp: Efficient Exploration in Reward Fine-tuning for Text-to-Image
 Diffusion Models", AAAI 2025, Sec. 3) changes only step 1, and only for the first 3/4 of training,
 exactly as in train_ddpo.py.
@@ -29,6 +33,7 @@ exactly as in train_ddpo.py.
         --prompts=animals ...                           # the paper's setting (see README)
     torchrun --nproc_per_node=2 train_prdp.py ...       # several processes (DDP)
 """
+import math
 import os
 import time
 from collections import defaultdict
@@ -44,6 +49,7 @@ import prompt_sets
 import rewards
 import runs
 import sampling
+from configurator import at_least, between, positive, require  # the input checks
 from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
 
 # ------------------------------------------------------------------------------------------------
@@ -57,7 +63,7 @@ out = ""                     # run folder; default out/prdp-<reward>[-explore]-s
 seed = 0                     # seeds sampling noise, prompts and prompt weights; same seed = same run
 # sampling (PRDP on SD 1.4: 50 DDPM steps, guidance 5; DDIM with eta 1 is DDPM's step)
 num_steps = 20               # DDIM steps per image
-eta = 1.0                    # DDIM noise; must be > 0 so every step has a log-likelihood
+eta = 1.0                    # DDIM noise, in (0, 1]: > 0 so every step has a log-likelihood (above 1: NaN)
 guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
 # DiffExp exploration (Chae et al. 2025, Sec. 3)
 explore = False              # explore during the first explore_frac of the epochs
@@ -99,6 +105,7 @@ eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
 device = "auto"              # auto, cpu, cuda
 stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
+max_skips = 3                # a NaN/inf reward, sample or gradient skips its update; this many in a row stop the run
 # ------------------------------------------------------------------------------------------------
 
 
@@ -172,42 +179,64 @@ def replay(unet, scheduler, data, timesteps, eta, batch_size, weights=None):
     return log_probs
 
 
-def main():
+def finite_mean(values):
+    """The mean of the finite values, NaN if there are none (an epoch's log after skipped updates)."""
+    values = [v for v in values if math.isfinite(v)]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def main(check_only=False):
     # ---- checks first: bad input costs nothing -------------------------------------------------
+    # (check_only: compare.py and bench.py check the options they pass on, before running anything)
     global out
-    if eta <= 0:
-        raise SystemExit("error: --eta must be > 0: with eta=0 DDIM is deterministic and a step has no "
-                         "likelihood to take a log-ratio of (PRDP samples with DDPM, i.e. eta=1.0)")
-    if beta <= 0:
-        raise SystemExit(f"error: --beta must be > 0 (the KL weight; the targets are (r_i - r_j) / beta), got {beta}")
-    if clip_eps <= 0:
-        raise SystemExit(f"error: --clip_eps must be > 0 (the per-step clip range), got {clip_eps}")
-    if images_per_prompt < 2:
-        raise SystemExit(f"error: --images_per_prompt must be >= 2: PRDP learns from pairs of images of one "
-                         f"prompt, got {images_per_prompt}")
-    if prompts_per_epoch < 1 or updates_per_epoch < 1 or train_batch_size < 1:
-        raise SystemExit("error: --prompts_per_epoch, --updates_per_epoch and --train_batch_size must be >= 1")
+    require(reward in rewards.REWARDS, f"unknown reward {reward!r}; known rewards: {', '.join(rewards.REWARDS)}")
+    at_least(1, num_steps=num_steps, epochs=epochs, prompts_per_epoch=prompts_per_epoch,
+             sample_batch_size=sample_batch_size, train_batch_size=train_batch_size,
+             updates_per_epoch=updates_per_epoch, lora_rank=lora_rank, eval_every=eval_every,
+             eval_prompts=eval_prompts, eval_seeds=eval_seeds, max_skips=max_skips, weight_max=weight_max)
+    at_least(2, images_per_prompt=images_per_prompt)  # PRDP learns from pairs of images of one prompt
+    at_least(0, guidance=guidance, w_low=w_low, t_thres=t_thres, weight_decay=weight_decay, stop_after=stop_after)
+    positive(beta=beta, clip_eps=clip_eps, lr=lr, max_grad_norm=max_grad_norm)  # beta: the targets are (r_i - r_j) / beta
+    between(0, 1, explore_frac=explore_frac)
+    between(0, 2**32 - 1, seed=seed)
+    require(0 < eta <= 1, f"--eta must be in (0, 1], got {eta}: with eta=0 DDIM is deterministic and a step has no "
+                          "likelihood to take a log-ratio of, above 1 its variance outgrows the step (NaN samples); "
+                          "PRDP samples with DDPM, i.e. eta=1.0")
     samples_per_epoch = prompts_per_epoch * images_per_prompt
-    if sample_batch_size % images_per_prompt or samples_per_epoch % sample_batch_size:
-        raise SystemExit(f"error: --sample_batch_size={sample_batch_size} must be a multiple of images_per_prompt="
-                         f"{images_per_prompt} (a sampling call draws whole prompt groups) and divide "
-                         f"prompts_per_epoch*images_per_prompt = {samples_per_epoch}")
+    require(sample_batch_size % images_per_prompt == 0 and samples_per_epoch % sample_batch_size == 0,
+            f"--sample_batch_size={sample_batch_size} must be a multiple of images_per_prompt={images_per_prompt} "
+            f"(a sampling call draws whole prompt groups) and divide prompts_per_epoch*images_per_prompt = "
+            f"{samples_per_epoch}")
+    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+    reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
+    if check_only:
+        return
     out = out or f"out/prdp-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
-    runs.check_run(out, config, ignore=("stop_after",))
+    runs.check_run(out, config, ignore=("stop_after", "max_skips"))
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
     ddp, rank, world, dev = distributed.setup(device)
     master = rank == 0
+    ck = runs.load_checkpoint(out)  # a resume: read it now, so a changed process count costs nothing
+    if ck and ck.get("world_size", world) != world:
+        raise SystemExit(f"error: {out} was trained with {ck['world_size']} processes and this run has {world}; the "
+                         f"global batch and the random streams depend on it: resume with {ck['world_size']} "
+                         "(torchrun --nproc_per_node=N), or pass --out=<new folder>")
     try:
-        reward_fn = rewards.load(reward, device=dev, **configurator.parse_options(reward_options))
+        pipelines.check_model(model)  # a typo in --model fails at once, not after the reward has loaded
+        reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
         pipe = pipelines.load_pipeline(model, device=dev)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     unet, scheduler = pipe.unet, pipe.scheduler
+    T = scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps
+    require(num_steps <= T, f"--num_steps must be <= the model's {T} training timesteps, got {num_steps}")
+    require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        runs.prepare_run(out, config, ignore=("stop_after",))
+        runs.prepare_run(out, config, ignore=("stop_after", "max_skips"))
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)  # B = 0: theta starts as p_ref (Algorithm 1, line 1)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -218,7 +247,6 @@ def main():
 
     # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
     start_epoch, queries, history = 0, 0, []
-    ck = runs.load_checkpoint(out)
     if ck:
         lora.load_state_dict(unet, ck["lora"])
         optimizer.load_state_dict(ck["optimizer"])
@@ -228,6 +256,7 @@ def main():
 
     # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
     eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
+    skips = runs.Skips(max_skips, out, verbose=master)  # the fail-safe for NaN and inf (runs.py)
 
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
@@ -267,9 +296,12 @@ def main():
             clean = [parse_phrases(p)[0] for p in batch_prompts]
             with torch.no_grad():
                 r = reward_fn(traj.images, clean).float().cpu()
+            # A chain that went NaN can still score a finite reward (a JPEG of NaN pixels has a size):
+            # a sample is good only if its latents and log-probs are finite too.
+            chain_ok = torch.isfinite(traj.latents).flatten(1).all(1) & torch.isfinite(traj.log_probs).all(1)
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond,
                                 uncond=traj.uncond, scale=traj.guidance.expand(len(idx), -1),
-                                rewards=r, idx=idx))
+                                rewards=r, chain_ok=chain_ok.float().cpu(), idx=idx))
         data = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
         n_local = len(data["rewards"])
 
@@ -290,17 +322,23 @@ def main():
         old = data["log_probs"] - lp_ref
 
         # gather every process's rewards, prompts and log-ratios: the loss is over the global batch
-        all_r, all_idx, all_old = data["rewards"], data["idx"], old.cpu()
+        all_r, all_ok, all_idx, all_old = data["rewards"], data["chain_ok"], data["idx"], old.cpu()
         if ddp:
             all_r = distributed.gather(data["rewards"].to(dev)).cpu()
+            all_ok = distributed.gather(data["chain_ok"].to(dev)).cpu()
             all_idx = distributed.gather(data["idx"].to(dev)).cpu()
             all_old = distributed.gather(old).cpu()
         all_prompts = [prompt_list[i] for i in all_idx]
-        if not torch.isfinite(all_r).all():
-            bad = int((~torch.isfinite(all_r)).nonzero()[0])
-            raise SystemExit(f"error: reward {reward} returned {all_r[bad].item()} for prompt "
-                             f"{all_prompts[bad]!r}; check the reward model and its inputs")
         queries += len(all_r)
+        good = torch.isfinite(all_r) & (all_ok > 0) & torch.isfinite(all_old).all(1)
+        samples_ok, skipped = bool(good.all()), 0
+        if not samples_ok:  # the fail-safe: no update from these samples (every process sees the same)
+            i = int((~good).nonzero()[0])
+            skipped += updates_per_epoch
+            finite_chain = bool(all_ok[i]) and bool(torch.isfinite(all_old[i]).all())
+            skips.skip((f"reward {reward} returned {all_r[i].item()}" if finite_chain else "sampling or the reference "
+                        f"model gave non-finite latents or log-probs (eta {eta:g}, guidance {guidance:g})")
+                       + f" in epoch {epoch}", prompts=[all_prompts[i]])
         # every sampling call holds whole groups, and gather keeps rank order: group = index // B
         groups = torch.arange(len(all_r)) // images_per_prompt
         mine = slice(rank * n_local, (rank + 1) * n_local)  # this process's trajectories
@@ -311,7 +349,7 @@ def main():
         # (step_weights), (c) back-propagates them one step and micro-batch at a time (replay).
         unet.train()
         stats = defaultdict(list)
-        for k in range(updates_per_epoch):
+        for k in range(updates_per_epoch if samples_ok else 0):
             # (a) theta's log-ratios. First update: theta is still theta_old, they are `old` (free).
             all_new = all_old
             if k > 0:
@@ -328,20 +366,30 @@ def main():
             if ddp:  # average the LoRA gradients over processes (what DDP would do)
                 distributed.average_gradients(params)
             gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            optimizer.step()
+            if torch.isfinite(gn):  # the same on every process: the gradients are averaged
+                optimizer.step()
+                skips.ok()
+                stats["grad_norm"].append(gn.item())
+            else:  # the fail-safe: a NaN or inf loss or gradient never reaches the weights
+                skipped += 1
+                skips.skip(f"non-finite loss or gradient (gradient norm {gn.item()}) in epoch {epoch}, update {k}",
+                           prompts=all_prompts)
             optimizer.zero_grad(set_to_none=True)
             stats["loss"].append(loss)
-            stats["grad_norm"].append(gn.item())
-        stats["clipfrac"] = [(~inside).float().mean().item()]  # at the last update: how far the K updates went
-        stats["kl_ref"] = [all_old.mean().item()]
+        if samples_ok:
+            stats["clipfrac"] = [(~inside).float().mean().item()]  # at the last update: how far the K updates went
+            stats["kl_ref"] = [all_old.mean().item()]
 
         # ---- log, evaluate, checkpoint --------------------------------------------------------------
         # pred_corr / pred_ratio: how well theta_old's R_i - R_j predicts the fresh samples' reward
         # differences / how big it is next to the targets; kl_ref: mean per-step log p_theta_old/p_ref
         # on theta_old's own samples, an estimate of their KL (per step and latent dimension).
-        rec = dict(epoch=epoch, explore=exploring, reward_mean=all_r.mean().item(),
-                   reward_std=all_r.std().item(), reward_queries=queries,
-                   **{k: sum(v) / len(v) for k, v in stats.items()}, seconds=0.0)
+        r_good = all_r[good]  # a skipped sample's reward is NaN, or the score of a NaN image
+        rec = dict(epoch=epoch, explore=exploring, reward_mean=r_good.mean().item(),
+                   reward_std=r_good.std().item() if len(r_good) > 1 else float("nan"), reward_queries=queries,
+                   **{k: finite_mean(stats[k]) for k in ("ratio_dev", "pred_corr", "pred_ratio", "loss", "grad_norm",
+                                                         "clipfrac", "kl_ref")},
+                   skipped_updates=skipped, seconds=0.0)
         if epoch == 0:
             rec["eval_before"] = eval_before
         if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
@@ -353,12 +401,13 @@ def main():
         history.append(rec)
         if master:
             runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
-                                           reward_queries=queries, history=history, config=config))
+                                           reward_queries=queries, history=history, config=config, world_size=world))
             runs.write_log(out, history)
             print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
                   f"queries {queries} | loss {rec['loss']:.3e} | pred corr {rec['pred_corr']:+.2f} "
                   f"ratio {rec['pred_ratio']:.2e} | kl_ref {rec['kl_ref']:.1e} | clipfrac {rec['clipfrac']:.3f} | "
                   f"ratio-1 {rec['ratio_dev']:.1e} | {'explore | ' if exploring else ''}"
+                  + (f"skipped {skipped} updates | " if skipped else "")
                   + (f"eval {rec['eval_reward']:.4f} | " if "eval_reward" in rec else "")
                   + f"{rec['seconds']:.1f}s")
 

@@ -238,6 +238,11 @@ def test_explore_args_change_only_the_exploring_arms_and_keep_the_baseline_runs(
     (["--args=--epoch=2"], "did you mean --epochs"),
     (["--args=--lr=fast"], "--lr expects a number"),
     (["--heldout=no_such_set"], "unknown prompt set"),
+    (["--reward=beauty"], "unknown reward 'beauty'"),
+    (["--model=no_such_folder"], "no diffusers folder at 'no_such_folder'"),
+    (["--args=--eta=1.5"], "in --args (train_ddpo.py): --eta must be in (0, 1], got 1.5"),
+    (["--heldout_seeds=1"], "--heldout_seeds must be >= 2"),
+    (["--metrics=shapes_corect"], "--metrics: unknown reward 'shapes_corect'"),
 ])
 def test_bad_input_is_a_one_line_error_with_nothing_written(tiny_pipeline_dir, nine_prompts, tmp_path, extra, message):
     with pytest.raises(SystemExit) as e:
@@ -255,10 +260,13 @@ def test_a_single_prompt_cannot_be_held_out(tiny_pipeline_dir, tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_run_names_the_run_and_the_trainer_error(tiny_pipeline_dir, nine_prompts, tmp_path):
-    argv = compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", "--reward=beauty", "--seeds=1", "--jobs=1")
+    # more DDIM steps than the model has timesteps: only the trainer, with the model loaded, can tell
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", "--seeds=1", "--jobs=1",
+                        f"--args={TRAINER_ARGS} --num_steps=2000")
     with pytest.raises(SystemExit) as e:
         configured(*argv).main()
-    assert re.match(r"error: run baseline-s\d failed \(exit code 1\): error: unknown reward 'beauty'", str(e.value))
+    assert re.match(r"error: run baseline-s\d failed \(exit code 1\): error: --num_steps must be <= the model's "
+                    r"1000 training timesteps, got 2000", str(e.value))
     assert "re-run the same command" in str(e.value)
     assert not (tmp_path / "c" / "baseline-s0" / "log.jsonl").exists()
 

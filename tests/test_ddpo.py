@@ -1,6 +1,7 @@
 """DDPO: the PPO objective and advantages against hand computations, on-policy ratios, resume and
 multi-process equivalence, and bad input, on a tiny random SD-shaped pipeline."""
 import os
+import re
 import subprocess
 import sys
 
@@ -165,8 +166,8 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
     (["--reward=beauty"], "beauty"),
     (["--prompts=no_such_set"], "unknown prompt set"),
     (["--train_batch_size=3"], "must be a multiple"),
-    (["--samples_per_prompt=3"], "must divide sample_batch_size"),
-    (["--eta=0"], "--eta must be > 0"),
+    (["--samples_per_prompt=3"], "must divide --sample_batch_size"),
+    (["--eta=0"], "--eta must be in (0, 1]"),
     (["--timestep_fraction=1.5"], "timestep_fraction"),
     (["--timestep_fraction=0"], "timestep_fraction"),
 ])
@@ -195,18 +196,61 @@ def test_unknown_model_and_empty_prompt_file(prompt_file, tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_non_finite_reward_names_the_reward_and_prompt(tiny_pipeline_dir, prompt_file, tmp_path, monkeypatch):
+def nan_reward_when(monkeypatch, bad):
+    """rewards.load returns jpeg_incompressibility, except that its n-th call (from 1) returns NaN
+    for the first image whenever bad(n): no real reward returns NaN on demand, so wrap a real one."""
     import rewards
-    real_load = rewards.load
+    real_load, calls = rewards.load, []
 
-    def nan_reward(name, **kw):  # no real reward returns NaN on demand: wrap a real one
-        fn = real_load("jpeg_compressibility", **kw)
-        wrapped = lambda images, prompts: fn(images, prompts) * float("nan")
-        wrapped.differentiable = False
+    def load(name, **kw):
+        fn = real_load(name, **kw)
+
+        def wrapped(images, prompts):
+            calls.append(1)
+            r = fn(images, prompts)
+            return torch.cat([torch.full((1,), float("nan")), r[1:]]) if bad(len(calls)) else r
+        wrapped.differentiable = fn.differentiable
         return wrapped
-    monkeypatch.setattr(rewards, "load", nan_reward)
-    with pytest.raises(SystemExit, match=r"reward jpeg_incompressibility returned nan for prompt 'a"):
-        run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, tmp_path / "run"))
+    monkeypatch.setattr(rewards, "load", load)
+
+
+def test_a_nan_reward_skips_that_epochs_update_and_the_run_goes_on(tiny_pipeline_dir, prompt_file, tmp_path,
+                                                                   monkeypatch, capsys):
+    # reward calls: 1 = the evaluation before training, 2-3 = epoch 0's two batches, 4-5 = epoch 1's
+    nan_reward_when(monkeypatch, lambda n: n == 2)
+    out = tmp_path / "run"
+    run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, out))
+    log = read_log(out)
+    assert [r["skipped_updates"] for r in log] == [2, 0]  # epoch 0: both of its updates; epoch 1 trains
+    assert log[0]["reward_queries"] == 8 and log[1]["grad_norm"] > 0
+    err = capsys.readouterr().err
+    assert re.search(r"warning: reward jpeg_incompressibility returned nan in epoch 0, on prompt 'a", err)
+    weights = lora_weights(out)
+    assert all(torch.isfinite(v).all() for v in weights.values())
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)  # epoch 1 did train
+
+
+def test_a_reward_that_stays_nan_stops_the_run_and_the_last_good_checkpoint_resumes(tiny_pipeline_dir, prompt_file,
+                                                                                     tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    args = small(tiny_pipeline_dir, prompt_file, out, "--epochs=6")
+    run_trainer("train_ddpo", *args, "--stop_after=2")  # two good epochs
+    good = torch.load(out / "ckpt.pt", weights_only=True)["lora"]
+    nan_reward_when(monkeypatch, lambda n: True)  # from now on, every reward call
+    with pytest.raises(SystemExit) as e:
+        run_trainer("train_ddpo", *args)
+    msg = str(e.value)
+    assert "\n" not in msg and re.match(r"error: reward jpeg_incompressibility returned nan in epoch 4, on prompt 'a"
+                                        r".*; 3 updates in a row skipped, so the run stops", msg)
+    assert capsys.readouterr().err.count("update skipped") == 2  # epochs 2 and 3 warned, epoch 4 stopped
+    ck = torch.load(out / "ckpt.pt", weights_only=True)
+    assert ck["epoch"] == 3 and [h["skipped_updates"] for h in ck["history"]] == [0, 0, 2, 2]
+    assert ck["lora"].keys() == good.keys()
+    assert all(torch.equal(ck["lora"][k], good[k]) for k in good if "lora_" in k)  # no update since the good epochs
+    monkeypatch.undo()  # the reward is fixed: the same command resumes at epoch 4 and finishes
+    run_trainer("train_ddpo", *args)
+    assert [r["epoch"] for r in read_log(out)] == list(range(6))
+    assert all(torch.isfinite(v).all() for v in lora_weights(out).values())
 
 
 def test_changed_config_in_an_existing_run_folder_is_refused(tiny_pipeline_dir, prompt_file, tmp_path):

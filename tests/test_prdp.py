@@ -200,7 +200,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
     (["--beta=0"], "--beta must be > 0"),
     (["--beta=-1"], "--beta must be > 0"),
     (["--images_per_prompt=1", "--sample_batch_size=1"], "--images_per_prompt must be >= 2"),
-    (["--eta=0"], "--eta must be > 0"),
+    (["--eta=0"], "--eta must be in (0, 1]"),
     (["--clip_eps=0"], "--clip_eps must be > 0"),
     (["--sample_batch_size=4"], "must be a multiple of images_per_prompt"),
     (["--updates_per_epoch=0"], "--updates_per_epoch"),

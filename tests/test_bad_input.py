@@ -1,0 +1,103 @@
+"""Bad input, across every script: each row is a command a user might type. Each must stop at once,
+before any model work, with exactly one line on stderr that names the option, the value and what
+is allowed, exit non-zero, and leave nothing behind. Run twice: in this process (fast, with the slow
+paths booby-trapped, so a missing check fails loudly instead of building the shapes world), and as
+real subprocesses (`python <script>.py ...`, marked slow: ~3 s of imports each)."""
+import os
+import runpy
+import subprocess
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# Every script gets the options that keep a missed check cheap ({model}: a folder that does not
+# exist, so a trainer that got past its checks fails at the model; {tiny}: the tiny SD-shaped model,
+# for the scripts that check it exists; {out}: where it would write).
+COMMON = {
+    "train_ddpo": ["--model={model}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
+    "train_alignprop": ["--model={model}", "--prompts={prompts}", "--reward=shapes_appeal", "--out={out}"],
+    "train_prdp": ["--model={model}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
+    "sample": ["--model={model}", "--out={out}/grid.png"],
+    "compare": ["--model={tiny}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
+    "bench": ["--model={tiny}"],
+    "shapes": ["--cache={out}"],
+    "shapes_eval": ["--assets={out}"],
+}
+
+# script, the bad options, what the one line must say
+ROWS = [
+    ("train_ddpo", ["--train_batch_size=0"], "--train_batch_size must be >= 1, got 0"),
+    ("train_ddpo", ["--grad_accum=0"], "--grad_accum must be >= 1, got 0"),
+    ("train_ddpo", ["--inner_epochs=0"], "--inner_epochs must be >= 1, got 0"),
+    ("train_ddpo", ["--eta=1.5"], "--eta must be in (0, 1], got 1.5"),
+    ("train_ddpo", ["--stat_min_count=1"], "--stat_min_count must be between 2 and --stat_buffer=32, got 1"),
+    ("train_ddpo", ["--sample_batch_size=1", "--num_batches=1", "--samples_per_prompt=1", "--train_batch_size=1"],
+     "sample_batch_size*num_batches = 1: the advantages are rewards standardised over the epoch's samples"),
+    ("train_ddpo", ["--lr=-1"], "--lr must be > 0, got -1.0"),
+    ("train_ddpo", ["--lr=1e999"], "--lr expects a finite number, got '1e999'"),
+    ("train_ddpo", ["--num_steps=0"], "--num_steps must be >= 1, got 0"),
+    ("train_ddpo", ["--weight_max=0.5"], "--weight_max must be >= 1, got 0.5"),
+    ("train_ddpo", ["--device=tpu"], "--device must be auto, cpu or cuda[:N], got 'tpu'"),
+    ("train_ddpo", ["--model={tiny}", "--num_steps=2000"],  # needs the model: refused after it loads, before any write
+     "--num_steps must be <= the model's 1000 training timesteps, got 2000"),
+    ("train_alignprop", ["--eta=1.5"], "--eta must be between 0 and 1, got 1.5"),
+    ("train_alignprop", ["--draft_lv=2", "--truncation=3"], "--draft_lv=2 back-propagates through the last step only"),
+    ("train_alignprop", ["--checkpointing=ture"], "--checkpointing must be auto, true or false, got 'ture'"),
+    ("train_alignprop", ["--reward=jpeg_compressibility"], "python train_ddpo.py --reward=jpeg_compressibility"),
+    ("train_prdp", ["--images_per_prompt=1", "--sample_batch_size=1"], "--images_per_prompt must be >= 2, got 1"),
+    ("train_prdp", ["--eta=1.5"], "--eta must be in (0, 1], got 1.5"),
+    ("sample", ["--steps=0"], "--steps must be >= 1, got 0"),
+    ("sample", ["--lora={out}/no_such_run"], "no LoRA weights there"),
+    ("sample", ["--out={out}/grid.txt"], "--out must end in .png or .jpg"),
+    ("compare", ["--heldout_seeds=1"], "--heldout_seeds must be >= 2, got 1"),
+    ("compare", ["--metrics=shapes_corect"], "--metrics: unknown reward 'shapes_corect'"),
+    ("compare", ["--args=--eta=1.5"], "in --args (train_ddpo.py): --eta must be in (0, 1], got 1.5"),
+    ("bench", ["--alignprop_args=--loss_coef=0"], "in --alignprop_args (train_alignprop.py): --loss_coef must be > 0"),
+    ("bench", ["--json_out={out}/no/such/folder/bench.json"], "its folder does not exist"),
+    ("bench", ["--trainers=prdp", "--prdp_args=--beta=0"], "in --prdp_args (train_prdp.py): --beta must be > 0"),
+    ("shapes", ["--vae_steps=0"], "--vae_steps must be >= 1, got 0"),
+    ("shapes", ["--p_empty=1.0"], "--p_empty must be in [0, 1)"),
+    ("shapes_eval", ["--per_prompt=1"], "--per_prompt must be >= 2, got 1"),
+    ("shapes_eval", ["--world={model}"], "is not a built shapes world"),
+]
+IDS = [f"{script}{''.join(args)}" for script, args, _ in ROWS]
+
+
+def command(script, args, tmp_path, tiny, prompts):
+    fill = dict(model=tmp_path / "no_such_model", out=tmp_path / "out", tiny=tiny, prompts=prompts)
+    return [a.format(**fill) for a in COMMON[script] + args]
+
+
+@pytest.mark.parametrize("script, args, message", ROWS, ids=IDS)
+def test_in_process(script, args, message, tmp_path, tiny_pipeline_dir, prompt_file, monkeypatch):
+    import sampling
+    import shapes
+    import shapes_models
+
+    def boom(*a, **k):
+        raise AssertionError("got past the input checks")
+    for module, name in ((sampling, "rollout"), (shapes, "ensure_world"), (shapes_models, "new_vae"),
+                         (subprocess, "Popen")):
+        monkeypatch.setattr(module, name, boom)
+    monkeypatch.setattr(sys, "argv", [f"{script}.py", *command(script, args, tmp_path, tiny_pipeline_dir, prompt_file)])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(os.path.join(ROOT, f"{script}.py"), run_name="__main__")
+    msg = str(e.value)
+    assert msg.startswith("error: ") and "\n" not in msg and message in msg, msg
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, args, message", ROWS, ids=IDS)
+def test_as_a_subprocess(script, args, message, tmp_path, tiny_pipeline_dir, prompt_file):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               SHAPES_CACHE=str(tmp_path / "cache"),  # a missed check must not build into the real cache
+               TQDM_DISABLE="1")  # the model-loading bars of the row that needs the model
+    res = subprocess.run([sys.executable, f"{script}.py", *command(script, args, tmp_path, tiny_pipeline_dir, prompt_file)],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    lines = res.stderr.splitlines()
+    assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
+    assert lines[0].startswith("error: ") and message in lines[0], lines[0]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
