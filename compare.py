@@ -32,7 +32,6 @@ import importlib
 import json
 import os
 import shlex
-import statistics
 import subprocess
 import sys
 import threading
@@ -49,6 +48,7 @@ import prompt_sets
 import rewards
 import runs
 import sampling
+from compare_stats import plot_curves, read_log, summarise, table_markdown
 from configurator import at_least, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
@@ -175,14 +175,6 @@ def plan():
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
         runs.check_run(r["dir"], r["config"], ignore=("stop_after", "max_skips"))
     return folder, run_list, train_list, train_prompts, held
-
-
-def read_log(run_dir):
-    path = os.path.join(run_dir, "log.jsonl")
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f]
 
 
 def finished(run):
@@ -322,163 +314,6 @@ def evaluate_all(folder, run_list, held, trained):
         print(f"{r['name']}: held-out reward {results[r['name']]['reward']:.4f}, "
               f"diversity {results[r['name']]['diversity']:.4f}", flush=True)
     return results, on_trained
-
-
-# ------------------------------------------------------------------------------------------------
-# Summary: curves, queries-to-baseline, table, figures
-
-def mean_std(values):
-    """Mean and sample standard deviation (n-1) over seeds; std 0 for a single seed."""
-    return dict(mean=statistics.fmean(values), std=statistics.stdev(values) if len(values) > 1 else 0.0,
-                per_seed=list(values))
-
-
-def queries_to_reach(queries, curve, target):
-    """The reward queries at which `curve` first reaches `target`, linearly interpolated between the
-    last epoch below it and the first at or above it; None if it never does."""
-    for i, (q, r) in enumerate(zip(queries, curve)):
-        if r >= target:
-            if i == 0:
-                return float(q)
-            q0, r0 = queries[i - 1], curve[i - 1]
-            return q0 + (target - r0) / (r - r0) * (q - q0)
-    return None
-
-
-def eval_curve(log):
-    """(reward queries, evaluation reward) of one run: the untrained model at 0 queries, then every
-    evaluation. Evaluations sample plainly (constant guidance, unweighted prompts, fixed noise), so
-    both arms are measured the same way; the training samples are not comparable across arms, as
-    the explore arm draws them with a low guidance scale on purpose."""
-    points = [(0, log[0]["eval_before"])] if "eval_before" in log[0] else []
-    return points + [(h["reward_queries"], h["eval_reward"]) for h in log if "eval_reward" in h]
-
-
-def band(per_point):
-    """Mean and std over seeds at each point: [[seed values] per point] -> dict of two lists."""
-    return dict(mean=[statistics.fmean(v) for v in per_point], std=[mean_std(v)["std"] for v in per_point])
-
-
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086]  # Student's t, 97.5% quantile, 1..20 degrees of freedom
-
-
-def paired_difference(arm_values, base_values):
-    """Arm minus baseline, seed by seed (the same seed draws the same prompts and noise in both: a
-    paired design), with the mean difference's 95% t-interval and what it supports: "helps" or
-    "hurts" when the interval excludes 0, else "no difference"."""
-    d = [a - b for a, b in zip(arm_values, base_values)]
-    mean = statistics.fmean(d)
-    half = T_975[min(len(d) - 1, len(T_975)) - 1] * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
-    verdict = "helps" if mean - half > 0 else "hurts" if mean + half < 0 else "no difference"
-    return dict(mean=mean, low=mean - half, high=mean + half, n=len(d), verdict=verdict)
-
-
-def summarise(run_list, evals, trained_evals):
-    arms = {}
-    for arm in dict.fromkeys(r["arm"] for r in run_list):
-        logs = [read_log(r["dir"]) for r in run_list if r["arm"] == arm]
-        queries = [h["reward_queries"] for h in logs[0]]
-        curves = [eval_curve(log) for log in logs]
-        if any([h["reward_queries"] for h in log] != queries for log in logs) or \
-                any([q for q, _ in c] != [q for q, _ in curves[0]] for c in curves):
-            raise SystemExit(f"error: the runs of arm {arm} logged different reward-query counts; "
-                             "their folders hold runs of different lengths")
-        names = [r["name"] for r in run_list if r["arm"] == arm]
-        arms[arm] = dict(
-            flags=next(r["flags"] for r in run_list if r["arm"] == arm),
-            curve=dict(queries=[q for q, _ in curves[0]], **band([[c[i][1] for c in curves] for i in range(len(curves[0]))])),
-            train_curve=dict(queries=queries, **band([[log[e]["reward_mean"] for log in logs] for e in range(len(queries))])),
-            # the last point whose samples were drawn exploring (None: never explored)
-            explore_until=max((h["reward_queries"] for h in logs[0] if h["explore"]), default=None),
-            final_eval=mean_std([c[-1][1] for c in curves]),
-            final_train=mean_std([log[-1]["reward_mean"] for log in logs]),
-            heldout_reward=mean_std([evals[n]["reward"] for n in names]),
-            heldout_metrics={m: mean_std([evals[n]["metrics"][m] for n in names]) for m in evals["pretrained"]["metrics"]},
-            heldout_diversity=mean_std([evals[n]["diversity"] for n in names]),
-            trained_metrics={m: mean_std([trained_evals[n]["metrics"][m] for n in names])
-                             for m in trained_evals["pretrained"]["metrics"]},
-            train_seconds=sum(h["seconds"] for log in logs for h in log))
-    target = arms["baseline"]["final_eval"]["mean"]
-    base = arms["baseline"]
-    for a in arms.values():
-        a["queries_to_baseline"] = queries_to_reach(a["curve"]["queries"], a["curve"]["mean"], target)
-        if a is not base:  # seed s of this arm against seed s of the baseline
-            pair = lambda key, sub=None: paired_difference(*[(x[key][sub] if sub else x[key])["per_seed"] for x in (a, base)])
-            a["paired"] = dict(final_eval=pair("final_eval"), heldout_reward=pair("heldout_reward"),
-                               **{f"trained {m}": pair("trained_metrics", m) for m in a["trained_metrics"]},
-                               **{f"held-out {m}": pair("heldout_metrics", m) for m in a["heldout_metrics"]})
-    return arms
-
-
-def table_markdown(summary):
-    arms, c = summary["arms"], summary
-    base_q = arms["baseline"]["queries_to_baseline"]
-    pm = lambda m: f"{m['mean']:.4f} ± {m['std']:.4f}" if m else "–"
-    curve = arms["baseline"]["curve"]  # its first point is the untrained model (the same in every run)
-    before = f"{curve['mean'][0]:.4f}" if curve["queries"] and curve["queries"][0] == 0 else "–"
-    lines = [f"**{c['trainer']}** on `{c['model']}`, reward `{c['reward']}`, prompts `{c['prompts']}`; "
-             f"{c['seeds']} seed{'s' if c['seeds'] > 1 else ''} per arm (mean ± std over seeds); every run: {c['reward_queries']} reward queries. "
-             f"Trainer options: `{c['args'] or '(defaults)'}`.", "",
-             "| arm | final eval reward (training prompts, plain sampling) | reward queries to reach the baseline's "
-             "final eval reward | final training-sample reward | held-out reward | "
-             + "".join(f"held-out {m} | " for m in c["pretrained"]["metrics"]) + "held-out diversity |",
-             "|---|---|---|---|---|---|" + "---|" * len(c["pretrained"]["metrics"]),
-             f"| pretrained | {before} | – | – | {c['pretrained']['reward']:.4f} | "
-             + "".join(f"{v:.4f} | " for v in c["pretrained"]["metrics"].values()) + f"{c['pretrained']['diversity']:.4f} |"]
-    for name, a in arms.items():
-        q = a["queries_to_baseline"]
-        ratio = f" ({q / base_q:.2f}x)" if q is not None and base_q else ""
-        q = "not reached" if q is None else (f"{q:.0f}" if q >= 100 else f"{q:.1f}") + ratio
-        lines.append(f"| {name} | {pm(a['final_eval'])} | {q} | {pm(a['final_train'])} | "
-                     f"{pm(a['heldout_reward'])} | " + "".join(f"{pm(v)} | " for v in a["heldout_metrics"].values())
-                     + f"{pm(a['heldout_diversity'])} |")
-    paired = {name: a["paired"] for name, a in arms.items() if "paired" in a}
-    if paired and c["seeds"] > 1:
-        cols = list(next(iter(paired.values())))
-        lines += ["", "Each arm minus the baseline, seed by seed (the same seed draws the same prompts and initial noise "
-                  "in every arm): mean difference [95% t-interval over seeds], and what the interval supports.", "",
-                  "| arm | " + " | ".join(col.replace("_", " ") for col in cols) + " |", "|---|" + "---|" * len(cols)]
-        for name, p in paired.items():
-            lines.append(f"| {name} | " + " | ".join(f"{p[k]['mean']:+.4f} [{p[k]['low']:+.4f}, {p[k]['high']:+.4f}] "
-                                                     f"{p[k]['verdict']}" for k in cols) + " |")
-    if c["pretrained_trained"]["metrics"]:
-        lines += ["", "Ground truth on training prompts (" + f"{len(c['trained'])} of them, {c['heldout_seeds']} seeds each), "
-                  "pretrained: " + ", ".join(f"{m} {v:.4f}" for m, v in c["pretrained_trained"]["metrics"].items())
-                  + "; after training: " + "; ".join(f"{name} " + ", ".join(f"{m} {pm(v)}" for m, v in a["trained_metrics"].items())
-                                                     for name, a in arms.items()) + "."]
-    lines += ["", f"Held-out prompts ({len(c['heldout'])}, {c['heldout_seeds']} seeds each): "
-              + "; ".join(f"`{p}`" for p in c["heldout"]) + ".",
-              f"Training time: {c['train_seconds'] / 60:.1f} min in all (sum of the runs' epochs); "
-              f"this invocation: {c['wall_seconds'] / 60:.1f} min wall."]
-    return "\n".join(lines) + "\n"
-
-
-def plot_curves(summary, path):
-    """Left: evaluation reward (plain sampling) against reward queries, the comparison; right: the
-    reward of the training samples, which the explore arm draws differently while it explores."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
-    for ax, key, ylabel in ((axes[0], "curve", "evaluation reward (plain sampling)"),
-                            (axes[1], "train_curve", "reward of the training samples")):
-        for name, a in summary["arms"].items():
-            q, m, s = a[key]["queries"], a[key]["mean"], a[key]["std"]
-            line, = ax.plot(q, m, "o-" if key == "curve" else "-", ms=3, label=name)
-            ax.fill_between(q, [x - d for x, d in zip(m, s)], [x + d for x, d in zip(m, s)], color=line.get_color(), alpha=0.2)
-        if key == "curve":
-            ax.axhline(summary["arms"]["baseline"]["final_eval"]["mean"], color="gray", ls="--", lw=0.8,
-                       label="baseline's final eval reward")
-        for q in {a["explore_until"] for a in summary["arms"].values() if a["explore_until"]}:
-            ax.axvline(q, color="gray", ls=":", lw=0.8, label="exploration ends")
-        ax.set_xlabel("reward queries")
-        ax.set_ylabel(ylabel)
-        ax.legend(fontsize=8)
-    fig.suptitle(f"{summary['trainer']}, {summary['reward']}: mean ± std over {summary['seeds']} seeds", fontsize=10)
-    fig.tight_layout()
-    runs.atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
-    plt.close(fig)
 
 
 def main():

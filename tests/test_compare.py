@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+import compare_stats
 import configurator
 import prompt_sets
 from conftest import read_log, run_trainer
@@ -191,10 +192,10 @@ def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_r
 
 def test_queries_to_reach_interpolates_the_first_crossing():
     import compare
-    assert compare.queries_to_reach([10, 20, 30], [0.0, 1.0, 3.0], 2.0) == pytest.approx(25.0)
-    assert compare.queries_to_reach([10, 20, 30], [0.0, 2.5, 1.0], 2.0) == pytest.approx(18.0)  # first, not last
-    assert compare.queries_to_reach([10, 20], [5.0, 6.0], 2.0) == 10.0
-    assert compare.queries_to_reach([10, 20], [0.0, 1.0], 2.0) is None
+    assert compare_stats.queries_to_reach([10, 20, 30], [0.0, 1.0, 3.0], 2.0) == pytest.approx(25.0)
+    assert compare_stats.queries_to_reach([10, 20, 30], [0.0, 2.5, 1.0], 2.0) == pytest.approx(18.0)  # first, not last
+    assert compare_stats.queries_to_reach([10, 20], [5.0, 6.0], 2.0) == 10.0
+    assert compare_stats.queries_to_reach([10, 20], [0.0, 1.0], 2.0) is None
 
 
 def test_ablation_plans_five_arms_differing_only_in_the_exploration_switches(tiny_pipeline_dir, nine_prompts, tmp_path):
@@ -272,13 +273,12 @@ def test_a_failing_run_names_the_run_and_the_trainer_error(tiny_pipeline_dir, ni
 
 
 def test_paired_difference_against_a_hand_computation():
-    compare = configured()
     # differences 0.1, 0.3, 0.2: mean 0.2, sample std 0.1, t(2 df) = 4.303 -> half-width 4.303 * 0.1 / sqrt(3)
-    p = compare.paired_difference([1.1, 2.3, 3.2], [1.0, 2.0, 3.0])
+    p = compare_stats.paired_difference([1.1, 2.3, 3.2], [1.0, 2.0, 3.0])
     half = 4.303 * 0.1 / 3 ** 0.5
     assert p["mean"] == pytest.approx(0.2) and (p["low"], p["high"]) == pytest.approx((0.2 - half, 0.2 + half))
     assert p["verdict"] == "no difference" and p["n"] == 3  # 0.2 - 0.248 < 0
-    assert compare.paired_difference([1.2, 2.2, 3.2, 4.21], [1.0, 2.0, 3.0, 4.0])["verdict"] == "helps"
-    assert compare.paired_difference([0.8, 1.79, 2.8], [1.0, 2.0, 3.0])["verdict"] == "hurts"
+    assert compare_stats.paired_difference([1.2, 2.2, 3.2, 4.21], [1.0, 2.0, 3.0, 4.0])["verdict"] == "helps"
+    assert compare_stats.paired_difference([0.8, 1.79, 2.8], [1.0, 2.0, 3.0])["verdict"] == "hurts"
     # unpaired, these two arms overlap by a wide margin; paired, the same seeds show a consistent gain
-    assert compare.paired_difference([5.0, 7.0, 9.0, 11.0], [4.9, 6.8, 8.95, 10.9])["verdict"] == "helps"
+    assert compare_stats.paired_difference([5.0, 7.0, 9.0, 11.0], [4.9, 6.8, 8.95, 10.9])["verdict"] == "helps"
