@@ -1,7 +1,7 @@
 """Measuring the shapes world: how well its pretrained model draws what its captions ask for. The
 README's tables and grids come from here.
 
-    python shapes_eval.py                      # the default world: both tables, grids in assets/
+    python shapes_eval.py                      # the default world: every table, grids in assets/
 
 1. Quality: every caption at guidance 1, 3, 5 and 7.5, sampled through diffusers' own
    StableDiffusionPipeline (no project code), read by the judge and by the pixel checker, with
@@ -12,6 +12,8 @@ README's tables and grids come from here.
    schedule: guidance 1 for t > 800, then 5), each with and without the shape phrase up-weighted
    (w = 1.2, the top of DiffExp's U(1, 1.2)). The regime the paper is about: the base model rarely
    gets the rare ones right, but more than never.
+3. Rewards: every shapes reward on the samples DDPO's first epoch sees (2 per caption, guidance 5,
+   eta 1): the typical range of each for the base model.
 """
 import json
 import math
@@ -38,7 +40,7 @@ per_prompt = 4  # quality table: samples per caption (72 captions) at each guida
 rare_seeds = 8  # hard-prompt table: samples per rare caption (18) in each setting
 common_seeds = 2  # hard-prompt table: samples per common caption (54) in each setting
 steps = 20  # DDIM steps
-tables = "quality,hard"  # which tables: quality (and the grids), hard (rare vs. common prompts)
+tables = "quality,hard,rewards"  # which tables: quality (and the grids), hard (rare vs. common), rewards (ranges)
 assets = "assets"  # where the grids and the JSON of the tables go
 
 # ---------------------------------------------------------------------------------------------
@@ -157,6 +159,30 @@ def regime_table(folder):
     return rows, "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------------------
+# 3. The world's rewards on what DDPO's first epoch sees: their typical range for the base model
+
+@torch.no_grad()
+def reward_ranges(folder):
+    """Every shapes reward on 2 samples of each caption at guidance 5, `steps` DDIM steps, eta 1."""
+    import rewards
+    pipe = pipelines.load_pipeline(folder)
+    todo = [p for p in prompts() for _ in range(2)]
+    g = sampling.random_streams(0, 0)
+    traj = sampling.rollout(pipe, sampling.encode_prompts(pipe, todo), sampling.encode_prompts(pipe, [""]), 5.0,
+                            num_steps=steps, eta=1.0, latents=sampling.initial_noise(pipe, len(todo), g["noise"]),
+                            generator=g["ddim"])
+    clean = [explore.parse_phrases(p)[0] for p in todo]
+    rows = {}
+    for name in ("shapes_alignment", "shapes_aesthetic", "shapes_appeal", "shapes_correct", "shapes_success"):
+        r = rewards.load(name, path=folder)(traj.images, clean).float()
+        rows[name] = dict(mean=r.mean().item(), std=r.std().item(), min=r.min().item(), max=r.max().item())
+    lines = [f"Rewards of the base model's samples: 72 captions x 2, guidance 5, {steps} DDIM steps, eta 1", "",
+             "| reward | mean +- std | range |", "|---|---|---|"]
+    lines += [f"| {n} | {v['mean']:.2f} +- {v['std']:.2f} | {v['min']:.2f} to {v['max']:.2f} |" for n, v in rows.items()]
+    return rows, "\n".join(lines)
+
+
 def main():
     # checks first: bad input costs nothing (and the default world takes minutes to build)
     at_least(2, per_prompt=per_prompt)  # diversity and the centroid spread compare a caption's samples
@@ -166,8 +192,8 @@ def main():
             f"--world={world} is not a built shapes world (no folder with a matching world.json); "
             "build one with python shapes.py, or leave --world empty for the default")
     which = [t.strip() for t in tables.split(",") if t.strip()]
-    if not which or set(which) - {"quality", "hard"}:
-        raise SystemExit(f"error: --tables takes quality and/or hard (comma-separated), got {tables!r}")
+    if not which or set(which) - {"quality", "hard", "rewards"}:
+        raise SystemExit(f"error: --tables takes quality, hard and/or rewards (comma-separated), got {tables!r}")
     folder = world or shapes.ensure_world()
     results, text = dict(folder=os.path.basename(folder), steps=steps), []
     if "quality" in which:
@@ -177,6 +203,9 @@ def main():
     if "hard" in which:
         results["hard_prompts"], md = regime_table(folder)
         results.update(rare_seeds=rare_seeds, common_seeds=common_seeds)
+        text.append(md)
+    if "rewards" in which:
+        results["rewards"], md = reward_ranges(folder)
         text.append(md)
     os.makedirs(assets, exist_ok=True)
     with open(os.path.join(assets, f"shapes_{'_'.join(which)}.json"), "w") as f:
