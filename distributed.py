@@ -6,6 +6,14 @@ import os
 import torch
 import torch.distributed as dist
 
+from configurator import require
+
+
+def check_device(device):
+    """--device, checked before any model work: auto, cpu or cuda[:N], and CUDA only where torch sees it."""
+    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
+    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+
 
 def setup(device="auto"):
     """Join the process group if torchrun started us. Returns (ddp, rank, world_size, torch.device)."""

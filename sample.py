@@ -10,6 +10,7 @@ import os
 import torch
 
 import configurator
+import distributed
 import grids
 import pipelines
 import prompt_sets
@@ -54,8 +55,7 @@ def main():
     require(not lora or lora_file(lora), f"--lora={lora}: no LoRA weights there; pass a run folder (out/<run>), "
                                          f"its lora/ folder or a {FILE_NAME} file")
     require(os.path.splitext(out)[1].lower() in (".png", ".jpg", ".jpeg"), f"--out must end in .png or .jpg, got {out!r}")
-    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+    distributed.check_device(device)
     dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
     if prompt:
         prompt_list = prompt_sets.check_marks([prompt])

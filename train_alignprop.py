@@ -187,8 +187,7 @@ def main(check_only=False):
                                                f"(K=1), so it cannot take --truncation={truncation}; drop one of them")
     require(checkpointing.lower() in ("auto", "true", "false", "yes", "no", "on", "off", "1", "0"),
             f"--checkpointing must be auto, true or false, got {checkpointing!r}")
-    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+    distributed.check_device(device)
     reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     if check_only:

@@ -162,8 +162,7 @@ def main(check_only=False):
     require(2 <= stat_min_count <= stat_buffer, f"--stat_min_count must be between 2 and --stat_buffer={stat_buffer}, "
                                                 f"got {stat_min_count}: the std of one reward is 0, and a prompt's "
                                                 "buffer never holds more than stat_buffer")
-    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+    distributed.check_device(device)
     reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     if check_only:

@@ -207,8 +207,7 @@ def main(check_only=False):
             f"--sample_batch_size={sample_batch_size} must be a multiple of images_per_prompt={images_per_prompt} "
             f"(a sampling call draws whole prompt groups) and divide prompts_per_epoch*images_per_prompt = "
             f"{samples_per_epoch}")
-    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+    distributed.check_device(device)
     reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     if check_only:
