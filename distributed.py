@@ -2,6 +2,7 @@
 single process, and the two collectives the trainers need. Every rank must reach every collective.
 """
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -10,20 +11,52 @@ from configurator import require
 
 
 def check_device(device):
-    """--device, checked before any model work: auto, cpu or cuda[:N], and CUDA only where torch sees it."""
-    require(device in ("auto", "cpu") or device.startswith("cuda"), f"--device must be auto, cpu or cuda[:N], got {device!r}")
-    require(not device.startswith("cuda") or torch.cuda.is_available(), f"--device={device}, but torch sees no CUDA device")
+    """--device, checked before any model work: auto, cpu, cuda or cuda:N, for a GPU torch sees. A typo,
+    mps or any other backend is refused (the code runs on CUDA GPUs and the CPU). Under torchrun each
+    process takes the GPU of its LOCAL_RANK (pick_device), so a fixed cuda:N is refused there."""
+    m = re.fullmatch(r"auto|cpu|cuda(?::(\d+))?", device)
+    require(m, f"--device must be auto, cpu, cuda or cuda:N, got {device!r}"
+               + ("; mps is not supported (CUDA GPUs and the CPU only)" if device.startswith("mps") else ""))
+    if not device.startswith("cuda"):
+        return
+    n = torch.cuda.device_count()
+    require(n > 0, f"--device={device}, but torch sees no CUDA device; pass --device=cpu or auto")
+    require(m.group(1) is None or int(m.group(1)) < n,
+            f"--device={device}, but torch sees {n} CUDA device{'s' * (n > 1)}: cuda:0 to cuda:{n - 1}")
+    require(m.group(1) is None or int(os.environ.get("WORLD_SIZE", "1")) == 1,
+            f"--device={device} under torchrun: each process takes the GPU of its LOCAL_RANK; pass --device=cuda "
+            "and choose the GPUs with CUDA_VISIBLE_DEVICES")
+
+
+def pick_device(device):
+    """The torch.device of this process for a checked --device: auto is cuda if torch sees a GPU, else the
+    CPU; under torchrun rank r on a node takes cuda:LOCAL_RANK; otherwise cuda:N as given (cuda = cuda:0)."""
+    if not (torch.cuda.is_available() if device == "auto" else device.startswith("cuda")):
+        return torch.device("cpu")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", int(device.partition(":")[2] or 0))
+
+
+def use_device(device):
+    """pick_device, made the current CUDA device (torch.cuda.set_device), so that NCCL and whatever
+    allocates on "cuda" without an index use this process's GPU, not every rank cuda:0."""
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return dev
 
 
 def setup(device="auto"):
-    """Join the process group if torchrun started us. Returns (ddp, rank, world_size, torch.device)."""
+    """Pick this process's device (use_device) and join the process group if torchrun started us.
+    Returns (ddp, rank, world_size, torch.device)."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    cuda = torch.cuda.is_available() if device == "auto" else device.startswith("cuda")
+    dev = use_device(device)
     rank, world = 0, 1
     if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
-    return ddp, rank, world, torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if cuda else "cpu")
+    return ddp, rank, world, dev
 
 
 def gather(x):

@@ -4,9 +4,8 @@ DDIM scheduler, ready for sampling.py.
 """
 import os
 
-import torch
-
 import hub
+import mixed_precision
 
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -34,22 +33,21 @@ def check_model(model):
                      f"like {DEFAULT_HUB_MODEL}, or shapes")
 
 
-def load_pipeline(model="shapes", device="cpu", dtype=None):
+def load_pipeline(model="shapes", device="cpu", precision="auto"):
     """A StableDiffusionPipeline with a DDIM scheduler, from "shapes" (the offline world, built on
-    first use), a hub id (e.g. DEFAULT_HUB_MODEL) or a local diffusers folder. The VAE and text
-    encoder are frozen and in `dtype` (fp16 on CUDA, fp32 on CPU by default); the UNet stays fp32
-    because the trainers attach their trainable LoRA weights to it (run it under autocast on GPU)."""
+    first use), a hub id (e.g. DEFAULT_HUB_MODEL) or a local diffusers folder, its parts in the dtypes
+    of `precision` (mixed_precision.py: auto is bf16 on CUDA, fp32 on the CPU; the VAE never fp16).
+    The VAE and text encoder are frozen; the trainers freeze the UNet when lora.inject adds its
+    trainable fp32 weights. sampling.guided_eps runs the UNet under autocast in its weights' dtype."""
     path = check_model(model)
     if path == "shapes":
         import shapes  # the world's build code: imported only when it is the model
         path = shapes.ensure_world()
     from diffusers import DDIMScheduler, StableDiffusionPipeline  # after the checks: importing takes seconds
-    if dtype is None:
-        dtype = torch.float16 if str(device).startswith("cuda") else torch.float32
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtype, safety_checker=None,
+    dtypes = mixed_precision.pipeline_dtypes(precision, device)
+    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtypes, safety_checker=None,
                                                    feature_extractor=None, requires_safety_checker=False)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.unet.float()
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
     pipe.to(device)

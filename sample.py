@@ -12,6 +12,7 @@ import torch
 import configurator
 import distributed
 import grids
+import mixed_precision
 import pipelines
 import prompt_sets
 import sampling
@@ -33,7 +34,8 @@ explore = False  # also sample with DiffExp exploration, side by side, and print
 w_low = 1.0  # exploration: guidance scale for the noisy timesteps t > t_thres
 t_thres = 800  # exploration: timestep threshold of the guidance schedule
 batch_size = 16  # images per denoising batch
-device = "auto"  # auto = cuda if available, else cpu
+device = "auto"  # auto (cuda if there is a GPU), cpu, cuda or cuda:N
+precision = "auto"  # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
 out = "out/samples.png"  # where the grid PNG goes
 
 
@@ -56,14 +58,15 @@ def main():
                                          f"its lora/ folder or a {FILE_NAME} file")
     require(os.path.splitext(out)[1].lower() in (".png", ".jpg", ".jpeg"), f"--out must end in .png or .jpg, got {out!r}")
     distributed.check_device(device)
-    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    mixed_precision.check(precision)
     if prompt:
         prompt_list = prompt_sets.check_marks([prompt])
     else:
         name = prompts if prompts != "auto" else ("shapes" if model == "shapes" else "animals")
         prompt_list = prompt_sets.load_prompts(name)[:num_prompts]
+    dev = distributed.use_device(device)
     try:
-        pipe = pipelines.load_pipeline(model, dev)
+        pipe = pipelines.load_pipeline(model, dev, precision)
         if lora:
             load_lora(pipe.unet, lora_file(lora))
     except ValueError as e:

@@ -18,6 +18,7 @@ import torch
 
 import explore
 import grids
+import mixed_precision
 
 
 # --------------------------------------------------------------------------------------------
@@ -54,17 +55,21 @@ def encode_prompts(pipe, prompts, weights=None):
 def guided_eps(unet, x, t, cond, uncond, scale):
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond), with the
     unconditional and conditional passes batched into ONE UNet call. `t` and `scale` may be
-    scalars or per-sample [B]. Returns what the UNet predicts (epsilon or v)."""
+    scalars or per-sample [B]. Returns what the UNet predicts (epsilon or v), in x's dtype (fp32).
+
+    A bf16 or fp16 UNet (--precision, mixed_precision.py) computes under autocast; its output is cast
+    back to fp32 here, so the DDIM step and the log-probs never see bf16's rounding."""
     b = x.shape[0]
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
     emb = torch.cat([uncond.expand_as(cond), cond]).to(unet.dtype)
-    out = unet(torch.cat([x, x]).to(unet.dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample
+    with mixed_precision.autocast(unet):
+        out = unet(torch.cat([x, x]).to(unet.dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample
     out_uncond, out_cond = out.to(x.dtype).chunk(2)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
     return out_uncond + scale * (out_cond - out_uncond)
 
 
-def ddim_step(scheduler, eps, t, x_t, eta, prev_sample=None, generator=None):
+def ddim_step(scheduler, eps, t, x_t, eta, prev_sample=None, generator=None, noise=None):
     """x_t -> x_{t_prev} with DDIM (eq. 12 and 16 of the DDIM paper), returning (x_prev, log_prob).
 
     The step is the Gaussian policy N(mean, std^2) of DDPO (Sec. 4): mean from the predicted x_0
@@ -72,7 +77,8 @@ def ddim_step(scheduler, eps, t, x_t, eta, prev_sample=None, generator=None):
     trajectory); log_prob is its log-density, None when eta == 0 (a deterministic step has none;
     scoring a given sample with eta=0 is an error)
     `eps` is the model output in the scheduler's prediction_type (epsilon or v), `t` an int or a
-    batch of different timesteps [B]. Gradient flows into x_prev and log_prob through the mean only.
+    batch of different timesteps [B]. `noise`: the standard normal draw to use, instead of drawing
+    one from `generator`. Gradient flows into x_prev and log_prob through the mean only.
     """
     if scheduler.num_inference_steps is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before ddim_step")
@@ -105,8 +111,10 @@ def ddim_step(scheduler, eps, t, x_t, eta, prev_sample=None, generator=None):
     if eta == 0:
         return mean, None
     if prev_sample is None:
-        from diffusers.utils.torch_utils import randn_tensor
-        prev_sample = mean + std * randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        if noise is None:
+            from diffusers.utils.torch_utils import randn_tensor
+            noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        prev_sample = mean + std * noise.to(x_t.device, x_t.dtype)
     # The sample itself is held fixed (detached): the policy gradient flows through the mean.
     # A scheduler with set_alpha_to_one=True (the shapes world's) makes the last step x_prev = x0
     # with zero variance even for eta > 0: not a random action, so it gets log_prob 0 and adds no
@@ -142,7 +150,7 @@ def decode_latents(pipe, latents):
 
 
 def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, generator=None,
-            grad_steps=0, checkpoint=False, decode=True):
+            grad_steps=0, checkpoint=False, decode=True, noise=None, unet_batch=None):
     """Denoise from noise with DDIM and CFG; return the whole Trajectory.
 
     guidance: a float, or a Tensor[num_steps] of per-step scales (explore.cfg_schedule).
@@ -150,6 +158,11 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
     grad_steps=K: only the last K UNet calls (and the VAE decode) run with autograd, as AlignProp
     and DRaFT-K need; earlier steps run under no_grad. K=0: nothing keeps a graph (DDPO's sampling).
     checkpoint: recompute each grad-step UNet call in the backward pass (saves GPU memory on SD).
+    noise: [num_steps, B, C, H, W], the DDIM steps' noise, drawn beforehand (else from `generator`).
+    unet_batch: at most this many samples per UNet call (without gradient). DDPO and PRDP pass their
+    training micro-batch: a GPU may pick another kernel, rounding otherwise, for another batch size,
+    and the log-probs recorded here must be the ones training recomputes (a bf16 rounding difference
+    is far above DDPO's clip range: mixed_precision.py, README "GPU").
 
     Everything needed to recompute the same log-probs later is recorded (latents, timesteps, the
     scales and embeddings actually used), so DDPO's first PPO ratio is exactly 1 with exploration
@@ -169,7 +182,8 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
         raise ValueError(f"grad_steps={grad_steps} must be between 0 and num_steps={n}")
     if latents is None:
         latents = initial_noise(pipe, cond.shape[0], generator)
-    x = latents.to(dev, unet.dtype) * scheduler.init_noise_sigma  # fp32 (float64 in a gradient check)
+    # the latents are fp32 whatever the UNet computes in (mixed_precision.py; float64 in a gradient check)
+    x = latents.to(dev, torch.promote_types(unet.dtype, torch.float32)) * scheduler.init_noise_sigma
     xs, log_probs = [x], []
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(i >= n - grad_steps):
@@ -178,8 +192,11 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
                 eps = torch.utils.checkpoint.checkpoint(guided_eps, unet, x_in, t, cond, uncond, scales[i],
                                                         use_reentrant=False)
             else:
-                eps = guided_eps(unet, x_in, t, cond, uncond, scales[i])
-            x, log_prob = ddim_step(scheduler, eps, t, x, eta, generator=generator)
+                k = unet_batch or len(x_in)
+                eps = torch.cat([guided_eps(unet, x_in[j:j + k], t, cond[j:j + k], uncond[j:j + k], scales[i])
+                                 for j in range(0, len(x_in), k)])
+            x, log_prob = ddim_step(scheduler, eps, t, x, eta, generator=generator,
+                                    noise=None if noise is None else noise[i])
         xs.append(x)
         log_probs.append(log_prob)
     with torch.set_grad_enabled(grad_steps > 0):
@@ -217,19 +234,31 @@ def initial_noise(pipe, n, generator=None):
 
 
 @torch.no_grad()
-def evaluate(pipe, reward_fn, prompts, guidance, num_steps, eta, per_prompt, path=None, title=""):
+def evaluate(pipe, reward_fn, prompts, guidance, num_steps, eta, per_prompt, path=None, title="", batch_size=16):
     """The trainers' evaluation: every prompt `per_prompt` times, sampled plainly (constant
     guidance, unweighted prompts) from fixed noise, so every epoch and every run sees the same
-    starting points. Scores the images and, if `path`, writes their grid. Returns the mean reward."""
+    starting points. Scores the images and, if `path`, writes their grid. Returns the mean reward.
+
+    The images are sampled, decoded and scored `batch_size` at a time, so the memory is one
+    micro-batch's whatever the number of images (SD 1.5 decoding 64 images at once would need some
+    20 GB). All the noise is drawn first, in the order one batch of all the images would draw it, so
+    the numbers do not depend on batch_size beyond the kernels' rounding."""
     todo = [p for p in prompts for _ in range(per_prompt)]
-    cond = encode_prompts(pipe, todo)
-    traj = rollout(pipe, cond, encode_prompts(pipe, [""]), guidance, num_steps=num_steps, eta=eta,
-                   generator=torch.Generator().manual_seed(1234))
-    clean = [explore.parse_phrases(p)[0] for p in prompts]
-    r = reward_fn(traj.images, [c for c in clean for _ in range(per_prompt)]).float()
+    clean = [explore.parse_phrases(p)[0] for p in todo]
+    g = torch.Generator().manual_seed(1234)
+    x_T = initial_noise(pipe, len(todo), g)
+    noise = torch.stack([torch.randn(x_T.shape, generator=g) for _ in range(num_steps)]) if eta > 0 else None
+    uncond = encode_prompts(pipe, [""])
+    images, r = [], []
+    for a in range(0, len(todo), batch_size):
+        i = slice(a, a + batch_size)
+        traj = rollout(pipe, encode_prompts(pipe, todo[i]), uncond, guidance, num_steps=num_steps, eta=eta,
+                       latents=x_T[i], noise=None if noise is None else noise[:, i])
+        r.append(reward_fn(traj.images, clean[i]).float().cpu())
+        images.append(traj.images.cpu())
     if path:
-        grids.save_grid(traj.images, clean, path, titles=[title])
-    return r.mean().item()
+        grids.save_grid(torch.cat(images), clean[::per_prompt], path, titles=[title])
+    return torch.cat(r).mean().item()
 
 
 def sample_grid(pipe, prompt_list, seeds, guidance, steps, eta=0.0, exploring=False, w_low=1.0,

@@ -35,6 +35,7 @@ from tqdm import tqdm
 import configurator
 import distributed
 import lora
+import mixed_precision
 import pipelines
 import prompt_sets
 import rewards
@@ -86,7 +87,10 @@ lora_rank = 4                # LoRA rank (alpha = rank)
 eval_every = 4               # epochs between evaluations (plain sampling, fixed prompts and seeds)
 eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
-device = "auto"              # auto, cpu, cuda
+eval_batch_size = 16         # evaluation images sampled, decoded and scored at a time (memory, not maths)
+# hardware
+device = "auto"              # auto (cuda if there is a GPU), cpu, cuda or cuda:N
+precision = "auto"           # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
 stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
 max_skips = 3                # a NaN/inf reward or gradient skips its update; this many in a row stop the run
 # ------------------------------------------------------------------------------------------------
@@ -173,7 +177,7 @@ def main(check_only=False):
         raise SystemExit(f"error: {e}")
     at_least(1, num_steps=num_steps, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
              grad_accum=grad_accum, lora_rank=lora_rank, eval_every=eval_every, eval_prompts=eval_prompts,
-             eval_seeds=eval_seeds, max_skips=max_skips, weight_max=weight_max)
+             eval_seeds=eval_seeds, eval_batch_size=eval_batch_size, max_skips=max_skips, weight_max=weight_max)
     at_least(0, draft_lv=draft_lv, guidance=guidance, w_low=w_low, t_thres=t_thres, weight_decay=weight_decay,
              stop_after=stop_after)
     positive(lr=lr, max_grad_norm=max_grad_norm, loss_coef=loss_coef)
@@ -188,6 +192,7 @@ def main(check_only=False):
     require(checkpointing.lower() in ("auto", "true", "false", "yes", "no", "on", "off", "1", "0"),
             f"--checkpointing must be auto, true or false, got {checkpointing!r}")
     distributed.check_device(device)
+    mixed_precision.check(precision)
     reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     if check_only:
@@ -207,7 +212,7 @@ def main(check_only=False):
     try:
         pipelines.check_model(model)  # a typo in --model fails at once, not after the reward has loaded
         reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
-        pipe = pipelines.load_pipeline(model, device=dev)
+        pipe = pipelines.load_pipeline(model, device=dev, precision=precision)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     unet = pipe.unet
@@ -219,6 +224,7 @@ def main(check_only=False):
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = mixed_precision.grad_scaler(unet)  # fp16 only: loss scaling; with bf16 and fp32 it does nothing
     use_ckpt = dev.type == "cuda" if checkpointing == "auto" else checkpointing.lower() in ("true", "yes", "on", "1")
     uncond_one = sampling.encode_prompts(pipe, [""])
     pipe.scheduler.set_timesteps(num_steps)
@@ -239,13 +245,12 @@ def main(check_only=False):
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
             break
-        if epoch == 0:  # where the evaluation curve starts: the model before any update
-            eval_before = sampling.evaluate(
-                pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
-                os.path.join(out, "eval_base.png") if master else None,
-                f"before training: plain sampling, guidance {guidance:g}")
-            if master:
-                print(f"evaluation reward before training: {eval_before:.4f}")
+        # Evaluation runs on rank 0 alone (it holds no collective; the other ranks wait at the next one)
+        if epoch == 0 and master:  # where the evaluation curve starts: the model before any update
+            eval_before = sampling.evaluate(pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
+                                            os.path.join(out, "eval_base.png"),
+                                            f"before training: plain sampling, guidance {guidance:g}", eval_batch_size)
+            print(f"evaluation reward before training: {eval_before:.4f}")
         t0 = time.time()
         exploring = explore and explore_active(epoch, epochs, explore_frac)
         stats, skipped = defaultdict(list), 0
@@ -266,19 +271,20 @@ def main(check_only=False):
                                             draft_lv=draft_lv, use_ckpt=use_ckpt)
                 # ---- 3. update: ascend the reward (a NaN reward is caught before the step) --------
                 loss = -loss_coef * r.mean()
-                (loss / grad_accum).backward()
+                scaler.scale(loss / grad_accum).backward()  # fp16: scaled, so small gradients survive
                 step_rewards.append(r.detach().float().cpu())  # with DRaFT-LV, n queries per image
                 step_prompts += clean
                 stats["loss"].append(loss.item())
             if ddp:  # average the LoRA gradients over processes (what DDP would do)
                 distributed.average_gradients(params)
+            scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
             gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             r_all = torch.cat(step_rewards)
             if ddp:
                 r_all = distributed.gather(r_all.to(dev)).cpu()
             queries += len(r_all)
             if torch.isfinite(r_all).all() and torch.isfinite(gn):  # the same on every process
-                optimizer.step()
+                scaler.step(optimizer)
                 skips.ok()
                 stats["grad_norm"].append(gn.item())
             else:  # the fail-safe: a NaN or inf reward or gradient never reaches the weights
@@ -287,8 +293,9 @@ def main(check_only=False):
                 if bad:  # rank 0's rewards come first in r_all, so the master names its own prompt
                     skips.skip(f"reward {reward} returned {r_all[bad[0]].item()} in epoch {epoch}",
                                prompts=step_prompts[bad[0]:bad[0] + 1])
-                else:
+                elif not mixed_precision.backing_off(scaler):  # fp16's loss scale too high is no fault
                     skips.skip(f"non-finite gradient (norm {gn.item()}) in epoch {epoch}", prompts=step_prompts)
+            scaler.update()  # fp16: halve the loss scale after an overflow, grow it after a while without
             optimizer.zero_grad(set_to_none=True)
             stats["rewards"].append(r_all)
             stats["k"].append(k)
@@ -300,13 +307,12 @@ def main(check_only=False):
                    reward_std=r_epoch.std().item() if len(r_epoch) > 1 else float("nan"), reward_queries=queries,
                    loss=finite_mean(stats["loss"]), grad_norm=finite_mean(stats["grad_norm"]), k=stats["k"],
                    skipped_updates=skipped)
-        if epoch == 0:
+        if epoch == 0 and master:
             rec["eval_before"] = eval_before
-        if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
-            rec["eval_reward"] = sampling.evaluate(
-                pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
-                os.path.join(out, f"eval_{epoch:04d}.png") if master else None,
-                f"epoch {epoch}: plain sampling, guidance {guidance:g}")
+        if master and ((epoch + 1) % eval_every == 0 or epoch == epochs - 1):
+            rec["eval_reward"] = sampling.evaluate(pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
+                                                   os.path.join(out, f"eval_{epoch:04d}.png"),
+                                                   f"epoch {epoch}: plain sampling, guidance {guidance:g}", eval_batch_size)
         rec["seconds"] = round(time.time() - t0, 2)
         history.append(rec)
         if master:

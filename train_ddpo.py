@@ -35,6 +35,7 @@ from tqdm import tqdm
 import configurator
 import distributed
 import lora
+import mixed_precision
 import pipelines
 import prompt_sets
 import rewards
@@ -88,7 +89,10 @@ lora_rank = 4                # LoRA rank (alpha = rank)
 eval_every = 8               # epochs between evaluations (plain sampling, fixed prompts and seeds)
 eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
-device = "auto"              # auto, cpu, cuda
+eval_batch_size = 16         # evaluation images sampled, decoded and scored at a time (memory, not maths)
+# hardware
+device = "auto"              # auto (cuda if there is a GPU), cpu, cuda or cuda:N
+precision = "auto"           # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
 stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
 max_skips = 3                # a NaN/inf reward, sample, loss or gradient skips its update; this many in a row stop the run
 # ------------------------------------------------------------------------------------------------
@@ -142,7 +146,8 @@ def main(check_only=False):
     at_least(1, num_steps=num_steps, epochs=epochs, sample_batch_size=sample_batch_size, num_batches=num_batches,
              samples_per_prompt=samples_per_prompt, train_batch_size=train_batch_size, grad_accum=grad_accum,
              inner_epochs=inner_epochs, stat_buffer=stat_buffer, lora_rank=lora_rank, eval_every=eval_every,
-             eval_prompts=eval_prompts, eval_seeds=eval_seeds, max_skips=max_skips, weight_max=weight_max)
+             eval_prompts=eval_prompts, eval_seeds=eval_seeds, eval_batch_size=eval_batch_size, max_skips=max_skips,
+             weight_max=weight_max)
     at_least(0, guidance=guidance, w_low=w_low, t_thres=t_thres, weight_decay=weight_decay, stop_after=stop_after)
     positive(lr=lr, clip_range=clip_range, adv_clip=adv_clip, max_grad_norm=max_grad_norm)
     between(0, 1, explore_frac=explore_frac)
@@ -163,6 +168,7 @@ def main(check_only=False):
                                                 f"got {stat_min_count}: the std of one reward is 0, and a prompt's "
                                                 "buffer never holds more than stat_buffer")
     distributed.check_device(device)
+    mixed_precision.check(precision)
     reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     if check_only:
@@ -182,7 +188,7 @@ def main(check_only=False):
     try:
         pipelines.check_model(model)  # a typo in --model fails at once, not after the reward has loaded
         reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
-        pipe = pipelines.load_pipeline(model, device=dev)
+        pipe = pipelines.load_pipeline(model, device=dev, precision=precision)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     unet, scheduler = pipe.unet, pipe.scheduler
@@ -194,6 +200,7 @@ def main(check_only=False):
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    scaler = mixed_precision.grad_scaler(unet)  # fp16 only: loss scaling; with bf16 and fp32 it does nothing
     scheduler.set_timesteps(num_steps, device=dev)
     timesteps = scheduler.timesteps
     num_train_steps = max(1, int(num_steps * timestep_fraction))
@@ -216,13 +223,12 @@ def main(check_only=False):
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:
             break
-        if epoch == 0:  # where the evaluation curve starts: the model before any update
-            eval_before = sampling.evaluate(
-                pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
-                os.path.join(out, "eval_base.png") if master else None,
-                f"before training: plain sampling, guidance {guidance:g}")
-            if master:
-                print(f"evaluation reward before training: {eval_before:.4f}")
+        # Evaluation runs on rank 0 alone (it holds no collective; the other ranks wait at the next one)
+        if epoch == 0 and master:  # where the evaluation curve starts: the model before any update
+            eval_before = sampling.evaluate(pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
+                                            os.path.join(out, "eval_base.png"),
+                                            f"before training: plain sampling, guidance {guidance:g}", eval_batch_size)
+            print(f"evaluation reward before training: {eval_before:.4f}")
         t0 = time.time()
         exploring = explore and explore_active(epoch, epochs, explore_frac)
         if explore and not exploring and explore_active(epoch - 1, epochs, explore_frac):
@@ -250,7 +256,8 @@ def main(check_only=False):
             with torch.no_grad():
                 x_T = sampling.initial_noise(pipe, len(idx), rng["noise"])
                 traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, latents=x_T,
-                                        generator=rng["ddim"])
+                                        generator=rng["ddim"],
+                                        unet_batch=train_batch_size)  # UNet calls shaped as training's
             # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
             clean = [parse_phrases(p)[0] for p in batch_prompts]
             with torch.no_grad():
@@ -318,7 +325,7 @@ def main(check_only=False):
                     eps = sampling.guided_eps(unet, x_t, t, local["cond"][i], local["uncond"][i], w)
                     _, log_prob = sampling.ddim_step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
                     loss, kl, clipfrac, ratio = ppo_loss(log_prob, local["log_probs"][i, s], adv[i], clip_range)
-                    (loss / (num_train_steps * grad_accum)).backward()
+                    scaler.scale(loss / (num_train_steps * grad_accum)).backward()
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(kl.item())
                     stats["clipfrac"].append(clipfrac.item())
@@ -327,16 +334,19 @@ def main(check_only=False):
                 if (m + 1) % grad_accum == 0:
                     if ddp:  # average the LoRA gradients over processes (what DDP would do)
                         distributed.average_gradients(params)
+                    scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
                     gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     if torch.isfinite(gn):  # the same on every process: the gradients are averaged
-                        optimizer.step()
+                        scaler.step(optimizer)
                         skips.ok()
                         stats["grad_norm"].append(gn.item())
                     else:  # the fail-safe: a NaN or inf loss or gradient never reaches the weights
                         skipped += 1
                         done = perm[(m + 1 - grad_accum) * train_batch_size:(m + 1) * train_batch_size]
-                        skips.skip(f"non-finite loss or gradient (gradient norm {gn.item()}) in epoch {epoch}",
-                                   prompts=[prompt_list[k] for k in local["idx"][done]])
+                        if not mixed_precision.backing_off(scaler):  # fp16's loss scale too high is no fault
+                            skips.skip(f"non-finite loss or gradient (gradient norm {gn.item()}) in epoch {epoch}",
+                                       prompts=[prompt_list[k] for k in local["idx"][done]])
+                    scaler.update()  # fp16: halve the loss scale after an overflow, grow it after a while without
                     optimizer.zero_grad(set_to_none=True)
                     first_step = False
 
@@ -346,13 +356,12 @@ def main(check_only=False):
                    reward_std=r_good.std().item() if len(r_good) > 1 else float("nan"), reward_queries=queries,
                    **{k: finite_mean(stats[k]) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")},
                    ratio_dev=max(stats["ratio_dev"], default=float("nan")), skipped_updates=skipped, seconds=0.0)
-        if epoch == 0:
+        if epoch == 0 and master:
             rec["eval_before"] = eval_before
-        if (epoch + 1) % eval_every == 0 or epoch == epochs - 1:
-            rec["eval_reward"] = sampling.evaluate(
-                pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
-                os.path.join(out, f"eval_{epoch:04d}.png") if master else None,
-                f"epoch {epoch}: plain sampling, guidance {guidance:g}")
+        if master and ((epoch + 1) % eval_every == 0 or epoch == epochs - 1):
+            rec["eval_reward"] = sampling.evaluate(pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
+                                                   os.path.join(out, f"eval_{epoch:04d}.png"),
+                                                   f"epoch {epoch}: plain sampling, guidance {guidance:g}", eval_batch_size)
         rec["seconds"] = round(time.time() - t0, 2)
         history.append(rec)
         if master:

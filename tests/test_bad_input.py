@@ -39,7 +39,7 @@ ROWS = [
     ("train_ddpo", ["--lr=1e999"], "--lr expects a finite number, got '1e999'"),
     ("train_ddpo", ["--num_steps=0"], "--num_steps must be >= 1, got 0"),
     ("train_ddpo", ["--weight_max=0.5"], "--weight_max must be >= 1, got 0.5"),
-    ("train_ddpo", ["--device=tpu"], "--device must be auto, cpu or cuda[:N], got 'tpu'"),
+    ("train_ddpo", ["--device=tpu"], "--device must be auto, cpu, cuda or cuda:N, got 'tpu'"),
     ("train_ddpo", ["--model={tiny}", "--num_steps=2000"],  # needs the model: refused after it loads, before any write
      "--num_steps must be <= the model's 1000 training timesteps, got 2000"),
     ("train_alignprop", ["--eta=1.5"], "--eta must be between 0 and 1, got 1.5"),
