@@ -298,6 +298,59 @@ def test_rollout_without_decode_and_bad_arguments(pipe):
         sampling.rollout(pipe, cond, uncond, 5.0, num_steps=3, grad_steps=4)
 
 
+def test_unet_batch_splits_the_calls_not_the_numbers(pipe):
+    cond, uncond = embeds(pipe, ["a red circle", "a blue square", "a green cross"] * 2)
+    sizes = []
+    hook = pipe.unet.register_forward_pre_hook(lambda m, a: sizes.append(len(a[0])))
+    run = lambda **k: sampling.rollout(pipe, cond, uncond, 5.0, num_steps=3, eta=1.0, decode=False,
+                                       generator=torch.Generator().manual_seed(0), **k)
+    whole, split = run(), run(unet_batch=4)
+    hook.remove()
+    assert sizes == [12] * 3 + [8, 4] * 3  # with CFG, two rows per sample
+    torch.testing.assert_close(split.latents, whole.latents, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(split.log_probs, whole.log_probs, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# evaluation in micro-batches
+
+def largest_batches(pipe, reward_fn):
+    """Hooks recording the largest batch the UNet, the VAE decoder and the reward are ever given."""
+    seen = dict(unet=0, vae=0, reward=0)
+
+    def note(part):
+        return lambda module, args: seen.__setitem__(part, max(seen[part], len(args[0])))
+    hooks = [pipe.unet.register_forward_pre_hook(note("unet")), pipe.vae.decoder.register_forward_pre_hook(note("vae"))]
+
+    def reward(images, prompts):
+        seen["reward"] = max(seen["reward"], len(images))
+        return reward_fn(images, prompts)
+    return seen, hooks, reward
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_evaluation_memory_is_one_micro_batch_and_its_numbers_are_one_batchs(pipe, eta, tmp_path):
+    """Evaluation never gives the UNet, the VAE or the reward more than one micro-batch, however many
+    prompts x seeds, and scores what one rollout of all the images from the same noise scores (what
+    evaluate did before micro-batches: the same generator, drawn in the same order)."""
+    appeal = lambda images, prompts: images.mean(dim=(1, 2, 3))  # any per-image score
+    prompts = ["a (red) (circle)", "a (blue) square", "a green (cross)", "a purple triangle", "an orange circle"]
+    for n_prompts, seeds in ((2, 2), (5, 3)):  # 4 and 15 images
+        seen, hooks, reward = largest_batches(pipe, appeal)
+        got = sampling.evaluate(pipe, reward, prompts[:n_prompts], 5.0, 4, eta, seeds, tmp_path / "grid.png",
+                                batch_size=4)
+        for h in hooks:
+            h.remove()
+        assert seen == dict(unet=2 * 4, vae=4, reward=4), (n_prompts, seeds)
+        todo = [p for p in prompts[:n_prompts] for _ in range(seeds)]
+        with torch.no_grad():
+            one = sampling.rollout(pipe, sampling.encode_prompts(pipe, todo), sampling.encode_prompts(pipe, [""]),
+                                   5.0, num_steps=4, eta=eta, generator=torch.Generator().manual_seed(1234))
+        assert got == pytest.approx(appeal(one.images, todo).mean().item(), rel=1e-5)
+        assert sampling.evaluate(pipe, appeal, prompts[:n_prompts], 5.0, 4, eta, seeds, batch_size=100) == \
+            pytest.approx(got, rel=1e-5)
+
+
 # --------------------------------------------------------------------------------------------
 # loading and the CLI
 
