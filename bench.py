@@ -14,7 +14,11 @@
    A section's time excludes the sections nested in it (rollout's decode counts as decoding), so
    the sections never overlap and overhead = epoch wall time - their sum. The epoch wall time is
    the time between the ends of two consecutive epochs, so it includes writing the checkpoint, the
-   log and its plot (timed too, and shown as the part of the overhead it is).
+   log and its plot (timed too, and shown as the part of the overhead it is). On a GPU a section's
+   boundaries are CUDA events recorded in the stream and read once per epoch: synchronising at
+   every boundary would make the CPU wait for the GPU there, serialising the very launches and
+   kernels being timed. A section is then the GPU stream's time between its boundaries, and the
+   epoch's peak GPU memory is torch.cuda.max_memory_allocated.
 2. The overhead ratio: epoch wall time / the time of the UNet evaluations the epoch performs
    (counted with a hook on the UNet: batch shapes and whether they carry gradient), each timed
    alone with a pure UNet benchmark of the same shapes (forward, or forward+backward). 1.0 would
@@ -23,9 +27,14 @@
    UNet call on 2B latents per step, as sampling.guided_eps does) and unbatched (two calls on B).
 4. AlignProp's truncation (--truncations=1,10,all): peak memory and seconds per update for each K,
    with and without gradient checkpointing. Each setting is a separate train_alignprop.py process,
-   so its peak resident memory (VmHWM, read by the process itself as it exits) is its own.
+   so its peak memory is its own: resident memory (VmHWM) on a CPU, torch.cuda.max_memory_allocated
+   on a GPU, each read by the process itself as it exits.
 5. --sd_memory: an estimate of the GPU memory the README's SD 1.5 recipes need, measured on the
    CPU by gpu_memory.py.
+6. --ratio_noise: how far DDPO's first PPO ratio is from 1 when the log-probs recorded while
+   sampling and their recomputation in training come from UNet calls that round differently:
+   bf16 at two batch sizes (do this machine's kernels depend on the batch? the trainers sample with
+   training's batch in case they do), and bf16 against fp32 (what any difference in rounding costs).
 
 Prints markdown tables (and writes them as JSON with --json_out).
 """
@@ -48,6 +57,7 @@ import torch
 import configurator
 import gpu_memory
 import pipelines
+import prompt_sets
 import rewards
 import runs
 import sampling
@@ -68,6 +78,7 @@ num_steps = 20               # DDIM steps for the throughput measurement
 guidance = 5.0               # CFG scale for the throughput measurement
 truncations = ""             # AlignProp K values for the memory/time table, e.g. "1,10,all" ("" = skip)
 sd_memory = False            # also estimate the SD 1.5 GPU recipes' memory from CPU measurements (5.; ~3 min, ~7 GB RAM)
+ratio_noise = False          # also measure DDPO's first-step ratio under bf16 rounding differences (6.)
 json_out = ""                # also write all results as JSON to this file
 # ------------------------------------------------------------------------------------------------
 
@@ -77,28 +88,53 @@ NOT_IN_ARGS = ("model", "out", "epochs", "stop_after", "eval_every")  # bench se
 
 # ------------------------------------------------------------------------------------------------
 # Exclusive section timers: a stack of open sections; a section's time excludes its children's.
+# A boundary is a mark: the clock on a CPU, a CUDA event recorded in the stream on a GPU. Closed
+# sections wait in _closed until settle() reads their marks, once per epoch.
 
 _times = defaultdict(float)
-_stack = []
+_stack = []  # open sections: [name, start mark, [(start, end) of each child closed so far]]
+_closed = []  # closed sections: (name, start, end, children), not yet in _times
+
+
+def _cuda():
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 def _sync():  # on a GPU, time the work, not its asynchronous launch
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if _cuda():
         torch.cuda.synchronize()
 
 
+def _mark():
+    if torch.cuda.is_available():  # events from the first mark on: a section's two marks are of one kind
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def _seconds(start, end):
+    return start.elapsed_time(end) / 1000 if isinstance(start, torch.cuda.Event) else end - start
+
+
 def _enter(name):
-    _sync()
-    _stack.append([name, time.perf_counter(), 0.0])
+    _stack.append([name, _mark(), []])
 
 
 def _leave():
-    _sync()
-    name, t0, children = _stack.pop()
-    dt = time.perf_counter() - t0
-    _times[name] += dt - children
+    name, start, children = _stack.pop()
+    end = _mark()
+    _closed.append((name, start, end, children))
     if _stack:
-        _stack[-1][2] += dt
+        _stack[-1][2].append((start, end))
+
+
+def settle():
+    """Wait for the GPU once, then add every closed section's exclusive time to _times."""
+    _sync()
+    for name, start, end, children in _closed:
+        _times[name] += _seconds(start, end) - sum(_seconds(a, b) for a, b in children)
+    _closed.clear()
 
 
 def timed(section, fn):
@@ -142,9 +178,12 @@ def time_trainer(name, extra):
 
     def write_log(*a, **k):  # the end of an epoch: close its books
         timed("writing", real["write_log"])(*a, **k)
-        _sync()
+        settle()
         marks.append(dict(t=time.perf_counter(), times=dict(_times), calls=Counter(calls),
-                          logged=a[1][-1]["seconds"], queries=a[1][-1]["reward_queries"]))
+                          logged=a[1][-1]["seconds"], queries=a[1][-1]["reward_queries"],
+                          gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if _cuda() else None))
+        if _cuda():
+            torch.cuda.reset_peak_memory_stats()  # the next epoch's peak is its own
         _times.clear()
         calls.clear()
 
@@ -178,6 +217,7 @@ def time_trainer(name, extra):
             h.remove()
         _times.clear()
         _stack.clear()
+        _closed.clear()
         shutil.rmtree(out, ignore_errors=True)
     timed_marks = marks[warmup:]
     walls = [m["t"] - prev["t"] for prev, m in zip(marks[warmup - 1:], timed_marks)]
@@ -223,7 +263,9 @@ def bench_trainer(name, extra):
     kinds = [dict(x=list(x), emb=list(e), grad=g, count=c / n, seconds_each=unet_seconds(unet, x, e, g))
              for (x, e, g), c in sorted(calls.items(), key=lambda kv: kv[0][2])]
     unet_total = sum(k["count"] * k["seconds_each"] for k in kinds)
+    gpu = [m["gpu_mb"] for m in r["marks"] if m["gpu_mb"] is not None]
     return dict(trainer=name, args=" ".join(extra), wall=wall, logged=sum(m["logged"] for m in r["marks"]) / n,
+                peak_gpu_mb=max(gpu) if gpu else None,
                 queries=r["queries"], seconds=seconds, fractions={s: v / wall for s, v in seconds.items()},
                 writing=writing, unet_calls=kinds, unet_seconds=unet_total, overhead_ratio=wall / unet_total, config=r["config"])
 
@@ -277,17 +319,22 @@ finally:
     with open("/proc/self/status") as f:
         kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
     print(f"bench-peak-kb {kb}", flush=True)
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_initialized():  # on a GPU, its memory is the one that counts
+        print(f"bench-peak-gpu-kb {torch.cuda.max_memory_allocated() // 1024}", flush=True)
 """
 
 
 def run_child(script_argv, log_path):
     """Run `python <script> <args>` to completion, output to `log_path`; return (exit code, its
-    peak resident memory in MB, or None if it could not report it)."""
+    peak memory in MB, or None if it could not report it): its GPU's if it used one, else resident."""
     with open(log_path, "w") as log:
         code = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *script_argv], stdout=log,
                               stderr=subprocess.STDOUT).returncode
     with open(log_path) as f:
-        peaks = [line.split()[1] for line in f if line.startswith("bench-peak-kb ")]
+        lines = f.read().splitlines()
+    peaks = [l.split()[1] for l in lines if l.startswith("bench-peak-gpu-kb ")] or \
+        [l.split()[1] for l in lines if l.startswith("bench-peak-kb ")]
     return code, int(peaks[-1]) / 1024 if peaks else None
 
 
@@ -319,6 +366,36 @@ def truncation_table(ks, extra):
 
 
 # ------------------------------------------------------------------------------------------------
+# 6. DDPO's first ratio when sampling and training round differently
+
+def ratio_noise_table(batch=16):
+    """|ratio - 1| of every step of `batch` chains (eta 1, the model's prompts) between the log-probs
+    recorded while sampling and their recomputation: bf16 at batch and batch/4 samples per UNet call,
+    and fp32 against bf16 either way."""
+    import train_prdp  # its replay of recorded steps
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    pipes = {p: pipelines.load_pipeline(model, device=dev, precision=p) for p in ("fp32", "bf16")}
+    prompts = prompt_sets.load_prompts("shapes" if model == "shapes" else "animals")
+    prompts = [prompts[i % len(prompts)] for i in range(batch)]
+    cond, uncond = sampling.encode_prompts(pipes["fp32"], prompts), sampling.encode_prompts(pipes["fp32"], [""])
+    rows = []
+    for (a, ka), (b, kb) in ((("bf16", batch), ("bf16", batch // 4)), (("fp32", batch), ("bf16", batch)),
+                             (("bf16", batch), ("fp32", batch))):
+        print(f"ratio noise: recorded in {a}, recomputed in {b} ...", flush=True)
+        with torch.no_grad():
+            traj = sampling.rollout(pipes[a], cond, uncond, guidance, num_steps=num_steps, eta=1.0, decode=False,
+                                    generator=torch.Generator().manual_seed(0), unet_batch=ka)
+        data = dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond, uncond=traj.uncond,
+                    scale=traj.guidance.expand(batch, -1))
+        with torch.no_grad():  # the recorded steps, replayed as PRDP's training replays them
+            lp = train_prdp.replay(pipes[b].unet, pipes[b].scheduler, data, traj.timesteps, 1.0, kb)
+        gap = (lp - traj.log_probs).exp().sub(1).abs()
+        rows.append(dict(recorded=f"{a}, {ka} per UNet call", recomputed=f"{b}, {kb} per UNet call",
+                         max=gap.max().item(), median=gap.median().item()))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------
 # Tables
 
 def machine():
@@ -344,7 +421,7 @@ def describe(b):
             f"{c['num_steps']} steps, truncation K={c['truncation']}")
 
 
-def markdown(results, speeds, ktable=(), sdmem=None):
+def markdown(results, speeds, ktable=(), sdmem=None, noise=()):
     cols = results
     lines = [f"Machine: {machine()}; model `{model}`.", ""]
     for b in cols:
@@ -361,19 +438,28 @@ def markdown(results, speeds, ktable=(), sdmem=None):
         lines.append("| UNet calls [batch] | " + " | ".join(f"{calls(b)} | " for b in cols) + " |")
         lines.append("| pure UNet time | " + " | ".join(f"{b['unet_seconds']:.3f} | " for b in cols) + " |")
         lines.append("| **overhead ratio** (wall / pure UNet) | " + " | ".join(f"**{b['overhead_ratio']:.2f}** | " for b in cols) + " |")
+        if any(b["peak_gpu_mb"] is not None for b in cols):
+            lines.append("| peak GPU memory (MB, max_memory_allocated) | "
+                         + " | ".join(f"{b['peak_gpu_mb'] or 0:.0f} | " for b in cols) + " |")
     if speeds:
         lines += ["", f"Sampling throughput, images/s ({num_steps} DDIM steps, guidance {guidance:g}, VAE decode included):", "",
                   "| batch | CFG batched (one UNet call on 2B) | unbatched (two calls on B) | speed-up |", "|---:|---:|---:|---:|"]
         for s in speeds:
             lines.append(f"| {s['batch']} | {s['batched']:.2f} | {s['unbatched']:.2f} | {s['batched'] / s['unbatched']:.2f}x |")
     if ktable:
-        lines += ["", "AlignProp truncation (each row its own process; peak resident memory includes the process's "
-                  "Python, torch and models):", "",
+        lines += ["", "AlignProp truncation (each row its own process; peak memory: on a GPU torch's max_memory_allocated, "
+                  "on a CPU the resident memory, which includes the process's Python, torch and models):", "",
                   "| K steps with gradient | checkpointing | peak memory (MB) | seconds per update |", "|---|---|---:|---:|"]
         for r in ktable:
             lines.append(f"| {r['k']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} | {r['seconds_per_step']:.2f} |")
     if sdmem:
         lines += [""] + gpu_memory.markdown(sdmem)
+    if noise:
+        lines += ["", f"DDPO's first-step |ratio - 1| when sampling and training round differently ({num_steps} steps, "
+                  "eta 1; every step of every chain):", "",
+                  "| log-probs recorded in | recomputed in | max | median |", "|---|---|---:|---:|"]
+        for r in noise:
+            lines.append(f"| {r['recorded']} | {r['recomputed']} | {r['max']:.1e} | {r['median']:.1e} |")
     return "\n".join(lines) + "\n"
 
 
@@ -436,11 +522,12 @@ def main():
             speeds.append(dict(batch=b, batched=throughput(pipe, b, True), unbatched=throughput(pipe, b, False)))
     ktable = truncation_table(ks, shlex.split(alignprop_args))
     sdmem = gpu_memory.sd_memory_table() if sd_memory else None
-    text = markdown(results, speeds, ktable, sdmem)
+    noise = ratio_noise_table() if ratio_noise else []
+    text = markdown(results, speeds, ktable, sdmem, noise)
     print("\n" + text)
     if json_out:
         data = dict(machine=machine(), model=model, trainers=results, throughput=speeds, truncation=ktable,
-                    sd_memory=sdmem)
+                    sd_memory=sdmem, ratio_noise=noise)
         with open(json_out, "w") as f:
             json.dump(data, f, indent=2)
     return results, speeds

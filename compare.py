@@ -173,7 +173,7 @@ def plan():
                 raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
                                  f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
-        runs.check_run(r["dir"], r["config"], ignore=("stop_after", "max_skips"))
+        runs.check_run(r["dir"], r["config"], ignore=("stop_after", "max_skips", "eval_batch_size"))
     return folder, run_list, train_list, train_prompts, held
 
 
@@ -299,7 +299,7 @@ def evaluate_all(folder, run_list, held, trained):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg.get("reward_options", "")))
     metric_fns = {m: rewards.load(m, device=dev) for m in metric_names(cfg)}
-    pipe = pipelines.load_pipeline(cfg["model"], device=dev)
+    pipe = pipelines.load_pipeline(cfg["model"], device=dev, precision=cfg.get("precision", "auto"))  # as the runs
     print(f"held-out evaluation: {len(held)} prompts x {heldout_seeds} seeds, guidance {cfg['guidance']:g}, "
           f"{cfg['num_steps']} steps, eta {cfg['eta']:g}", flush=True)
     results = {"pretrained": evaluate(pipe, reward_fn, held, cfg, None, os.path.join(folder, "pretrained_heldout.pt"),

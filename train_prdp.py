@@ -104,7 +104,7 @@ lora_rank = 4                # LoRA rank (alpha = rank)
 eval_every = 8               # epochs between evaluations (plain sampling, fixed prompts and seeds)
 eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
-eval_batch_size = 16         # evaluation images sampled, decoded and scored at a time (memory, not maths)
+eval_batch_size = 16         # evaluation images sampled, decoded and scored at a time (memory only; may change on resume)
 # hardware
 device = "auto"              # auto (cuda if there is a GPU), cpu, cuda or cuda:N
 precision = "auto"           # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
@@ -220,7 +220,7 @@ def main(check_only=False):
         return
     out = out or f"out/prdp-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
-    runs.check_run(out, config, ignore=("stop_after", "max_skips"))
+    runs.check_run(out, config, ignore=("stop_after", "max_skips", "eval_batch_size"))
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
     ddp, rank, world, dev = distributed.setup(device)
@@ -241,7 +241,7 @@ def main(check_only=False):
     require(num_steps <= T, f"--num_steps must be <= the model's {T} training timesteps, got {num_steps}")
     require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        runs.prepare_run(out, config, ignore=("stop_after", "max_skips"))
+        runs.prepare_run(out, config, ignore=("stop_after", "max_skips", "eval_batch_size"))
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)  # B = 0: theta starts as p_ref (Algorithm 1, line 1)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)

@@ -117,6 +117,8 @@ def test_section_timers_exclude_nested_sections():
     outer = bench.timed("outer", lambda: (time.sleep(0.05), inner()))
     bench._times.clear()
     outer()
+    assert not bench._times  # read once per epoch (settle), not at each boundary: a GPU is never stalled
+    bench.settle()
     assert 0.1 <= bench._times["inner"] < 0.15  # the outer section's 0.05 s is not in it
     assert 0.05 <= bench._times["outer"] < 0.15  # nor the inner section's 0.1 s in the outer
     bench._times.clear()
@@ -174,14 +176,18 @@ def test_rise_mb_measures_a_known_allocation():
 
 
 def test_sd_recipes_against_a_hand_computation():
-    parts = dict(unet=dict(params=1000, activation_gb=2.0), vae=dict(params=100, activation_gb=4.0),
+    parts = dict(unet=dict(params=1000, trainable=10, activation_gb=2.0), vae=dict(params=100, activation_gb=4.0),
+                 unet_eval=dict(params=1000, activation_gb=0.25), vae_eval=dict(params=100, activation_gb=0.75),
                  vitl=dict(params=50, activation_gb=0.5), vith=dict(params=80, activation_gb=1.0))
     rows = {r["recipe"]: r for r in gpu_memory.sd_recipes(parts)}
     text_encoder = 123_060_480  # SD 1.5's CLIP ViT-L/14 text encoder, its published size
-    # UNet and reward fp32 (4 bytes), VAE and text encoder fp16 (2 bytes)
-    w = (1000 * 4 + (100 + text_encoder) * 2 + 50 * 4) / 2 ** 30
+    # bf16 (2 bytes): UNet, VAE, text encoder; the LoRA's 10 weights 16 bytes each (fp32 weight,
+    # gradient and AdamW's two moments); the reward fp32 (4 bytes)
+    w = ((990 + 100 + text_encoder) * 2 + 10 * 16 + 50 * 4) / 2 ** 30
     assert rows["DDPO, aesthetic"]["weights_gb"] == pytest.approx(w)
     assert rows["DDPO, aesthetic"]["total_gb"] == pytest.approx(w + 4 * 2.0)  # 4 images, one UNet call each
-    per_image = 2.0 + 4.0 / 2 + 1.0  # UNet + the fp16 VAE's half of the fp32 measurement + ViT-H
+    assert rows["DDPO, aesthetic"]["eval_gb"] == pytest.approx(w + 16 * 0.75)  # 16 at a time, the decode's peak
+    per_image = 2.0 + 4.0 + 1.0  # UNet + VAE + ViT-H, each with its backward
     assert rows["AlignProp, pickscore"]["per_image_gb"] == pytest.approx(per_image)
-    assert rows["AlignProp, pickscore"]["fits"] == {m: int((m - w - 30 * 4 / 2 ** 30) // per_image) for m in (24, 40, 80)}
+    w_vith = w + 30 * 4 / 2 ** 30
+    assert rows["AlignProp, pickscore"]["fits"] == {m: int((m - w_vith) // per_image) for m in (24, 40, 80)}
