@@ -77,7 +77,7 @@ batch_sizes = "1,2,4,8,16,32"  # sampling throughput batch sizes
 num_steps = 20               # DDIM steps for the throughput measurement
 guidance = 5.0               # CFG scale for the throughput measurement
 truncations = ""             # AlignProp K values for the memory/time table, e.g. "1,10,all" ("" = skip)
-sd_memory = False            # also estimate the SD 1.5 GPU recipes' memory from CPU measurements (5.; ~3 min, ~7 GB RAM)
+sd_memory = False            # also estimate the SD 1.5 GPU recipes' memory from CPU measurements (5.; minutes, < 7 GB RAM)
 ratio_noise = False          # also measure DDPO's first-step ratio under bf16 rounding differences (6.)
 json_out = ""                # also write all results as JSON to this file
 # ------------------------------------------------------------------------------------------------
