@@ -90,11 +90,11 @@ eval_every = 8               # epochs between evaluations (plain sampling, fixed
 eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
 eval_batch_size = 16         # evaluation images sampled, decoded and scored at a time (memory only; may change on resume)
+stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
+max_skips = 3                # a NaN/inf reward, sample, loss or gradient skips its update; this many in a row stop the run
 # hardware
 device = "auto"              # auto (cuda if there is a GPU), cpu, cuda or cuda:N
 precision = "auto"           # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
-stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
-max_skips = 3                # a NaN/inf reward, sample, loss or gradient skips its update; this many in a row stop the run
 # ------------------------------------------------------------------------------------------------
 
 
