@@ -38,7 +38,7 @@ def atomic_write(path, write):
 
 def write_text(path, text):
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
 

@@ -53,9 +53,11 @@ def pipe():
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
-    """A tiny SD-shaped pipeline saved as a diffusers folder (what `--model=<folder>` loads)."""
+    """A tiny SD-shaped pipeline saved as a diffusers folder (what `--model=<folder>` loads), in the
+    form both transformers lines read, as the project saves its pipelines."""
+    from shapes_models import save_pipeline
     path = tmp_path_factory.mktemp("tiny_sd")
-    tiny_pipeline().save_pretrained(path)
+    save_pipeline(tiny_pipeline(), str(path))
     return str(path)
 
 
