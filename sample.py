@@ -20,6 +20,8 @@ from lora import FILE_NAME, load as load_lora  # `lora` is this script's --lora 
 
 # defaults (override with --key=value; `python sample.py --help` lists them)
 model = "shapes"  # "shapes" (the offline world), a hub id, or a local diffusers folder
+revision = ""  # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
+variant = ""  # weight files of this variant, e.g. fp16 (*.fp16.safetensors); "" = the plain ones
 prompt = ""  # one prompt to sample (overrides --prompts); mark phrases with (parentheses)
 prompts = "auto"  # prompt set name or text file; auto = the world's captions for shapes, else animals
 num_prompts = 8  # grid rows: the first N prompts
@@ -63,7 +65,7 @@ def main():
         name = prompts if prompts != "auto" else ("shapes" if model == "shapes" else "animals")
         prompt_list = prompt_sets.load_prompts(name)[:num_prompts]
     try:
-        pipe = pipelines.load_pipeline(model, dev)
+        pipe = pipelines.load_pipeline(model, dev, revision=revision or None, variant=variant or None)
         if lora:
             load_lora(pipe.unet, lora_file(lora))
     except ValueError as e:

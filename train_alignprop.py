@@ -47,6 +47,8 @@ from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  #
 # defaults (override with --key=value; `python train_alignprop.py --help` lists them)
 # what to train
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
+revision = ""                # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
+variant = ""                 # weight files of this variant, e.g. fp16 (*.fp16.safetensors); "" = the plain ones
 reward = "shapes_aesthetic"  # a differentiable rewards.py reward: shapes_aesthetic, aesthetic, pickscore, ...
 prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
 reward_options = ""          # extra rewards.load options, "key=value,key=value" (e.g. mlp_path=...)
@@ -205,9 +207,9 @@ def main(check_only=False):
                          f"global batch and the random streams depend on it: resume with {ck['world_size']} "
                          "(torchrun --nproc_per_node=N), or pass --out=<new folder>")
     try:
-        pipelines.check_model(model)  # a typo in --model fails at once, not after the reward has loaded
+        pipelines.check_model(model, revision or None)  # a typo in --model fails at once, not after the reward has loaded
         reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
-        pipe = pipelines.load_pipeline(model, device=dev)
+        pipe = pipelines.load_pipeline(model, device=dev, revision=revision or None, variant=variant or None)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     unet = pipe.unet
