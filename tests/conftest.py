@@ -61,6 +61,13 @@ def tiny_pipeline_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory):
+    """A micro build of the shapes world (seconds; its quality is meaningless), in its own cache."""
+    import shapes
+    return shapes.ensure_world(micro=True, cache=str(tmp_path_factory.mktemp("micro_world")))
+
+
 def run_trainer(name, *argv):
     """Run a training script in this process, as `python <name>.py <argv>` would (a fresh copy of
     its module-level defaults every time). Returns the module, whose globals hold the config."""
