@@ -68,6 +68,15 @@ def micro_world(tmp_path_factory):
     return shapes.ensure_world(micro=True, cache=str(tmp_path_factory.mktemp("micro_world")))
 
 
+# each trainer at its smallest on the tiny SD-shaped folder (with --model, --prompts and --epochs): seconds an epoch
+TINY = {"train_ddpo": ["--reward=jpeg_incompressibility", "--num_steps=2", "--sample_batch_size=2",
+                       "--samples_per_prompt=2", "--num_batches=1", "--train_batch_size=2", "--stat_min_count=2"],
+        "train_alignprop": ["--reward=shapes_appeal", "--num_steps=2", "--batch_size=2", "--steps_per_epoch=1"],
+        "train_prdp": ["--reward=jpeg_incompressibility", "--num_steps=2", "--prompts_per_epoch=1",
+                       "--images_per_prompt=2", "--sample_batch_size=2", "--train_batch_size=2", "--updates_per_epoch=1"]}
+TINY = {script: args + ["--eval_prompts=1", "--eval_seeds=1"] for script, args in TINY.items()}
+
+
 def run_trainer(name, *argv):
     """Run a training script in this process, as `python <name>.py <argv>` would (a fresh copy of
     its module-level defaults every time). Returns the module, whose globals hold the config."""

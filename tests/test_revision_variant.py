@@ -11,15 +11,9 @@ import torch
 import pipelines
 import rewards
 import sample
-from conftest import run_trainer, tiny_pipeline
+from conftest import TINY, run_trainer, tiny_pipeline
 
-# one epoch of each script on the tiny SD-shaped folder, in seconds
-TINY = {"train_ddpo": ["--reward=jpeg_incompressibility", "--num_steps=2", "--sample_batch_size=2",
-                       "--samples_per_prompt=2", "--num_batches=1", "--train_batch_size=2", "--stat_min_count=2"],
-        "train_alignprop": ["--reward=shapes_appeal", "--num_steps=2", "--batch_size=2", "--steps_per_epoch=1"],
-        "train_prdp": ["--reward=jpeg_incompressibility", "--num_steps=2", "--prompts_per_epoch=1",
-                       "--images_per_prompt=2", "--sample_batch_size=2", "--train_batch_size=2", "--updates_per_epoch=1"]}
-COMMON = ["--epochs=1", "--eval_prompts=1", "--eval_seeds=1"]
+COMMON = ["--epochs=1"]
 
 
 def same_weights(a, b):
