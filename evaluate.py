@@ -20,6 +20,7 @@ of each category).
 """
 import json
 import os
+import sys
 import time
 
 import torch
@@ -88,7 +89,8 @@ def resolve():
     distributed.check_device(device)
     run = run_config(weights_file(lora)) if lora else {}
     own = model == "auto"  # the run's model: its revision and variant too, unless given
-    cfg = dict(lora=weights_file(lora) or "", model=run.get("model", "shapes") if own else model,
+    cfg = dict(lora=weights_file(lora) or "", run=os.path.basename(run.get("run_dir", "")),
+               model=run.get("model", "shapes") if own else model,
                revision=revision or (run.get("revision", "") if own else ""),
                variant=variant or (run.get("variant", "") if own else ""))
     cfg["reward"] = reward if reward != "auto" else run.get("reward") or (
@@ -181,8 +183,9 @@ def main():
     # ---- sample and score, a few prompts at a time (one denoising batch) -----------------------
     t0, seeds = time.time(), list(range(num_seeds))
     per_batch = max(1, batch_size // num_seeds)
-    shown = {i for i, c in enumerate(cats) if cats[:i].count(c) < grid_prompts}  # the grid's rows
-    per_prompt, grid_images = [], []
+    order = list(dict.fromkeys(cats))  # the grid's rows: each category's first prompts, category by category
+    shown = sorted((i for i, c in enumerate(cats) if cats[:i].count(c) < grid_prompts), key=lambda i: (order.index(cats[i]), i))
+    per_prompt, grid_images = [], {}
     with torch.no_grad(), tqdm(total=len(prompt_list) * num_seeds, desc="evaluating", unit="image") as bar:
         for i in range(0, len(prompt_list), per_batch):
             chunk = prompt_list[i:i + per_batch]
@@ -193,11 +196,11 @@ def main():
             for j in range(len(chunk)):
                 if i + j in shown:  # at most 128 px a tile: a DrawBench grid of SD images stays a few MB
                     tiles = images[j, :grid_seeds]
-                    grid_images.append(F.interpolate(tiles, size=128, mode="bilinear", antialias=True)
-                                       if tiles.shape[-1] > 128 else tiles)
+                    grid_images[i + j] = (F.interpolate(tiles, size=128, mode="bilinear", antialias=True)
+                                          if tiles.shape[-1] > 128 else tiles)
             bar.update(len(chunk) * num_seeds)
-    if not all(torch.isfinite(torch.tensor(per_prompt)).flatten()):
-        print("warning: some rewards are NaN or infinite; they make their category's numbers NaN")
+    if not torch.isfinite(torch.tensor(per_prompt)).all():
+        print("warning: some rewards are NaN or infinite; they make their category's numbers NaN", file=sys.stderr)
 
     # ---- write: the table (markdown and JSON) and the grid, each atomically ----------------------
     rows = summary_rows(cats, per_prompt, base_means)
@@ -209,10 +212,10 @@ def main():
     runs.write_text(os.path.join(cfg["out"], "table.md"), md)
     written = ["table.md", "table.json"]
     if grid_images:
-        rows_shown = [f"[{cats[i]}] {parse_phrases(prompt_list[i])[0]}"[:100] for i in sorted(shown)]
-        title = f"{'LoRA ' + cfg['lora'] if cfg['lora'] else cfg['model']}: {cfg['reward']} {rows['all']['mean']:.4f}"
-        grids.save_grid(torch.stack(grid_images), rows_shown, os.path.join(cfg["out"], "grid.png"), titles=[title],
-                        seeds=seeds[:grid_seeds])
+        captions = [f"[{cats[i]}] {parse_phrases(prompt_list[i])[0]}"[:100] for i in shown]
+        title = f"{cfg['run'] or os.path.basename(cfg['model'].rstrip('/'))}: {cfg['reward']} {rows['all']['mean']:.4f}"
+        grids.save_grid(torch.stack([grid_images[i] for i in shown]), captions, os.path.join(cfg["out"], "grid.png"),
+                        titles=[title], seeds=seeds[:grid_seeds])
         written.append("grid.png")
     print("\n" + md)
     print(f"{len(prompt_list) * num_seeds} images in {result['seconds']:.0f} s; written: "
