@@ -43,6 +43,11 @@ def write_text(path, text):
     atomic_write(path, write)
 
 
+# Options added to the trainers after run folders were made: a config.json without one ran as with
+# this value, so resuming it with this value is the same run (and another value is refused).
+ADDED_OPTIONS = {"revision": "", "variant": ""}
+
+
 def check_run(out, config, ignore=()):
     """Refuse a run folder that holds a run with a different config: re-running the same command
     resumes, but a different config in the same folder would silently mix two experiments in one
@@ -52,7 +57,8 @@ def check_run(out, config, ignore=()):
         return
     with open(path) as f:
         old = json.load(f)
-    diff = [k for k in sorted(set(old) | set(config)) if k not in ignore and old.get(k) != config.get(k)]
+    diff = [k for k in sorted(set(old) | set(config))
+            if k not in ignore and old.get(k, ADDED_OPTIONS.get(k)) != config.get(k)]
     if diff:
         k = diff[0]
         raise SystemExit(f"error: {out} holds a run with a different config ({k}: {old.get(k)!r} -> "

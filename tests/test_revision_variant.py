@@ -1,6 +1,7 @@
 """--revision and --variant: which weights a script loads. Variants are weight files of a local
 folder (*.fp16.safetensors); revisions are read from a hub cache built here (two snapshots of a tiny
 pipeline, as `hf download` leaves them), offline."""
+import json
 import os
 import runpy
 import sys
@@ -11,7 +12,7 @@ import torch
 import pipelines
 import rewards
 import sample
-from conftest import TINY, run_trainer, tiny_pipeline
+from conftest import TINY, read_log, run_trainer, tiny_pipeline
 
 COMMON = ["--epochs=1"]
 
@@ -143,3 +144,16 @@ def test_pickscore_revision(hub_cache, tiny_pickscore):
     assert not torch.allclose(score(model=model), score(model=other))
     with pytest.raises(rewards.RewardUnavailable, match="at revision v2"):
         score(model="org/tiny-pickscore", revision="v2")
+
+
+def test_a_run_made_before_these_options_resumes_and_refuses_another_revision(tiny_pipeline_dir, prompt_file, tmp_path):
+    out = tmp_path / "run"
+    argv = [f"--model={tiny_pipeline_dir}", f"--prompts={prompt_file}", *TINY["train_ddpo"], "--epochs=2", f"--out={out}"]
+    run_trainer("train_ddpo", *argv, "--stop_after=1")
+    config = json.loads((out / "config.json").read_text())
+    del config["revision"], config["variant"]  # as a run folder made before --revision existed
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(SystemExit, match=r"different config \(variant: None -> 'fp16'\)"):
+        run_trainer("train_ddpo", *argv, "--variant=fp16")
+    run_trainer("train_ddpo", *argv)  # the same run: it resumes
+    assert [r["epoch"] for r in read_log(out)] == [0, 1]
