@@ -66,6 +66,8 @@ from configurator import at_least, require  # the input checks
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python bench.py --help` lists them)
 model = "shapes"             # 'shapes', a hub id, or a local diffusers folder (given to both trainers)
+revision = ""                # a hub --model's branch, tag or commit ("" = main), given to the trainers too
+variant = ""                 # weight files of this variant, e.g. fp16 ("" = plain), given to the trainers too
 trainers = "ddpo,alignprop"  # which trainers to time, comma-separated: ddpo, alignprop, prdp
 ddpo_args = ""               # other train_ddpo.py options, one string: "--sample_batch_size=8 --explore"
 alignprop_args = ""          # other train_alignprop.py options, one string
@@ -84,7 +86,7 @@ json_out = ""                # also write all results as JSON to this file
 
 SECTIONS = ["sampling", "decoding", "reward", "train forward", "train backward", "optimizer", "overhead"]
 TRAINER_MODULES = {"ddpo": "train_ddpo", "alignprop": "train_alignprop", "prdp": "train_prdp"}
-NOT_IN_ARGS = ("model", "out", "epochs", "stop_after", "eval_every")  # bench sets these
+NOT_IN_ARGS = ("model", "revision", "variant", "out", "epochs", "stop_after", "eval_every")  # bench sets these
 
 # ------------------------------------------------------------------------------------------------
 # Exclusive section timers: a stack of open sections; a section's time excludes its children's.
@@ -158,12 +160,17 @@ def by_grad():
 # ------------------------------------------------------------------------------------------------
 # 1. A real trainer epoch, timed
 
+def model_args():
+    """The trainer options that say which model bench runs: its own --model, --revision, --variant."""
+    return [f"--model={model}", f"--revision={revision}", f"--variant={variant}"]
+
+
 def time_trainer(name, extra):
     """Run trainer `name` (ddpo or alignprop) for warmup + epochs epochs with its functions timed.
     Returns the timed epochs' sections, wall times and UNet calls, the pipeline, and the config."""
     module = importlib.reload(importlib.import_module(TRAINER_MODULES[name]))
     out = tempfile.mkdtemp(prefix=f"bench-{name}-")
-    argv = [f"--model={model}", *extra, f"--out={out}", "--epochs=1000000",  # no last-epoch evaluation
+    argv = [*model_args(), *extra, f"--out={out}", "--epochs=1000000",  # no last-epoch evaluation
             f"--stop_after={warmup + epochs}", "--eval_every=1000000"]
     calls, marks, state = [], [], {}
 
@@ -346,7 +353,7 @@ def truncation_table(ks, extra):
     for k in ks:
         for ckpt in (False, True):
             out = tempfile.mkdtemp(prefix="bench-k-")
-            cmd = [script, f"--model={model}", *extra, f"--truncation={k}",
+            cmd = [script, *model_args(), *extra, f"--truncation={k}",
                    f"--checkpointing={str(ckpt).lower()}", "--epochs=4", "--eval_every=1000000", f"--out={out}/run"]
             print(f"AlignProp K={k}, checkpointing {'on' if ckpt else 'off'} ...", flush=True)
             code, peak_mb = run_child(cmd, os.path.join(out, "output.txt"))
@@ -471,7 +478,7 @@ def check_trainer(name, extra):
         require(key not in NOT_IN_ARGS, f"--{name}_args must not set --{key}: bench.py sets it")
     module = importlib.reload(importlib.import_module(TRAINER_MODULES[name]))  # fresh defaults
     try:
-        module.config = configurator.configure(vars(module), [f"--model={model}", *extra])
+        module.config = configurator.configure(vars(module), [*model_args(), *extra])
         module.main(check_only=True)
     except SystemExit as e:
         raise SystemExit(f"error: in --{name}_args ({TRAINER_MODULES[name]}.py): {str(e).removeprefix('error: ')}")
@@ -495,7 +502,7 @@ def main():
     at_least(1, num_steps=num_steps)
     at_least(0, guidance=guidance)
     try:
-        pipelines.check_model(model)
+        pipelines.check_model(model, revision or None)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     require(not json_out or os.path.isdir(os.path.dirname(os.path.abspath(json_out))),
@@ -516,7 +523,8 @@ def main():
         results.append(bench_trainer(n, extras[n]))
     speeds = []
     if sizes:
-        pipe = pipelines.load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu")
+        pipe = pipelines.load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu",
+                                       revision=revision or None, variant=variant or None)
         for b in sizes:
             print(f"sampling throughput, batch {b} ...", flush=True)
             speeds.append(dict(batch=b, batched=throughput(pipe, b, True), unbatched=throughput(pipe, b, False)))

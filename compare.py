@@ -40,6 +40,7 @@ import time
 import torch
 
 import configurator
+import dashboards
 import explore
 import grids
 import lora
@@ -55,6 +56,8 @@ from configurator import at_least, require  # the input checks
 # defaults (override with --key=value; `python compare.py --help` lists them)
 trainer = "ddpo"             # which trainer: ddpo, alignprop or prdp
 model = "shapes"             # passed to the trainer: 'shapes', a hub id, or a local diffusers folder
+revision = ""                # passed to the trainer: a hub --model's branch, tag or commit ("" = main)
+variant = ""                 # passed to the trainer: weight files of this variant, e.g. fp16 ("" = plain)
 reward = "shapes_aesthetic"  # passed to the trainer (and scores the held-out images)
 prompts = "shapes"           # training prompt set or file (minus the held-out prompts, see heldout)
 seeds = 3                    # runs per arm, seeds 0..seeds-1
@@ -81,7 +84,7 @@ ABLATION_ARMS = {"cfg_only": ["--explore", "--explore_weights=false"],
                  "weights_only": ["--explore", "--explore_cfg=false"],
                  "w_low0": ["--explore", "--w_low=0"]}  # the unconditional model on the noisy steps
 # compare sets these per run; letting --args set them would break the comparison or the resume
-OWN_KEYS = ("model", "reward", "prompts", "seed", "out", "explore", "explore_cfg", "explore_weights", "stop_after")
+OWN_KEYS = ("model", "revision", "variant", "reward", "prompts", "seed", "out", "explore", "explore_cfg", "explore_weights", "stop_after")
 HOLDOUT_STRIDE = 7  # auto hold-out: prompts 0, 7, 14, ... (7 is coprime to the shapes world's 6x4x3 grid)
 
 
@@ -136,7 +139,7 @@ def plan():
                 raise SystemExit(f"error: --{name} must not set --{key}: compare.py sets it for every run "
                                  f"(use compare's own --{key.removeprefix('no_')} where it has one)")
     try:
-        pipelines.check_model(model)
+        pipelines.check_model(model, revision or None)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     folder = out or f"out/compare-{trainer}-{reward}"
@@ -163,7 +166,8 @@ def plan():
     for arm, flags in arms.items():
         for s in range(seeds):
             name, run_dir = f"{arm}-s{s}", os.path.join(folder, f"{arm}-s{s}")
-            argv = [f"--model={model}", f"--reward={reward}", f"--prompts={train_prompts}", *extra,
+            argv = [f"--model={model}", f"--revision={revision}", f"--variant={variant}", f"--reward={reward}",
+                    f"--prompts={train_prompts}", *extra,
                     f"--seed={s}", f"--out={run_dir}", *flags]
             run_list.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, flags=flags,
                              config=trainer_config(argv)))
@@ -173,7 +177,7 @@ def plan():
                 raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
                                  f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
-        runs.check_run(r["dir"], r["config"], ignore=("stop_after", "max_skips", "eval_batch_size"))
+        runs.check_run(r["dir"], r["config"], ignore=("stop_after", "max_skips", "eval_batch_size", *dashboards.OPTIONS))
     return folder, run_list, train_list, train_prompts, held
 
 
@@ -299,7 +303,8 @@ def evaluate_all(folder, run_list, held, trained):
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg.get("reward_options", "")))
     metric_fns = {m: rewards.load(m, device=dev) for m in metric_names(cfg)}
-    pipe = pipelines.load_pipeline(cfg["model"], device=dev, precision=cfg.get("precision", "auto"))  # as the runs
+    pipe = pipelines.load_pipeline(cfg["model"], device=dev, precision=cfg.get("precision", "auto"),  # as the runs
+                                   revision=cfg["revision"] or None, variant=cfg["variant"] or None)
     print(f"held-out evaluation: {len(held)} prompts x {heldout_seeds} seeds, guidance {cfg['guidance']:g}, "
           f"{cfg['num_steps']} steps, eta {cfg['eta']:g}", flush=True)
     results = {"pretrained": evaluate(pipe, reward_fn, held, cfg, None, os.path.join(folder, "pretrained_heldout.pt"),

@@ -55,13 +55,20 @@ T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 
          2.120, 2.110, 2.101, 2.093, 2.086]  # Student's t, 97.5% quantile, 1..20 degrees of freedom
 
 
+def mean_interval(values):
+    """The mean of `values` and the half-width of its 95% t-interval (inf for a single value; above
+    20 degrees of freedom the 20-df quantile, slightly wide)."""
+    mean = statistics.fmean(values)
+    n = len(values)
+    return mean, T_975[min(n - 1, len(T_975)) - 1] * statistics.stdev(values) / n ** 0.5 if n > 1 else float("inf")
+
+
 def paired_difference(arm_values, base_values):
     """Arm minus baseline, seed by seed (the same seed draws the same prompts and noise in both: a
     paired design), with the mean difference's 95% t-interval and what it supports: "helps" or
     "hurts" when the interval excludes 0, else "no difference"."""
     d = [a - b for a, b in zip(arm_values, base_values)]
-    mean = statistics.fmean(d)
-    half = T_975[min(len(d) - 1, len(T_975)) - 1] * statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("inf")
+    mean, half = mean_interval(d)
     verdict = "helps" if mean - half > 0 else "hurts" if mean + half < 0 else "no difference"
     return dict(mean=mean, low=mean - half, high=mean + half, n=len(d), verdict=verdict)
 

@@ -7,6 +7,8 @@ import textwrap
 
 import torch
 
+import runs
+
 
 def diversity(images):
     """Mean pairwise RMS pixel distance between the samples of one prompt, averaged over prompts.
@@ -40,4 +42,5 @@ def save_grid(images, row_captions, path, titles=None, seeds=None):
     for p, text in enumerate(row_captions):
         draw.multiline_text((6, head_h + p * ch + 6), textwrap.fill(text, 26), fill="black", font=font)
     os.makedirs(os.path.dirname(str(path)) or ".", exist_ok=True)
-    canvas.save(path)
+    fmt = Image.registered_extensions().get(os.path.splitext(str(path))[1].lower(), "PNG")
+    runs.atomic_write(str(path), lambda tmp: canvas.save(tmp, format=fmt))  # never half a picture

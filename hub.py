@@ -32,16 +32,17 @@ def reachable(host=None):
         return False
 
 
-def cached(repo, *filenames):
-    """Is any of `filenames` of hub repo `repo` in the local cache?"""
+def cached(repo, *filenames, revision=None):
+    """Is any of `filenames` of hub repo `repo` (at `revision`: a branch, tag or commit; None = main)
+    in the local cache?"""
     from huggingface_hub import try_to_load_from_cache
-    return any(isinstance(try_to_load_from_cache(repo, f), str) for f in filenames)
+    return any(isinstance(try_to_load_from_cache(repo, f, revision=revision), str) for f in filenames)
 
 
-def snapshot(repo):
-    """The local snapshot folder of hub `repo` if it is cached, else None."""
+def snapshot(repo, revision=None):
+    """The local snapshot folder of hub `repo` (at `revision`; None = main) if it is cached, else None."""
     from huggingface_hub import snapshot_download
     try:
-        return snapshot_download(repo, local_files_only=True)
+        return snapshot_download(repo, revision=revision, local_files_only=True)
     except Exception:
         return None

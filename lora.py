@@ -122,6 +122,15 @@ def save(unet, path):
     runs.atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
 
 
+def weights_file(path):
+    """The LoRA file a user points at: `path` itself, or FILE_NAME in it or in its lora/ folder (a
+    trainer's run folder); None if there is none."""
+    for candidate in (path, os.path.join(path, FILE_NAME), os.path.join(path, "lora", FILE_NAME)):
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
 def load(unet, path):
     """Load a file from `save` (or any diffusers-format UNet LoRA with alpha = rank), injecting if needed.
     Layers come back with alpha = r and B = (alpha/r) B, the very tensors the saved model multiplied, so

@@ -10,43 +10,57 @@ import mixed_precision
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-def _hub_folder(model):
-    """A local snapshot folder of hub `model`, or None if the hub is reachable and it may be
-    downloaded. Offline and not cached: a one-line error at once (a hub lookup can hang here)."""
-    folder = hub.snapshot(model)
+def _hub_folder(model, revision=None):
+    """A local snapshot folder of hub `model` (at `revision`), or None if the hub is reachable and it
+    may be downloaded. Offline and not cached: a one-line error at once (a hub lookup can hang here)."""
+    folder = hub.snapshot(model, revision)
     if folder or hub.reachable():
         return folder
-    raise ValueError(f"model {model!r} is not in the Hugging Face cache and the hub is unreachable; "
-                     f"download it where there is internet (`hf download {model}`) and copy the cache, "
+    at = f" at revision {revision!r}" if revision else ""
+    raise ValueError(f"model {model!r}{at} is not in the Hugging Face cache and the hub is unreachable; "
+                     f"download it where there is internet (`hf download {model}"
+                     f"{f' --revision {revision}' if revision else ''}`) and copy the cache, "
                      "pass a local diffusers folder with --model=<folder>, or use --model=shapes")
 
 
-def check_model(model):
+def check_model(model, revision=None):
     """Where `model` will load from, without loading it: "shapes", a local folder, or a hub id's
-    cached snapshot (or the id, if the hub is reachable). A ValueError (one line) otherwise, at once:
-    the scripts call this before anything slow, so a typo in --model costs nothing."""
+    cached snapshot at `revision` (a branch, tag or commit; None = main), or the id, if the hub is
+    reachable. A ValueError (one line) otherwise, at once: the scripts call this before anything
+    slow, so a typo in --model or --revision costs nothing."""
     if model == "shapes" or os.path.isdir(model):
+        if revision:
+            raise ValueError(f"--revision={revision} pins a hub model's version, but {model!r} is "
+                             f"{'the shapes world' if model == 'shapes' else 'a local folder'}, which has none; "
+                             "drop --revision (or check the revision out into the folder)")
         return model
     if model.count("/") == 1 and not model.startswith((".", "/", "~")):
-        return _hub_folder(model) or model
+        return _hub_folder(model, revision) or model
     raise ValueError(f"no diffusers folder at {model!r}; pass an existing folder, a hub id "
                      f"like {DEFAULT_HUB_MODEL}, or shapes")
 
 
-def load_pipeline(model="shapes", device="cpu", precision="auto"):
+def load_pipeline(model="shapes", device="cpu", precision="auto", revision=None, variant=None):
     """A StableDiffusionPipeline with a DDIM scheduler, from "shapes" (the offline world, built on
-    first use), a hub id (e.g. DEFAULT_HUB_MODEL) or a local diffusers folder, its parts in the dtypes
-    of `precision` (mixed_precision.py: auto is bf16 on CUDA, fp32 on the CPU; the VAE never fp16).
-    The VAE and text encoder are frozen; the trainers freeze the UNet when lora.inject adds its
-    trainable fp32 weights. sampling.guided_eps runs the UNet under autocast in its weights' dtype."""
-    path = check_model(model)
+    first use), a hub id (e.g. DEFAULT_HUB_MODEL) at `revision` (None = main) or a local diffusers
+    folder; `variant` picks weight files such as *.fp16.safetensors (None = the plain ones). Its parts
+    are in the dtypes of `precision` (mixed_precision.py: auto is bf16 on CUDA, fp32 on the CPU; the
+    VAE never fp16). The VAE and text encoder are frozen; the trainers freeze the UNet when lora.inject
+    adds its trainable fp32 weights. sampling.guided_eps runs the UNet under autocast in its weights'
+    dtype."""
+    path = check_model(model, revision)
     if path == "shapes":
         import shapes  # the world's build code: imported only when it is the model
         path = shapes.ensure_world()
     from diffusers import DDIMScheduler, StableDiffusionPipeline  # after the checks: importing takes seconds
     dtypes = mixed_precision.pipeline_dtypes(precision, device)
-    pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtypes, safety_checker=None,
-                                                   feature_extractor=None, requires_safety_checker=False)
+    try:  # a cached snapshot folder is already the revision; an id to download needs it
+        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtypes, safety_checker=None, feature_extractor=None,
+                                                       requires_safety_checker=False, variant=variant,
+                                                       revision=revision if path == model else None)
+    except (OSError, ValueError) as e:  # e.g. no files of that variant, or only variant files and no --variant
+        raise ValueError(f"cannot load {model!r}{f' (variant {variant!r})' if variant else ''}: {str(e).splitlines()[0]}; "
+                         "pass --variant=<name> if it holds only variant weight files (*.<name>.safetensors)")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)

@@ -1,7 +1,8 @@
 """Prompt sets: the paper's prompts from prompts.txt, the sets derived from them, the shapes world's
-captions, or any text file with one prompt per line. A prompt may mark phrases with parentheses for
-DiffExp's random prompt weighting, "a (dolphin) (riding a bike)"; explore.py strips the marks
-before anything is encoded or scored.
+captions, or any text file with one prompt per line; and the categories a set is reported in
+(DrawBench's 11, the shapes world's hard and common captions). A prompt may mark phrases with
+parentheses for DiffExp's random prompt weighting, "a (dolphin) (riding a bike)"; explore.py strips
+the marks before anything is encoded or scored.
 """
 import os
 
@@ -13,7 +14,7 @@ PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts
 
 def _sections(path=PROMPTS_FILE):
     sections, name = {}, None
-    with open(path) as f:
+    with open(path, encoding="utf-8") as f:
         for line in f:
             line = line.strip()
             if not line or line.startswith("#"):
@@ -30,10 +31,23 @@ def _article(word):
     return "an" if word[0].lower() in "aeiou" else "a"
 
 
+DRAWBENCH = "drawbench/"  # prompts.txt holds DrawBench one section per category: [drawbench/Colors], ...
+DPOK_DROPS = ("Misspellings", "Rare Words")  # the DrawBench categories drawbench_dpok leaves out
+
+
+def drawbench_categories():
+    """DrawBench's prompts (Saharia et al. 2022), each with its category, in prompts.txt's order."""
+    return {p: name.removeprefix(DRAWBENCH) for name, lines in _sections().items()
+            if name.startswith(DRAWBENCH) for p in lines}
+
+
 def prompt_sets():
     """Every named prompt set: the sections of prompts.txt plus the derived ones."""
     s = _sections()
-    sets = {name: lines for name, lines in s.items() if name != "activities"}
+    sets = {name: lines for name, lines in s.items() if name != "activities" and not name.startswith(DRAWBENCH)}
+    drawbench = drawbench_categories()
+    sets["drawbench"] = list(drawbench)  # the paper's generalisation benchmark: 200 prompts, 11 categories
+    sets["drawbench_dpok"] = [p for p, c in drawbench.items() if c not in DPOK_DROPS]
     # DDPO / DiffExp's aesthetic prompts are just the animal names.
     # DiffExp's alignment prompts (PickScore): "a(n) <animal> <activity>", both phrases marked.
     sets["animal_activities"] = [f"{_article(a)} ({a}) ({act})" for a in s["animals"] for act in s["activities"]]
@@ -60,7 +74,7 @@ def load_prompts(name_or_path):
     if name_or_path in sets:
         return check_marks(list(sets[name_or_path]))
     if os.path.isfile(name_or_path):
-        with open(name_or_path) as f:
+        with open(name_or_path, encoding="utf-8") as f:
             prompts = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
         if not prompts:
             raise SystemExit(f"error: prompt file {name_or_path} has no prompts; put one prompt per line")
@@ -69,6 +83,20 @@ def load_prompts(name_or_path):
                      f"use one of {', '.join(sorted(sets))} or a path to a text file")
 
 
+def categories(prompts, name="all"):
+    """The category of each prompt, for per-category tables: DrawBench's own when every prompt is a
+    DrawBench prompt; on the shapes world's captions, hard or common (shapes_world.RARE_PAIRS) and
+    the background ("rare, dark background": compare.py holds the dark
+    background out of shapes_rare); otherwise one category, `name` (the set's name)."""
+    drawbench = drawbench_categories()
+    clean = [explore.parse_phrases(p)[0] for p in prompts]
+    if all(c in drawbench for c in clean):
+        return [drawbench[c] for c in clean]
+    if all(c in shapes_world.CAPTIONS for c in clean):
+        rare = set(shapes_world.RARE_CAPTIONS)
+        return [f"{'rare' if c in rare else 'common'}, {shapes_world.BACKGROUND_NAMES[shapes_world.parse_prompt(c)[2]]}"
+                " background" for c in clean]
+    return [name] * len(prompts)
 
 
 def spread_subset(prompts, n):

@@ -240,20 +240,22 @@ def load_aesthetic(device="cpu", mlp_path=None, clip_model="ViT-L-14", clip_pret
 
 
 def load_pickscore(device="cpu", model="yuvalkirstain/PickScore_v1",
-                   processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K"):
-    """PickScore: `model` a CLIPModel or its hub id / local folder; `processor` a CLIPProcessor
-    (its tokenizer and image settings are used) or its hub id / local folder."""
+                   processor="laion/CLIP-ViT-H-14-laion2B-s32B-b79K", revision=None):
+    """PickScore: `model` a CLIPModel or its hub id / local folder (at `revision`, a branch, tag or
+    commit of the hub id: `--reward_options=revision=<commit>` pins the weights); `processor` a
+    CLIPProcessor (its tokenizer and image settings are used) or its hub id / local folder."""
     from transformers import CLIPModel, CLIPProcessor
     fix = "run once online to cache it, or pass model=/processor=<local folder>"
     names = f"{model if isinstance(model, str) else 'model'} / " \
             f"{processor if isinstance(processor, str) else 'processor'}"
-    for obj, size, probe in ((model, "~3.9 GB", "config.json"),
-                             (processor, "~4 MB", "preprocessor_config.json")):
+    for obj, size, probe, rev in ((model, "~3.9 GB", "config.json", revision),
+                                  (processor, "~4 MB", "preprocessor_config.json", None)):
         if isinstance(obj, str) and not os.path.isdir(obj):  # a hub id: cached or downloadable?
-            _need(f"pickscore: {obj} ({size})", fix, hub.cached(obj, probe))
+            _need(f"pickscore: {obj}{f' at revision {rev}' if rev else ''} ({size})", fix,
+                  hub.cached(obj, probe, revision=rev))
     try:
         if isinstance(model, str):
-            model = CLIPModel.from_pretrained(model)
+            model = CLIPModel.from_pretrained(model, revision=revision)
         if isinstance(processor, str):
             processor = CLIPProcessor.from_pretrained(processor)
     except Exception as e:

@@ -38,9 +38,15 @@ def atomic_write(path, write):
 
 def write_text(path, text):
     def write(tmp):
-        with open(tmp, "w") as f:
+        with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     atomic_write(path, write)
+
+
+# Options added to the trainers after run folders were made: a config.json without one ran as with
+# this value, so resuming it with this value is the same run (and another value is refused).
+# (precision: every run before it existed was made on the CPU, where "auto" is the fp32 they ran in.)
+ADDED_OPTIONS = {"revision": "", "variant": "", "precision": "auto"}
 
 
 def check_run(out, config, ignore=()):
@@ -52,7 +58,8 @@ def check_run(out, config, ignore=()):
         return
     with open(path) as f:
         old = json.load(f)
-    diff = [k for k in sorted(set(old) | set(config)) if k not in ignore and old.get(k) != config.get(k)]
+    diff = [k for k in sorted(set(old) | set(config))
+            if k not in ignore and old.get(k, ADDED_OPTIONS.get(k)) != config.get(k)]
     if diff:
         k = diff[0]
         raise SystemExit(f"error: {out} holds a run with a different config ({k}: {old.get(k)!r} -> "

@@ -17,10 +17,12 @@ import pipelines
 import prompt_sets
 import sampling
 from configurator import at_least, between, require  # the input checks
-from lora import FILE_NAME, load as load_lora  # `lora` is this script's --lora option
+from lora import FILE_NAME, load as load_lora, weights_file  # `lora` is this script's --lora option
 
 # defaults (override with --key=value; `python sample.py --help` lists them)
 model = "shapes"  # "shapes" (the offline world), a hub id, or a local diffusers folder
+revision = ""  # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
+variant = ""  # weight files of this variant, e.g. fp16 (*.fp16.safetensors); "" = the plain ones
 prompt = ""  # one prompt to sample (overrides --prompts); mark phrases with (parentheses)
 prompts = "auto"  # prompt set name or text file; auto = the world's captions for shapes, else animals
 num_prompts = 8  # grid rows: the first N prompts
@@ -39,22 +41,13 @@ precision = "auto"  # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, b
 out = "out/samples.png"  # where the grid PNG goes
 
 
-def lora_file(path):
-    """The weights file of --lora: the path itself, or FILE_NAME in it or in its lora/ folder (a
-    trainer's run folder); None if there is none."""
-    for candidate in (path, os.path.join(path, FILE_NAME), os.path.join(path, "lora", FILE_NAME)):
-        if os.path.isfile(candidate):
-            return candidate
-    return None
-
-
 def main():
     # checks first: bad input costs nothing
     at_least(1, num_prompts=num_prompts, num_seeds=num_seeds, steps=steps, batch_size=batch_size)
     at_least(0, guidance=guidance, w_low=w_low, t_thres=t_thres)
     between(0, 1, eta=eta)  # above 1 the DDIM step's variance outgrows the step (NaN images)
     between(0, 2**32 - 1, seed=seed)
-    require(not lora or lora_file(lora), f"--lora={lora}: no LoRA weights there; pass a run folder (out/<run>), "
+    require(not lora or weights_file(lora), f"--lora={lora}: no LoRA weights there; pass a run folder (out/<run>), "
                                          f"its lora/ folder or a {FILE_NAME} file")
     require(os.path.splitext(out)[1].lower() in (".png", ".jpg", ".jpeg"), f"--out must end in .png or .jpg, got {out!r}")
     distributed.check_device(device)
@@ -66,9 +59,9 @@ def main():
         prompt_list = prompt_sets.load_prompts(name)[:num_prompts]
     dev = distributed.use_device(device)
     try:
-        pipe = pipelines.load_pipeline(model, dev, precision)
+        pipe = pipelines.load_pipeline(model, dev, precision, revision=revision or None, variant=variant or None)
         if lora:
-            load_lora(pipe.unet, lora_file(lora))
+            load_lora(pipe.unet, weights_file(lora))
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     T = pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps

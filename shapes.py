@@ -26,9 +26,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import configurator
+import runs
 from shapes_models import (MAX_TOKENS, attribute_accuracy, clip_tokenizer, judge_image_features, judge_logits,
-                           judge_read, judge_text_features, new_aesthetic, new_judge, new_scheduler, new_text_encoder,
-                           new_unet, new_vae, tokenize)
+                           judge_read, judge_text_features, make_readable_by_transformers4, new_aesthetic, new_judge,
+                           new_scheduler, new_text_encoder, new_unet, new_vae, save_pipeline, tokenize,
+                           transformers4_files)
 from shapes_world import CAPTIONS, RARE_CAPTIONS, appeal, make_batch
 
 # ---------------------------------------------------------------------------------------------
@@ -217,6 +219,10 @@ def train_unet(cfg, vae, scaling_factor, judge):
 BUILD_KEYS = ("seed", "micro", "vae_steps", "vae_batch", "judge_steps", "judge_batch", "aesthetic_images",
               "aesthetic_steps", "unet_steps", "unet_batch", "unet_lr", "ema", "p_empty", "p_high_t", "rare_weight", "rare_wrong")
 MANIFEST = "world.json"
+# How the folder is saved, apart from what is trained (so not a build key: a new format re-saves a
+# cached world, see migrate, instead of retraining it). 1: as transformers 5 saves it; 2: in the
+# form transformers 4.x reads too (shapes_models.save_pipeline).
+SAVE_FORMAT = 2
 
 
 # what each build option allows, checked before anything is built: (test, the allowed values in words)
@@ -270,13 +276,40 @@ def _files(folder):
 
 
 def is_complete(folder):
-    """True if `folder` holds a finished build: a manifest whose file list and hashes all match."""
+    """True if `folder` holds a finished build in today's save format: a manifest whose file list
+    and hashes all match."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
-            files = json.load(f)["files"]
-        return sorted(files) == _files(folder) and all(_sha256(os.path.join(folder, p)) == h for p, h in files.items())
+            manifest = json.load(f)
+        files = manifest["files"]
+        return (manifest.get("save_format", 1) == SAVE_FORMAT and sorted(files) == _files(folder)
+                and all(_sha256(os.path.join(folder, p)) == h for p, h in files.items()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
+
+
+def migrate(folder):
+    """Re-save a world built in save format 1 in today's format, in place, without retraining it:
+    the text encoder's weights renamed, the tokenizer's vocab.json and merges.txt added, then the
+    manifest. Only if every other file is still the one its manifest lists; a migration cut short
+    is finished by the next call. True if `folder` is now complete."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            manifest = json.load(f)
+        if manifest.get("save_format", 1) != 1:
+            return False
+        files, owned = manifest["files"], set(transformers4_files(folder))
+        if not (set(files) - owned <= set(_files(folder)) <= set(files) | owned
+                and all(_sha256(os.path.join(folder, p)) == h for p, h in files.items() if p not in owned)):
+            return False
+        make_readable_by_transformers4(folder)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return False
+    manifest.update(save_format=SAVE_FORMAT, files={p: _sha256(os.path.join(folder, p)) for p in _files(folder)})
+    runs.write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=1))
+    print(f"shapes: {folder} re-saved in the form transformers 4.x reads too (save format {SAVE_FORMAT})",
+          file=sys.stderr)
+    return is_complete(folder)
 
 
 def ensure_world(**overrides):
@@ -290,7 +323,7 @@ def ensure_world(**overrides):
     os.makedirs(os.path.dirname(folder), exist_ok=True)
     with open(folder + ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not is_complete(folder):  # another process may have built it while we waited
+        if not is_complete(folder) and not migrate(folder):  # another process may have built it while we waited
             if os.path.exists(folder):
                 print(f"shapes: {folder} is incomplete or corrupt; rebuilding it", file=sys.stderr)
                 shutil.rmtree(folder)
@@ -319,13 +352,13 @@ def build(folder, cfg):
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(MAX_TOKENS),
                                    unet=unet, scheduler=new_scheduler(), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
+    save_pipeline(pipe, folder)  # in the form transformers 4.x reads too
     judge.save_pretrained(os.path.join(folder, "judge"))
     os.makedirs(os.path.join(folder, "aesthetic"))
     save_file(aesthetic.state_dict(), os.path.join(folder, "aesthetic", "model.safetensors"))
     times["save"] = time.time() - start - sum(times.values())
     times["total"] = time.time() - start
-    manifest = dict(config={k: cfg[k] for k in BUILD_KEYS}, version=BUILD_VERSION,
+    manifest = dict(config={k: cfg[k] for k in BUILD_KEYS}, version=BUILD_VERSION, save_format=SAVE_FORMAT,
                     rare_captions=RARE_CAPTIONS if cfg["rare_weight"] < 1 or cfg["rare_wrong"] > 0 else [],
                     vae_psnr_db=round(psnr, 2), scaling_factor=scaling_factor,
                     judge_accuracy=judge_accuracy, aesthetic_correlation=round(aesthetic_corr, 4),

@@ -5,14 +5,17 @@ embedding (the world's LAION predictor): their architectures, how the judge read
 loading the trained judge and MLP from a built world folder. shapes.py trains them.
 """
 import functools
+import glob
 import gzip
 import importlib.util
+import json
 import os
 
 import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
+from runs import atomic_write, write_text
 from shapes_world import BACKGROUNDS, CAPTIONS, COLOURS, SHAPES, SIZE, to_world_size
 
 # ---------------------------------------------------------------------------------------------
@@ -42,6 +45,79 @@ def clip_tokenizer(model_max_length=77):
     tok = CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=model_max_length)
     assert len(tok) == 49408, len(tok)
     return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving a pipeline folder that transformers 4.x reads as transformers 5 does. Many users still pin
+# 4.x, and two parts of what transformers 5 saves read differently there: CLIPTextModel's weights
+# come without the `text_model.` prefix (5.x dropped that wrapper module; 4.x then finds none of
+# its weights and initialises them all at random, with only a warning), and the tokenizer comes
+# as tokenizer.json alone, which 4.x's slow CLIPTokenizer (the class model_index.json names)
+# cannot read: it reads vocab.json and merges.txt. transformers 5 reads both forms.
+TEXT_MODEL_PREFIX = "text_model."
+MERGES_HEADER = "#version: 0.2"  # 4.x's CLIPTokenizer skips the first line of merges.txt
+
+
+def save_pipeline(pipe, folder):
+    """pipe.save_pretrained(folder), in the form both transformers lines read."""
+    pipe.save_pretrained(folder)
+    make_readable_by_transformers4(folder)
+
+
+def _text_encoder_weights(folder):
+    """The weight files of the folder's CLIPTextModel text encoders (a variant's too)."""
+    found = []
+    for config in sorted(glob.glob(os.path.join(folder, "text_encoder*", "config.json"))):
+        with open(config) as f:
+            if json.load(f).get("architectures") == ["CLIPTextModel"]:
+                found += sorted(glob.glob(os.path.join(os.path.dirname(config), "model*.safetensors")))
+    return found
+
+
+def transformers4_files(folder):
+    """The files of pipeline folder `folder` whose form transformers 4.x needs (relative paths):
+    its CLIPTextModel weight files and, beside each tokenizer.json, vocab.json and merges.txt."""
+    tokenizers = sorted(os.path.dirname(t) for t in glob.glob(os.path.join(folder, "tokenizer*", "tokenizer.json")))
+    paths = _text_encoder_weights(folder) + [os.path.join(t, n) for t in tokenizers for n in ("vocab.json", "merges.txt")]
+    return [os.path.relpath(p, folder) for p in paths]
+
+
+def unreadable_by_transformers4(folder):
+    """Those of transformers4_files(folder) that are missing or in the form only 5.x reads."""
+    from safetensors import safe_open
+    bad = []
+    for rel in transformers4_files(folder):
+        path = os.path.join(folder, rel)
+        if not os.path.exists(path):
+            bad.append(rel)
+        elif path.endswith(".safetensors"):
+            with safe_open(path, "pt") as f:
+                if not all(k.startswith(TEXT_MODEL_PREFIX) for k in f.keys()):
+                    bad.append(rel)
+    return bad
+
+
+def make_readable_by_transformers4(folder):
+    """Rewrite, in place, what transformers4_files(folder) lists and 4.x cannot read yet: the text
+    encoder's weights under `text_model.` names (the same tensors), vocab.json and merges.txt from
+    tokenizer.json (the same vocabulary and merges). Each file is written atomically; a file already
+    in the right form is left alone. Returns transformers4_files(folder)."""
+    from safetensors.torch import load_file, save_file
+    for rel in unreadable_by_transformers4(folder):
+        path = os.path.join(folder, rel)
+        if path.endswith(".safetensors"):
+            weights = {k if k.startswith(TEXT_MODEL_PREFIX) else TEXT_MODEL_PREFIX + k: v
+                       for k, v in load_file(path).items()}
+            atomic_write(path, lambda tmp: save_file(weights, tmp, metadata={"format": "pt"}))
+            continue
+        with open(os.path.join(os.path.dirname(path), "tokenizer.json"), encoding="utf-8") as f:
+            bpe = json.load(f)["model"]
+        if rel.endswith("vocab.json"):
+            write_text(path, json.dumps(bpe["vocab"]))
+        else:  # merges are pairs ["a", "b"] in newer tokenizer.json files, "a b" in older ones
+            write_text(path, "\n".join([MERGES_HEADER] + [m if isinstance(m, str) else " ".join(m)
+                                                          for m in bpe["merges"]]) + "\n")
+    return transformers4_files(folder)
 
 
 # ---------------------------------------------------------------------------------------------

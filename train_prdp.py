@@ -42,6 +42,7 @@ import torch
 from tqdm import tqdm
 
 import configurator
+import dashboards
 import distributed
 import lora
 import mixed_precision
@@ -57,6 +58,8 @@ from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  #
 # defaults (override with --key=value; `python train_prdp.py --help` lists them)
 # what to train
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
+revision = ""                # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
+variant = ""                 # weight files of this variant, e.g. fp16 (*.fp16.safetensors); "" = the plain ones
 reward = "shapes_aesthetic"  # rewards.py name: shapes_aesthetic, shapes_alignment, aesthetic, pickscore, jpeg_...
 prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
 reward_options = ""          # extra rewards.load options, "key=value,key=value" (e.g. mlp_path=...)
@@ -105,6 +108,10 @@ eval_every = 8               # epochs between evaluations (plain sampling, fixed
 eval_prompts = 16            # prompts in the evaluation grid
 eval_seeds = 4               # images per evaluation prompt
 eval_batch_size = 16         # evaluation images sampled, decoded and scored at a time (memory only; may change on resume)
+wandb_log = False            # also log each epoch to Weights & Biases (WANDB_MODE=offline: no network needed)
+wandb_project = "diffexp"    # its W&B project
+wandb_run_name = ""          # its W&B run name; "" = the run folder's name
+tensorboard = False          # also write TensorBoard event files to <out>/tensorboard
 stop_after = 0               # stop after this many epochs in this invocation (0 = never); re-run to resume
 max_skips = 3                # a NaN/inf reward, sample or gradient skips its update; this many in a row stop the run
 # hardware
@@ -214,13 +221,14 @@ def main(check_only=False):
             f"{samples_per_epoch}")
     distributed.check_device(device)
     mixed_precision.check(precision)
+    dashboards.check(wandb_log=wandb_log, tensorboard=tensorboard)  # their packages are installed
     reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     if check_only:
         return
     out = out or f"out/prdp-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
-    runs.check_run(out, config, ignore=("stop_after", "max_skips", "eval_batch_size"))
+    runs.check_run(out, config, ignore=("stop_after", "max_skips", "eval_batch_size", *dashboards.OPTIONS))
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
     ddp, rank, world, dev = distributed.setup(device)
@@ -231,9 +239,10 @@ def main(check_only=False):
                          f"global batch and the random streams depend on it: resume with {ck['world_size']} "
                          "(torchrun --nproc_per_node=N), or pass --out=<new folder>")
     try:
-        pipelines.check_model(model)  # a typo in --model fails at once, not after the reward has loaded
+        pipelines.check_model(model, revision or None)  # a typo in --model fails at once, not after the reward has loaded
         reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
-        pipe = pipelines.load_pipeline(model, device=dev, precision=precision)
+        pipe = pipelines.load_pipeline(model, device=dev, precision=precision, revision=revision or None,
+                                       variant=variant or None)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     unet, scheduler = pipe.unet, pipe.scheduler
@@ -241,7 +250,8 @@ def main(check_only=False):
     require(num_steps <= T, f"--num_steps must be <= the model's {T} training timesteps, got {num_steps}")
     require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        runs.prepare_run(out, config, ignore=("stop_after", "max_skips", "eval_batch_size"))
+        runs.prepare_run(out, config, ignore=("stop_after", "max_skips", "eval_batch_size", *dashboards.OPTIONS))
+    dash = dashboards.Dashboards(out, config, enabled=master)  # wandb / TensorBoard, if asked (log.jsonl always)
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)  # B = 0: theta starts as p_ref (Algorithm 1, line 1)
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
@@ -413,6 +423,7 @@ def main(check_only=False):
             runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
                                            reward_queries=queries, history=history, config=config, world_size=world))
             runs.write_log(out, history)
+            dash.log(rec)
             print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
                   f"queries {queries} | loss {rec['loss']:.3e} | pred corr {rec['pred_corr']:+.2f} "
                   f"ratio {rec['pred_ratio']:.2e} | kl_ref {rec['kl_ref']:.1e} | clipfrac {rec['clipfrac']:.3f} | "
@@ -424,6 +435,7 @@ def main(check_only=False):
     if master:
         lora.save(unet, os.path.join(out, "lora"))
         print(f"done: {out} (LoRA weights in {out}/lora, log in {out}/log.jsonl, plot {out}/reward.png)")
+    dash.close()
     distributed.teardown(ddp)
 
 

@@ -53,10 +53,28 @@ def pipe():
 
 @pytest.fixture(scope="session")
 def tiny_pipeline_dir(tmp_path_factory):
-    """A tiny SD-shaped pipeline saved as a diffusers folder (what `--model=<folder>` loads)."""
+    """A tiny SD-shaped pipeline saved as a diffusers folder (what `--model=<folder>` loads), in the
+    form both transformers lines read, as the project saves its pipelines."""
+    from shapes_models import save_pipeline
     path = tmp_path_factory.mktemp("tiny_sd")
-    tiny_pipeline().save_pretrained(path)
+    save_pipeline(tiny_pipeline(), str(path))
     return str(path)
+
+
+@pytest.fixture(scope="session")
+def micro_world(tmp_path_factory):
+    """A micro build of the shapes world (seconds; its quality is meaningless), in its own cache."""
+    import shapes
+    return shapes.ensure_world(micro=True, cache=str(tmp_path_factory.mktemp("micro_world")))
+
+
+# each trainer at its smallest on the tiny SD-shaped folder (with --model, --prompts and --epochs): seconds an epoch
+TINY = {"train_ddpo": ["--reward=jpeg_incompressibility", "--num_steps=2", "--sample_batch_size=2",
+                       "--samples_per_prompt=2", "--num_batches=1", "--train_batch_size=2", "--stat_min_count=2"],
+        "train_alignprop": ["--reward=shapes_appeal", "--num_steps=2", "--batch_size=2", "--steps_per_epoch=1"],
+        "train_prdp": ["--reward=jpeg_incompressibility", "--num_steps=2", "--prompts_per_epoch=1",
+                       "--images_per_prompt=2", "--sample_batch_size=2", "--train_batch_size=2", "--updates_per_epoch=1"]}
+TINY = {script: args + ["--eval_prompts=1", "--eval_seeds=1"] for script, args in TINY.items()}
 
 
 def run_trainer(name, *argv):

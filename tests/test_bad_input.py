@@ -24,6 +24,7 @@ COMMON = {
     "bench": ["--model={tiny}"],
     "shapes": ["--cache={out}"],
     "shapes_eval": ["--assets={out}"],
+    "evaluate": ["--model={tiny}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
 }
 
 # script, the bad options, what the one line must say
@@ -68,6 +69,18 @@ ROWS = [
     ("shapes", ["--p_empty=1.0"], "--p_empty must be in [0, 1)"),
     ("shapes_eval", ["--per_prompt=1"], "--per_prompt must be >= 2, got 1"),
     ("shapes_eval", ["--world={model}"], "is not a built shapes world"),
+    ("train_ddpo", ["--model={tiny}", "--revision=v1"], "--revision=v1 pins a hub model's version, but"),
+    ("train_ddpo", ["--model={tiny}", "--variant=bf16"],  # needs the model: refused as it loads, before any write
+     "(variant 'bf16'): You are trying to load the model files of the `variant=bf16`"),
+    ("sample", ["--model={tiny}", "--revision=v1"], "--revision=v1 pins a hub model's version, but"),
+    ("evaluate", ["--num_seeds=0"], "--num_seeds must be >= 1, got 0"),
+    ("evaluate", ["--eta=1.5"], "--eta must be between 0 and 1, got 1.5"),
+    ("evaluate", ["--reward=shapes_aesthetc"], "unknown reward 'shapes_aesthetc'"),
+    ("evaluate", ["--prompts=drawbenc"], "unknown prompt set or missing file 'drawbenc'"),
+    ("evaluate", ["--lora={out}/no_such_run"], "no LoRA weights there"),
+    ("evaluate", ["--revision=v1"], "--revision=v1 pins a hub model's version, but"),
+    ("evaluate", ["--baseline={out}/table.json"], "not a table.json of evaluate.py"),
+    ("evaluate", ["--model={model}"], "no diffusers folder at"),
 ]
 IDS = [f"{script}{''.join(args)}" for script, args, _ in ROWS]
 

@@ -217,14 +217,13 @@ def test_lora_save_refuses_non_finite_weights(pipe, tmp_path):
     assert (tmp_path / lora.FILE_NAME).read_bytes() == before
 
 
-def test_sample_lora_takes_a_run_folder_its_lora_folder_or_the_file(tmp_path):
-    import sample
+def test_lora_option_takes_a_run_folder_its_lora_folder_or_the_file(tmp_path):
     weights = tmp_path / "run" / "lora" / lora.FILE_NAME
     weights.parent.mkdir(parents=True)
     weights.write_bytes(b"")
     for given in (tmp_path / "run", tmp_path / "run" / "lora", weights):
-        assert sample.lora_file(str(given)) == str(weights)
-    assert sample.lora_file(str(tmp_path / "elsewhere")) is None
+        assert lora.weights_file(str(given)) == str(weights)
+    assert lora.weights_file(str(tmp_path / "elsewhere")) is None
 
 
 # ---- PRDP --------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The layers of the README's "What is where", top to bottom; a module may import its own layer or lower.
 LAYERS = {
-    "scripts": ["train_ddpo", "train_alignprop", "train_prdp", "sample", "compare", "bench", "shapes_eval"],
+    "scripts": ["train_ddpo", "train_alignprop", "train_prdp", "sample", "evaluate", "compare", "bench", "shapes_eval"],
     "library": ["sampling", "explore", "lora", "rewards", "prompt_sets", "gpu_memory", "compare_stats"],
     "models": ["pipelines", "shapes", "shapes_models", "shapes_world"],
-    "plumbing": ["configurator", "runs", "distributed", "grids", "hub", "mixed_precision"],
+    "plumbing": ["configurator", "runs", "dashboards", "distributed", "grids", "hub", "mixed_precision"],
 }
 LEVEL = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
 

@@ -47,3 +47,33 @@ def test_the_evaluation_subset_of_unmarked_prompts_is_evenly_spaced():
     animals = prompt_sets.load_prompts("animals")
     assert prompt_sets.spread_subset(animals, 5) == [animals[i] for i in (0, 9, 18, 27, 36)]
     assert prompt_sets.spread_subset(animals[:3], 16) == animals[:3]  # never more than the set holds
+
+
+def test_drawbench_has_200_prompts_in_11_categories():
+    drawbench = prompt_sets.load_prompts("drawbench")
+    cats = prompt_sets.categories(drawbench)
+    # the published sheet's counts per category (Saharia et al. 2022)
+    counts = {"Colors": 25, "Conflicting": 10, "Counting": 19, "DALL-E": 20, "Descriptions": 20,
+              "Gary Marcus et al.": 10, "Misspellings": 10, "Positional": 20, "Rare Words": 7, "Reddit": 38, "Text": 21}
+    assert len(drawbench) == len(set(drawbench)) == 200 and {c: cats.count(c) for c in set(cats)} == counts
+    assert drawbench[0] == "A red colored car." and drawbench[-1].startswith("New York Skyline with 'Google Research")
+    assert cats[drawbench.index("Octothorpe.")] == "Rare Words" and cats[drawbench.index("Tcennis rpacket.")] == "Misspellings"
+    assert any("Schönhausen" in p for p in drawbench)  # read as UTF-8 whatever the locale
+    dpok = prompt_sets.load_prompts("drawbench_dpok")
+    assert len(dpok) == 183 and set(dpok) < set(drawbench)
+    assert set(prompt_sets.categories(dpok)) == set(counts) - {"Misspellings", "Rare Words"}
+    # the per-category sections are not sets of their own
+    assert not [name for name in prompt_sets.prompt_sets() if "/" in name]
+
+
+def test_categories_of_the_shapes_world_and_of_other_sets():
+    captions = prompt_sets.load_prompts("shapes")
+    cats = prompt_sets.categories(captions)
+    assert len(set(cats)) == 6 and cats.count("rare, dark background") == 6 and cats.count("common, light background") == 18
+    assert cats[captions.index("a (red) (triangle) on a (grey) background")] == "rare, grey background"
+    assert cats[captions.index("a (red) (circle) on a (grey) background")] == "common, grey background"
+    assert {c.split(",")[0] for c in prompt_sets.categories(prompt_sets.load_prompts("shapes_rare"))} == {"rare"}
+    unseen = prompt_sets.load_prompts("unseen_animals")
+    assert prompt_sets.categories(unseen, "unseen_animals") == ["unseen_animals"] * len(unseen)
+    mixed = ["A red colored car.", "a red circle on a dark background"]  # neither all DrawBench nor all shapes
+    assert prompt_sets.categories(mixed) == ["all", "all"]

@@ -1,4 +1,4 @@
-"""The README's GPU recipes for Stable Diffusion 1.5, run on a CPU.
+"""The README's GPU recipes for Stable Diffusion 1.5, and its evaluation commands, run on a CPU.
 
 Every command in the README's recipe block runs here as written, except that the model becomes a
 tiny random SD-shaped folder, the reward's weights become tiny random ones, and the run is cut to
@@ -18,11 +18,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
-def readme_recipes():
-    """(script, {flag: value}) for each command between the README's recipe markers."""
+def readme_recipes(marker="gpu-recipes"):
+    """(script, {flag: value}) for each command between the README's `marker` comments."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
-    block = re.search(r"<!-- gpu-recipes -->(.*?)<!-- /gpu-recipes -->", text, re.S).group(1)
+    block = re.search(rf"<!-- {marker} -->(.*?)<!-- /{marker} -->", text, re.S).group(1)
     commands = [c.strip() for c in block.replace("\\\n", " ").splitlines()
                 if c.strip().startswith(("torchrun", "python"))]
     recipes = []
@@ -36,6 +36,7 @@ def readme_recipes():
 
 
 RECIPES = readme_recipes()
+EVALS = readme_recipes("gpu-eval")
 
 
 def same(value, text):
@@ -87,3 +88,48 @@ def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_
     else:
         assert rec["reward_queries"] == mod.batch_size * mod.grad_accum
         assert all(1 <= k <= mod.num_steps for k in rec["k"])
+
+
+def test_the_readme_evaluates_drawbench_and_the_unseen_animals_against_the_base_model():
+    """Each set twice, the base model then a recipe's run; the run's --baseline is the base model's
+    table where evaluate.py writes it, and the run folder is where that recipe's trainer writes."""
+    import importlib
+    import configurator
+    assert [(s, f["prompts"], "lora" in f) for s, f in EVALS] == [
+        ("evaluate", "drawbench", False), ("evaluate", "drawbench", True),
+        ("evaluate", "unseen_animals", False), ("evaluate", "unseen_animals", True)]
+    for base, run in (EVALS[0:2], EVALS[2:4]):
+        ev = importlib.reload(importlib.import_module("evaluate"))
+        ev.config = configurator.configure(vars(ev), [f"--{k}={v}" for k, v in base[1].items()])
+        assert run[1]["baseline"] == os.path.join(ev.resolve()["out"], "table.json")
+        trained = [f for s, f in RECIPES if s == "train_ddpo" and f["reward"] == run[1]["reward"]]
+        assert run[1]["lora"] == f"out/ddpo-{run[1]['reward']}-explore-s0" and trained
+        assert {k: v for k, v in base[1].items() if k not in ("model", "baseline")} == \
+               {k: v for k, v in run[1].items() if k not in ("lora", "baseline")}  # the same settings
+
+
+@pytest.mark.slow
+def test_evaluation_commands_run_on_a_tiny_sd_folder(tiny_pipeline_dir, tiny_open_clip, tiny_pickscore, tmp_path):
+    import lora
+    import pipelines
+    name, ckpt, mlp = tiny_open_clip
+    tiny_weights = {"aesthetic": f"clip_model={name},clip_pretrained={ckpt},mlp_path={mlp}",
+                    "pickscore": f"model={tiny_pickscore[2]},processor={tiny_pickscore[3]}"}
+    pipe = pipelines.load_pipeline(tiny_pipeline_dir)
+    lora.inject(pipe.unet)
+    outs = {}
+    for i, (script, flags) in enumerate(EVALS):  # in order: each base evaluation before the run's
+        swapped = dict(reward_options=tiny_weights[flags["reward"]], per_category="1", num_seeds="1", out=str(tmp_path / str(i)))
+        if "model" in flags:
+            swapped["model"] = tiny_pipeline_dir
+        if "lora" in flags:  # a finished run's folder, as the trainer leaves it
+            run = tmp_path / f"run{i}"
+            lora.save(pipe.unet, str(run / "lora"))
+            (run / "config.json").write_text(json.dumps(dict(model=tiny_pipeline_dir, reward=flags["reward"])))
+            swapped.update(lora=str(run), baseline=str(tmp_path / str(i - 1) / "table.json"))
+        run_trainer(script, *[f"--{k}={v}" for k, v in {**flags, **swapped}.items()])
+        with open(tmp_path / str(i) / "table.json") as f:
+            table = json.load(f)
+        assert len(table["categories"]) == (12 if flags["prompts"] == "drawbench" else 2)
+        assert ("vs_baseline" in table["categories"]["all"]) == ("lora" in flags)
+        assert table["config"]["num_steps"] == int(flags["num_steps"])

@@ -265,3 +265,116 @@ def test_cli_prints_the_folder_last(world):
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == folder
+
+
+# ------------------------------------------------- the saved folder reads in transformers 4.x as in 5
+
+TEXTS = ["a red circle on a dark background", "an (orange) cross!", "Héllo wörld, ünïcode ✓ 日本",
+         "A stack of 3 cubes. A red cube is on the top, sitting on a red cube."]
+
+
+def test_saved_pipeline_has_the_files_transformers4_reads_and_reloads_identically(tmp_path):
+    from safetensors import safe_open
+    from transformers import CLIPTextModel, CLIPTokenizer
+    from conftest import tiny_pipeline
+    pipe = tiny_pipeline()
+    shapes_models.save_pipeline(pipe, str(tmp_path))
+    # the weights under the names 4.x's CLIPTextModel (a text_model wrapper) looks for
+    with safe_open(str(tmp_path / "text_encoder" / "model.safetensors"), "pt") as f:
+        keys = list(f.keys())
+    assert len(keys) == len(pipe.text_encoder.state_dict()) and all(k.startswith("text_model.") for k in keys)
+    assert shapes_models.unreadable_by_transformers4(str(tmp_path)) == []
+    # transformers 5 reads them back as the same model
+    reloaded = CLIPTextModel.from_pretrained(str(tmp_path / "text_encoder"))
+    ids = pipe.tokenizer(TEXTS, padding="max_length", max_length=16, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids)[0], pipe.text_encoder(ids)[0])
+    # a tokenizer built from vocab.json and merges.txt alone (what 4.x's slow CLIPTokenizer reads;
+    # its first merges line is a header it skips) tokenises as the saved tokenizer.json does
+    vocab_only = tmp_path / "vocab_only"
+    vocab_only.mkdir()
+    for name in ("vocab.json", "merges.txt", "tokenizer_config.json"):
+        (vocab_only / name).write_bytes((tmp_path / "tokenizer" / name).read_bytes())
+    assert (vocab_only / "merges.txt").read_text(encoding="utf-8").splitlines()[0].startswith("#version")
+    slow, fast = CLIPTokenizer.from_pretrained(str(vocab_only)), CLIPTokenizer.from_pretrained(str(tmp_path / "tokenizer"))
+    assert len(slow) == len(fast) == 49408
+    for text in TEXTS:
+        assert slow(text).input_ids == fast(text).input_ids == pipe.tokenizer(text).input_ids
+
+
+def old_format_world(cache, monkeypatch):
+    """A micro world saved as the builds before save format 2 saved it (transformers 5's plain
+    save_pretrained)."""
+    with monkeypatch.context() as m:
+        m.setattr(shapes, "save_pipeline", lambda pipe, folder: pipe.save_pretrained(folder))
+        m.setattr(shapes, "SAVE_FORMAT", 1)
+        folder = shapes.ensure_world(micro=True, cache=cache)
+    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+        manifest = json.load(f)
+    manifest.pop("save_format")  # the old manifests had no such key
+    with open(os.path.join(folder, shapes.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    return folder, manifest["files"]
+
+
+def test_a_world_saved_before_is_re_saved_in_place_not_rebuilt(tmp_path, monkeypatch):
+    from transformers import CLIPTextModel
+    folder, old = old_format_world(str(tmp_path), monkeypatch)
+    assert sorted(shapes_models.unreadable_by_transformers4(folder)) == [
+        "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json"]
+    assert not shapes.is_complete(folder)
+    ids = shapes_models.tokenize(shapes_models.clip_tokenizer(shapes_models.MAX_TOKENS), TEXTS)
+    with torch.no_grad():
+        before = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))(ids)[0]
+    monkeypatch.setattr(shapes, "build", lambda *a: pytest.fail("the cached world was rebuilt"))
+    assert shapes.ensure_world(micro=True, cache=str(tmp_path)) == folder
+    assert shapes.is_complete(folder) and shapes_models.unreadable_by_transformers4(folder) == []
+    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+        new = json.load(f)["files"]
+    changed = {p for p in set(old) | set(new) if old.get(p) != new.get(p)}
+    assert changed == {"text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json"}
+    with torch.no_grad():
+        assert torch.equal(CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))(ids)[0], before)
+
+
+def test_a_migration_cut_short_is_finished_and_a_damaged_old_world_rebuilt(tmp_path, monkeypatch):
+    folder, old = old_format_world(str(tmp_path), monkeypatch)
+    shapes_models.make_readable_by_transformers4(folder)  # killed before the manifest was rewritten
+    assert not shapes.is_complete(folder)
+    assert shapes.migrate(folder) and shapes.is_complete(folder)
+    folder, old = old_format_world(str(tmp_path / "b"), monkeypatch)
+    with open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"), "r+b") as f:
+        f.truncate(100)  # damage that a re-save must not paper over
+    assert not shapes.migrate(folder)
+    rebuilt = []
+    monkeypatch.setattr(shapes, "build", lambda tmp, cfg: rebuilt.append(tmp) or os.makedirs(tmp))
+    shapes.ensure_world(micro=True, cache=str(tmp_path / "b"))
+    assert len(rebuilt) == 1
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("TRANSFORMERS4"), reason="set TRANSFORMERS4 to a folder holding transformers "
+                    "4.x (pip install --target <folder> transformers==4.56.2 tokenizers==0.22.1 huggingface_hub==0.35.3 --no-deps)")
+def test_the_world_reads_the_same_in_transformers4(world, tmp_path):
+    """The saved text encoder and tokenizer give the same ids and embeddings under transformers 4.x
+    (from the folder TRANSFORMERS4, first on the path) as under the installed 5.x."""
+    folder, _ = world
+    script = tmp_path / "read.py"
+    script.write_text(
+        "import sys, torch, transformers\n"
+        "from transformers import CLIPTextModel, CLIPTokenizer\n"
+        "model, info = CLIPTextModel.from_pretrained(sys.argv[1] + '/text_encoder', output_loading_info=True)\n"
+        "assert not any(info.values()), info\n"
+        "tok = CLIPTokenizer.from_pretrained(sys.argv[1] + '/tokenizer')\n"
+        f"ids = tok({TEXTS!r}, padding='max_length', max_length=16, truncation=True, return_tensors='pt').input_ids\n"
+        "with torch.no_grad():\n"
+        "    torch.save(dict(version=transformers.__version__, ids=ids, out=model(ids)[0]), sys.argv[2])\n")
+    results = []
+    for path in (os.environ["TRANSFORMERS4"], ""):
+        env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, str(script), folder, str(tmp_path / f"{len(results)}.pt")], env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        results.append(torch.load(tmp_path / f"{len(results)}.pt"))
+    assert results[0]["version"].startswith("4.") and results[1]["version"].startswith("5.")
+    assert torch.equal(results[0]["ids"], results[1]["ids"]) and torch.equal(results[0]["out"], results[1]["out"])
