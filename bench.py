@@ -191,10 +191,15 @@ def unet_seconds(unet, x_shape, emb_shape, grad):
     dev = unet.device
     x, emb = torch.randn(x_shape, device=dev), torch.randn(emb_shape, device=dev)
     t = torch.full((x_shape[0],), 500, device=dev)
+    added = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: a pooled text embedding and 6 time ids per latent
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = dict(added_cond_kwargs={"text_embeds": torch.randn(x_shape[0], pooled, device=dev),
+                                        "time_ids": torch.full((x_shape[0], 6), 512.0, device=dev)})
 
     def call():
         with torch.set_grad_enabled(grad):
-            y = unet(x, t, encoder_hidden_states=emb).sample
+            y = unet(x, t, encoder_hidden_states=emb, **added).sample
             if grad:
                 y.backward(torch.ones_like(y))
     call()  # warm-up
@@ -235,8 +240,9 @@ def two_call_eps(unet, x, t, cond, uncond, scale):
     """Classifier-free guidance without batching: the unconditional and conditional predictions
     from two UNet calls on B latents each (what sampling.guided_eps does in one call on 2B)."""
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-    out_uncond = unet(x.to(unet.dtype), t, encoder_hidden_states=uncond.expand_as(cond).to(unet.dtype)).sample
-    out_cond = unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    uncond = sampling.expand(uncond, x.shape[0])
+    out_uncond = unet(x.to(unet.dtype), t, **sampling.unet_inputs(uncond, unet.dtype)).sample
+    out_cond = unet(x.to(unet.dtype), t, **sampling.unet_inputs(cond, unet.dtype)).sample
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
     return out_uncond.to(x.dtype) + scale * (out_cond - out_uncond).to(x.dtype)
 
@@ -244,7 +250,7 @@ def two_call_eps(unet, x, t, cond, uncond, scale):
 def throughput(pipe, batch, batched):
     """Images per second of sampling.rollout (DDIM with CFG, then VAE decode) at this batch size."""
     cond = sampling.encode_prompts(pipe, ["a red circle on a dark background"] * batch)
-    uncond = sampling.encode_prompts(pipe, [""])
+    uncond = sampling.unconditional(pipe)
     real = sampling.guided_eps
     sampling.guided_eps = real if batched else two_call_eps  # the name rollout calls
     try:
