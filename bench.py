@@ -24,8 +24,8 @@
 4. AlignProp's truncation (--truncations=1,10,all): peak memory and seconds per update for each K,
    with and without gradient checkpointing. Each setting is a separate train_alignprop.py process,
    so its peak resident memory (VmHWM, read by the process itself as it exits) is its own.
-5. --sd_memory: an estimate of the GPU memory the README's SD 1.5 recipes need, measured on the
-   CPU by gpu_memory.py.
+5. --sd_memory, --sdxl_memory: an estimate of the GPU memory the README's SD 1.5 and SDXL recipes
+   need, measured on the CPU by gpu_memory.py.
 
 Prints markdown tables (and writes them as JSON with --json_out).
 """
@@ -68,6 +68,7 @@ num_steps = 20               # DDIM steps for the throughput measurement
 guidance = 5.0               # CFG scale for the throughput measurement
 truncations = ""             # AlignProp K values for the memory/time table, e.g. "1,10,all" ("" = skip)
 sd_memory = False            # also estimate the SD 1.5 GPU recipes' memory from CPU measurements (5.; ~3 min, ~7 GB RAM)
+sdxl_memory = False          # the same for the SDXL recipes (5.; ~10 min, ~7 GB RAM)
 json_out = ""                # also write all results as JSON to this file
 # ------------------------------------------------------------------------------------------------
 
@@ -350,7 +351,7 @@ def describe(b):
             f"{c['num_steps']} steps, truncation K={c['truncation']}")
 
 
-def markdown(results, speeds, ktable=(), sdmem=None):
+def markdown(results, speeds, ktable=(), sdmem=None, sdxlmem=None):
     cols = results
     lines = [f"Machine: {machine()}; model `{model}`.", ""]
     for b in cols:
@@ -380,6 +381,8 @@ def markdown(results, speeds, ktable=(), sdmem=None):
             lines.append(f"| {r['k']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} | {r['seconds_per_step']:.2f} |")
     if sdmem:
         lines += [""] + gpu_memory.markdown(sdmem)
+    if sdxlmem:
+        lines += [""] + gpu_memory.markdown(sdxlmem, "SDXL")
     return "\n".join(lines) + "\n"
 
 
@@ -442,11 +445,12 @@ def main():
             speeds.append(dict(batch=b, batched=throughput(pipe, b, True), unbatched=throughput(pipe, b, False)))
     ktable = truncation_table(ks, shlex.split(alignprop_args))
     sdmem = gpu_memory.sd_memory_table() if sd_memory else None
-    text = markdown(results, speeds, ktable, sdmem)
+    sdxlmem = gpu_memory.sdxl_memory_table() if sdxl_memory else None
+    text = markdown(results, speeds, ktable, sdmem, sdxlmem)
     print("\n" + text)
     if json_out:
         data = dict(machine=machine(), model=model, trainers=results, throughput=speeds, truncation=ktable,
-                    sd_memory=sdmem)
+                    sd_memory=sdmem, sdxl_memory=sdxlmem)
         with open(json_out, "w") as f:
             json.dump(data, f, indent=2)
     return results, speeds
