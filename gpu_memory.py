@@ -228,17 +228,21 @@ def sdxl_recipes(parts):
 
 
 def markdown(mem, model="SD 1.5"):
-    what = SD_PARTS if model == "SD 1.5" else SDXL_PARTS
-    sizes = "" if model == "SD 1.5" else (f" (at 128x128 latents: extrapolated from "
-                                          f"{', '.join(f'{s}x{s}' for s in SDXL_SIZES)}, in GB after the arrow)")
-    lines = [f"{model}, activation memory per image, measured on the CPU in fp32 (random weights){sizes}:", "",
-             "| part | parameters | activations (GB) |", "|---|---:|---:|"]
-    for p, v in mem["parts"].items():
-        measured = ""
-        if "measured_gb" in v:
-            measured = (" / ".join(f"{gb:.2f}" for gb in v["measured_gb"].values())
-                        + f" -> (line misses by at most {v['fit_error']:.1%}) ")
-        lines.append(f"| {what[p]} | {v['params']:,} | {measured}{v['activation_gb']:.2f} |")
+    if model == "SD 1.5":
+        lines = ["SD 1.5, activation memory per image, measured on the CPU in fp32 (random weights):", "",
+                 "| part | parameters | activations (GB) |", "|---|---:|---:|"]
+        for p, v in mem["parts"].items():
+            lines.append(f"| {SD_PARTS[p]} | {v['params']:,} | {v['activation_gb']:.2f} |")
+    else:
+        sizes = " / ".join(f"{s}x{s}" for s in SDXL_SIZES)
+        lines = [f"{model}, activation memory per image, measured on the CPU in fp32 (random weights; the UNet and "
+                 f"VAE at {sizes} latents, then a line in the latent pixels through them, extrapolated to 128x128):", "",
+                 f"| part | parameters | measured at {sizes} (GB) | the line's largest miss | activations (GB) |",
+                 "|---|---:|---:|---:|---:|"]
+        for p, v in mem["parts"].items():
+            measured = " / ".join(f"{gb:.2f}" for gb in v["measured_gb"].values()) if "measured_gb" in v else "-"
+            miss = f"{v['fit_error']:.1%}" if "fit_error" in v else "-"
+            lines.append(f"| {SDXL_PARTS[p]} | {v['params']:,} | {measured} | {miss} | {v['activation_gb']:.2f} |")
     lines += ["", f"Estimated GPU memory per process for the README's {model} recipes (weights + images x activations):", "",
               "| recipe | weights (GB) | per image (GB) | images per micro-batch | total (GB) | largest micro-batch in 24 / 40 / 80 GB |",
               "|---|---:|---:|---:|---:|---|"]
