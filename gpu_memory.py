@@ -9,10 +9,10 @@ in fp16 (pipelines.load_pipeline), so a recipe needs its weights + batch x activ
 SDXL's parts are too large for this: its UNet's fp32 weights alone are 9.6 GB, and one image's
 activations at 1024 px about twice that. So its UNet is built with weights that take no memory
 (each parameter one number broadcast to its shape: what is kept for the backward pass does not
-depend on the weights' values; tests/test_bench.py checks this against real weights), and the UNet and the VAE decoder are measured at 32x32, 48x48 and 64x64
-latents and extrapolated to SDXL's 128x128 along a straight line in the number of latent pixels
-(every activation kept is per pixel, apart from the text side; the attention kernels keep no
-pixels x pixels matrix).
+depend on the weights' values; tests/test_bench.py checks this against real weights), and the UNet
+and the VAE decoder are measured at 32x32, 48x48 and 64x64 latents and extrapolated to SDXL's
+128x128 along a straight line in the number of latent pixels (every activation kept is per pixel,
+apart from the text side; the attention kernels keep no pixels x pixels matrix).
 
     python bench.py --trainers= --batch_sizes= --sd_memory     # ~3 min, at most ~7 GB of RAM
     python bench.py --trainers= --batch_sizes= --sdxl_memory   # ~10 min, at most ~7 GB of RAM
@@ -46,8 +46,8 @@ SDXL_UNET = dict(  # SDXL base 1.0's unet/config.json (stabilityai/stable-diffus
     cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
     addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, downsample_padding=1,
     mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5)
-SDXL_VAE = dict(SD15_VAE, sample_size=1024)  # its vae/config.json: SD's architecture, retrained (force_upcast)
-SDXL_TEXT_ENCODER_2 = dict(  # its text_encoder_2/config.json: OpenCLIP ViT-bigG/14's text tower (text_encoder is SD 1.5's)
+# its vae/config.json is SD15_VAE's architecture (retrained, force_upcast); its text_encoder SD 1.5's
+SDXL_TEXT_ENCODER_2 = dict(  # its text_encoder_2/config.json: OpenCLIP ViT-bigG/14's text tower
     vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
     max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
 SDXL_SIZES = (32, 48, 64)  # latent sizes measured; SDXL's own, 128 (1024 px), is extrapolated
@@ -207,7 +207,8 @@ def recipes(parts, unet, text_params, vae_bytes, batches):
         # AlignProp with checkpointing: one UNet call's activations at a time (recomputed in the backward
         # pass), plus the VAE decode's and the reward's, counted together (an upper bound: the reward's
         # are freed before the UNet's are rebuilt); README recipe: --batch_size
-        for trainer, per_image in (("DDPO", act[unet]), ("AlignProp", act[unet] + act["vae"] * vae_bytes / 4 + act[tower])):
+        alignprop = act[unet] + act["vae"] * vae_bytes / 4 + act[tower]
+        for trainer, per_image in (("DDPO", act[unet]), ("AlignProp", alignprop)):
             batch = batches[trainer]
             rows.append(dict(recipe=f"{trainer}, {reward}", weights_gb=w, per_image_gb=per_image, batch=batch,
                              total_gb=w + batch * per_image,
@@ -217,7 +218,8 @@ def recipes(parts, unet, text_params, vae_bytes, batches):
 
 def sd_recipes(parts):
     """SD 1.5's recipes (README: --train_batch_size=4 for DDPO, --batch_size=8 for AlignProp)."""
-    return recipes(parts, "unet", text_encoder_params(SD15_TEXT_ENCODER), vae_bytes=2, batches=dict(DDPO=4, AlignProp=8))
+    text = text_encoder_params(SD15_TEXT_ENCODER)
+    return recipes(parts, "unet", text, vae_bytes=2, batches=dict(DDPO=4, AlignProp=8))
 
 
 def sdxl_recipes(parts):

@@ -125,7 +125,8 @@ def encode_prompts(pipe, prompts, weights=None):
         if weights is not None:  # z_empty + w (z - z_empty) on the phrase's tokens (explore.py)
             phrase, w = weights
             z_empty = _token_states(tokenizer, encoder, [""], sdxl)[0]
-            z = explore.weight_embeddings(z, z_empty, _phrase_mask(parsed, batch.offset_mapping, phrase), w.to(z.device))
+            mask = _phrase_mask(parsed, batch.offset_mapping, phrase)
+            z = explore.weight_embeddings(z, z_empty, mask, w.to(z.device))
         states.append(z)
     if not sdxl:
         return states[0]

@@ -248,8 +248,8 @@ def main(check_only=False):
                 scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
             with torch.no_grad():
                 x_T = sampling.initial_noise(pipe, len(idx), rng["noise"])
-                traj = sampling.rollout(pipe, cond, uncond_one, scale.to(dev), num_steps=num_steps, eta=eta, latents=x_T,
-                                        generator=rng["ddim"])
+                traj = sampling.rollout(pipe, cond, uncond_one, scale.to(dev), num_steps=num_steps, eta=eta,
+                                        latents=x_T, generator=rng["ddim"])
             # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
             clean = [parse_phrases(p)[0] for p in batch_prompts]
             with torch.no_grad():

@@ -135,7 +135,8 @@ def test_prompt_weighting_reweights_both_encoders_phrase_tokens_and_leaves_the_p
     spans = [(1 + n("a dolphin"), n("riding a bike")), (1, n("reddish")), (1, n("a cat on a mat"))]
     for b, (start, k) in enumerate(spans):
         want = z[b].clone()  # both encoders' features (16 + 24) of the phrase's tokens, z_empty + w (z - z_empty)
-        want[start:start + k] = z_empty[b, start:start + k] + w[b] * (z[b, start:start + k] - z_empty[b, start:start + k])
+        phrase_z, phrase_empty = z[b, start:start + k], z_empty[b, start:start + k]
+        want[start:start + k] = phrase_empty + w[b] * (phrase_z - phrase_empty)
         torch.testing.assert_close(got["embeds"][b], want)
         assert not torch.allclose(got["embeds"][b, :, :16], z[b, :, :16])  # the first encoder's tokens
         assert not torch.allclose(got["embeds"][b, :, 16:], z[b, :, 16:])  # and the second's
