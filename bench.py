@@ -29,8 +29,8 @@
    with and without gradient checkpointing. Each setting is a separate train_alignprop.py process,
    so its peak memory is its own: resident memory (VmHWM) on a CPU, torch.cuda.max_memory_allocated
    on a GPU, each read by the process itself as it exits.
-5. --sd_memory: an estimate of the GPU memory the README's SD 1.5 recipes need, measured on the
-   CPU by gpu_memory.py.
+5. --sd_memory, --sdxl_memory: an estimate of the GPU memory the README's SD 1.5 and SDXL recipes
+   need with --precision=bf16, measured on the CPU by gpu_memory.py.
 6. --ratio_noise: how far DDPO's first PPO ratio is from 1 when the log-probs recorded while
    sampling and their recomputation in training come from UNet calls that round differently:
    bf16 at two batch sizes (do this machine's kernels depend on the batch? the trainers sample with
@@ -80,6 +80,7 @@ num_steps = 20               # DDIM steps for the throughput measurement
 guidance = 5.0               # CFG scale for the throughput measurement
 truncations = ""             # AlignProp K values for the memory/time table, e.g. "1,10,all" ("" = skip)
 sd_memory = False            # also estimate the SD 1.5 GPU recipes' memory from CPU measurements (5.; minutes, < 7 GB RAM)
+sdxl_memory = False          # the same for the SDXL recipes (5.; minutes, < 7 GB RAM)
 ratio_noise = False          # also measure DDPO's first-step ratio under bf16 rounding differences (6.)
 json_out = ""                # also write all results as JSON to this file
 # ------------------------------------------------------------------------------------------------
@@ -238,10 +239,15 @@ def unet_seconds(unet, x_shape, emb_shape, grad):
     dev = unet.device
     x, emb = torch.randn(x_shape, device=dev), torch.randn(emb_shape, device=dev)
     t = torch.full((x_shape[0],), 500, device=dev)
+    added = {}
+    if unet.config.addition_embed_type == "text_time":  # SDXL: a pooled text embedding and 6 time ids per latent
+        pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
+        added = dict(added_cond_kwargs={"text_embeds": torch.randn(x_shape[0], pooled, device=dev),
+                                        "time_ids": torch.full((x_shape[0], 6), 512.0, device=dev)})
 
     def call():
         with torch.set_grad_enabled(grad):
-            y = unet(x, t, encoder_hidden_states=emb).sample
+            y = unet(x, t, encoder_hidden_states=emb, **added).sample
             if grad:
                 y.backward(torch.ones_like(y))
     call()  # warm-up
@@ -284,8 +290,9 @@ def two_call_eps(unet, x, t, cond, uncond, scale):
     """Classifier-free guidance without batching: the unconditional and conditional predictions
     from two UNet calls on B latents each (what sampling.guided_eps does in one call on 2B)."""
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(x.shape[0])
-    out_uncond = unet(x.to(unet.dtype), t, encoder_hidden_states=uncond.expand_as(cond).to(unet.dtype)).sample
-    out_cond = unet(x.to(unet.dtype), t, encoder_hidden_states=cond.to(unet.dtype)).sample
+    uncond = sampling.expand(uncond, x.shape[0])
+    out_uncond = unet(x.to(unet.dtype), t, **sampling.unet_inputs(uncond, unet.dtype)).sample
+    out_cond = unet(x.to(unet.dtype), t, **sampling.unet_inputs(cond, unet.dtype)).sample
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
     return out_uncond.to(x.dtype) + scale * (out_cond - out_uncond).to(x.dtype)
 
@@ -293,7 +300,7 @@ def two_call_eps(unet, x, t, cond, uncond, scale):
 def throughput(pipe, batch, batched):
     """Images per second of sampling.rollout (DDIM with CFG, then VAE decode) at this batch size."""
     cond = sampling.encode_prompts(pipe, ["a red circle on a dark background"] * batch)
-    uncond = sampling.encode_prompts(pipe, [""])
+    uncond = sampling.unconditional(pipe)
     real = sampling.guided_eps
     sampling.guided_eps = real if batched else two_call_eps  # the name rollout calls
     try:
@@ -428,7 +435,7 @@ def describe(b):
             f"{c['num_steps']} steps, truncation K={c['truncation']}")
 
 
-def markdown(results, speeds, ktable=(), sdmem=None, noise=()):
+def markdown(results, speeds, ktable=(), sdmem=None, sdxlmem=None, noise=()):
     cols = results
     lines = [f"Machine: {machine()}; model `{model}`.", ""]
     for b in cols:
@@ -461,6 +468,8 @@ def markdown(results, speeds, ktable=(), sdmem=None, noise=()):
             lines.append(f"| {r['k']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} | {r['seconds_per_step']:.2f} |")
     if sdmem:
         lines += [""] + gpu_memory.markdown(sdmem)
+    if sdxlmem:
+        lines += [""] + gpu_memory.markdown(sdxlmem, "SDXL")
     if noise:
         lines += ["", f"DDPO's first-step |ratio - 1| when sampling and training round differently ({num_steps} steps, "
                   "eta 1; every step of every chain):", "",
@@ -530,12 +539,13 @@ def main():
             speeds.append(dict(batch=b, batched=throughput(pipe, b, True), unbatched=throughput(pipe, b, False)))
     ktable = truncation_table(ks, shlex.split(alignprop_args))
     sdmem = gpu_memory.sd_memory_table() if sd_memory else None
+    sdxlmem = gpu_memory.sdxl_memory_table() if sdxl_memory else None
     noise = ratio_noise_table() if ratio_noise else []
-    text = markdown(results, speeds, ktable, sdmem, noise)
+    text = markdown(results, speeds, ktable, sdmem, sdxlmem, noise)
     print("\n" + text)
     if json_out:
         data = dict(machine=machine(), model=model, trainers=results, throughput=speeds, truncation=ktable,
-                    sd_memory=sdmem, ratio_noise=noise)
+                    sd_memory=sdmem, sdxl_memory=sdxlmem, ratio_noise=noise)
         with open(json_out, "w") as f:
             json.dump(data, f, indent=2)
     return results, speeds

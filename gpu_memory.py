@@ -1,19 +1,28 @@
-"""GPU memory of the README's Stable Diffusion 1.5 recipes, estimated on a machine with no GPU.
+"""GPU memory of the README's Stable Diffusion 1.5 and SDXL recipes, estimated on a machine with no GPU.
 
-Random-weight modules of SD 1.5's exact shapes (the UNet with a rank-4 LoRA, the VAE decoder, and
+Random-weight modules of the models' exact shapes (the UNet with a rank-4 LoRA, the VAE decoder, and
 the rewards' CLIP ViT-L/14 and ViT-H/14 image towers) run on the CPU in the dtypes the trainers use
 on a GPU by default (--precision=bf16, mixed_precision.py: the UNet's weights bf16 and its call
-under bf16 autocast, through sampling.guided_eps itself; the VAE bf16; the reward model fp32),
-forward and backward, and forward alone as sampling and evaluation run them, each in its own
-process; the rise of the process's peak resident memory is the activation memory of one image. A
-recipe needs its weights + images per micro-batch x activations per image.
+under bf16 autocast, through sampling.guided_eps itself; the VAE bf16, through
+sampling.decode_latents; the reward model fp32), forward and backward, and forward alone as
+sampling and evaluation run them, each in its own process; the rise of the process's peak resident
+memory is the activation memory of one image. A recipe needs its weights + images per micro-batch x
+activations per image.
 
-    python bench.py --trainers= --batch_sizes= --sd_memory     # ~3 min, at most ~7 GB of RAM
+SDXL's parts are too large for this machine: its UNet's bf16 weights alone are 4.8 GB, and one
+image's activations at 1024 px more than that. So its UNet is built with weights that take no
+memory (each parameter one number broadcast to its shape: what is kept for the backward pass does
+not depend on the weights' values; tests/test_bench.py checks this against real weights), and the
+UNet and the VAE decoder are measured at 32x32, 48x48 and 64x64 latents and extrapolated to SDXL's
+128x128 along a straight line in the number of latent pixels (every activation kept is per pixel,
+apart from the text side; the attention kernels keep no pixels x pixels matrix).
+
+    python bench.py --trainers= --batch_sizes= --sd_memory     # minutes, at most ~7 GB of RAM
+    python bench.py --trainers= --batch_sizes= --sdxl_memory   # minutes, at most ~7 GB of RAM
 """
 import os
 import subprocess
 import sys
-
 from types import SimpleNamespace
 
 import torch
@@ -34,6 +43,19 @@ SD15_VAE = dict(  # its vae/config.json
 SD15_TEXT_ENCODER = dict(  # its text_encoder/config.json: CLIP ViT-L/14's text tower
     vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu")
+SDXL_UNET = dict(  # SDXL base 1.0's unet/config.json (stabilityai/stable-diffusion-xl-base-1.0)
+    sample_size=128, in_channels=4, out_channels=4, center_input_sample=False, flip_sin_to_cos=True, freq_shift=0,
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(320, 640, 1280),
+    layers_per_block=2, transformer_layers_per_block=(1, 2, 10), attention_head_dim=(5, 10, 20),
+    cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816, downsample_padding=1,
+    mid_block_scale_factor=1, act_fn="silu", norm_num_groups=32, norm_eps=1e-5)
+# its vae/config.json is SD15_VAE's architecture (retrained, force_upcast); its text_encoder SD 1.5's
+SDXL_TEXT_ENCODER_2 = dict(  # its text_encoder_2/config.json: OpenCLIP ViT-bigG/14's text tower
+    vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+    max_position_embeddings=77, projection_dim=1280, hidden_act="gelu")
+SDXL_SIZES = (32, 48, 64)  # latent sizes measured; SDXL's own, 128 (1024 px), is extrapolated
 SD_PARTS = {  # what one image costs, with its batch: one CFG'd UNet call is 2 latents
     "unet": "UNet call, 2 x 4x64x64 latents (one image with CFG), bf16 autocast, fwd+bwd into LoRA",
     "vae": "VAE decode in bf16, 1 x 4x64x64 -> 512x512, fwd+bwd into the latent",
@@ -41,6 +63,13 @@ SD_PARTS = {  # what one image costs, with its batch: one CFG'd UNet call is 2 l
     "vae_eval": "the same VAE decode without gradient (sampling, evaluation)",
     "vitl": "CLIP ViT-L/14 image tower (aesthetic) in fp32, 1 x 224x224, fwd+bwd into the image",
     "vith": "CLIP ViT-H/14 image tower (PickScore) in fp32, 1 x 224x224, fwd+bwd into the image",
+}
+SDXL_PARTS = {
+    "xl_unet": "SDXL UNet call, 2 x 4x128x128 latents (one image with CFG), bf16 autocast, fwd+bwd into LoRA",
+    "vae": "SDXL VAE decode in bf16, 1 x 4x128x128 -> 1024x1024, fwd+bwd into the latent",
+    "xl_unet_eval": "the same UNet call without gradient (sampling, evaluation)",
+    "vae_eval": "the same VAE decode without gradient (sampling, evaluation)",
+    "vitl": SD_PARTS["vitl"], "vith": SD_PARTS["vith"],
 }
 EVAL_BATCH = 16  # the trainers' --eval_batch_size
 
@@ -59,22 +88,48 @@ def rise_mb(fn):
     return _status_mb("VmHWM") - before
 
 
-def sd_part_memory(part):
+def broadcast_weights(module, dtype, seed=0):
+    """Give a module built on the meta device weights of `dtype` that take no memory: each parameter
+    one random number in (0, 1/fan_in) broadcast to its shape (a stride-0 view; 1/fan_in keeps the
+    activations finite), each buffer zeros. Frozen: LoRA adds the trainable weights afterwards."""
+    g = torch.Generator().manual_seed(seed)
+    for m in module.modules():
+        for name, p in m._parameters.items():
+            if p is not None:
+                fan_in = p[0].numel() if p.ndim > 1 else 1
+                value = (torch.rand((), generator=g, device="cpu") / fan_in).to(dtype)
+                m._parameters[name] = torch.nn.Parameter(value.expand(p.shape), requires_grad=False)
+        for name, b in m._buffers.items():
+            if b is not None:
+                m._buffers[name] = torch.zeros((), dtype=b.dtype, device="cpu").expand(b.shape)
+    return module
+
+
+def sd_part_memory(part, size=64):
     """Build `part` (random weights, on the CPU), then print its parameter count, its trainable ones
-    and the peak resident memory its forward (+ backward, unless an _eval part) adds (MB). Run in a
-    fresh process (see sd_memory_table)."""
+    and the peak resident memory its forward (+ backward, unless an _eval part) adds (MB), on `size`
+    x `size` latents. Run in a fresh process (see measure)."""
     torch.manual_seed(0)
     grad = not part.endswith("_eval")
-    if part.startswith("unet"):
+    if part.startswith(("unet", "xl_unet")):
         from diffusers import UNet2DConditionModel
-        module = UNet2DConditionModel(**SD15_UNET).to(torch.bfloat16).requires_grad_(False)
+        if part.startswith("xl_"):
+            with torch.device("meta"):  # shapes only: 2.6 billion weights would take 4.8 GB in bf16
+                module = UNet2DConditionModel(**SDXL_UNET)
+            broadcast_weights(module, torch.bfloat16)
+            # SDXL's conditioning record (sampling.py): token states, pooled embedding, time ids
+            emb = dict(embeds=torch.randn(1, 77, 2048), text_embeds=torch.randn(1, 1280),
+                       time_ids=torch.full((1, 6), 8.0 * size))
+        else:
+            module = UNet2DConditionModel(**SD15_UNET).to(torch.bfloat16).requires_grad_(False)
+            emb = torch.randn(1, 77, 768)
         lora.inject(module, rank=4)
-        x, emb = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 768)
+        x = torch.randn(1, 4, size, size)
         run = lambda: sampling.guided_eps(module, x, 500, emb, emb, 5.0)  # the trainers' call, CFG batched
-    elif part.startswith("vae"):
+    elif part.startswith("vae"):  # SD 1.5's and SDXL's VAE have the same architecture
         from diffusers import AutoencoderKL
         module = AutoencoderKL(**SD15_VAE).to(torch.bfloat16).requires_grad_(False)
-        x = torch.randn(1, 4, 64, 64, requires_grad=grad)
+        x = torch.randn(1, 4, size, size, requires_grad=grad)
         run = lambda: sampling.decode_latents(SimpleNamespace(vae=module), x)
     else:
         import open_clip
@@ -91,65 +146,130 @@ def sd_part_memory(part):
     print(f"bench-sd-part {params} {trainable} {mb:.1f}", flush=True)
 
 
+def measure(part, size=64):
+    """(parameters, trainable parameters, MB) of sd_part_memory in its own process (so memory freed
+    by one part cannot be reused by the next), with glibc's mmap threshold fixed so that freed
+    tensors go back to the system instead of staying in the heap."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    r = subprocess.run([sys.executable, "-c", f"import gpu_memory; gpu_memory.sd_part_memory({part!r}, {size})"],
+                       capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    line = [l for l in r.stdout.splitlines() if l.startswith("bench-sd-part ")]
+    if r.returncode != 0 or not line:
+        raise SystemExit(f"error: measuring the {part} at {size}x{size} latents failed:\n{r.stderr[-2000:]}")
+    n, trainable, mb = line[-1].split()[1:]
+    return int(n), int(trainable), float(mb)
+
+
 def sd_memory_table():
-    """Each part in its own process (so memory freed by one cannot be reused by the next), with
-    glibc's mmap threshold fixed so that freed tensors go back to the system instead of staying in
-    the heap; then the recipes' estimates."""
+    """Each SD 1.5 part measured in its own process; then the recipes' estimates."""
     parts = {}
     for part, what in SD_PARTS.items():
         print(f"SD 1.5 memory: {what} ...", flush=True)
-        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-        r = subprocess.run([sys.executable, "-c", f"import gpu_memory; gpu_memory.sd_part_memory({part!r})"],
-                           capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
-        line = [l for l in r.stdout.splitlines() if l.startswith("bench-sd-part ")]
-        if r.returncode != 0 or not line:
-            raise SystemExit(f"error: measuring the SD 1.5 {part} failed:\n{r.stderr[-2000:]}")
-        n, trainable, mb = line[-1].split()[1:]
-        parts[part] = dict(params=int(n), trainable=int(trainable), activation_gb=float(mb) / 1024)
+        n, trainable, mb = measure(part)
+        parts[part] = dict(params=n, trainable=trainable, activation_gb=mb / 1024)
     return dict(parts=parts, recipes=sd_recipes(parts))
 
 
-def sd_recipes(parts):
+def line_fit(xs, ys):
+    """Least-squares a + b x through the points: (a, b)."""
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    b = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    return my - b * mx, b
+
+
+def sdxl_memory_table():
+    """SDXL's UNet and VAE, with and without gradient, measured at SDXL_SIZES and extrapolated to
+    128x128 latents (a line in the number of latent pixels, its largest miss at the measured sizes
+    kept as `fit_error`), the reward towers as for SD 1.5; then the recipes' estimates."""
+    parts = {}
+    for part, what in SDXL_PARTS.items():
+        print(f"SDXL memory: {what} ...", flush=True)
+        if part in ("vitl", "vith"):
+            n, trainable, mb = measure(part)
+            parts[part] = dict(params=n, trainable=trainable, activation_gb=mb / 1024)
+            continue
+        points = [(size, measure(part, size)) for size in SDXL_SIZES]
+        a, b = line_fit([s * s for s, _ in points], [mb for _, (_, _, mb) in points])
+        miss = max(abs(a + b * s * s - mb) / mb for s, (_, _, mb) in points)
+        n, trainable, _ = points[0][1]
+        parts[part] = dict(params=n, trainable=trainable, activation_gb=(a + b * SDXL_UNET["sample_size"] ** 2) / 1024,
+                           measured_gb={s: mb / 1024 for s, (_, _, mb) in points}, fit_error=miss)
+    return dict(parts=parts, recipes=sdxl_recipes(parts))
+
+
+def text_encoder_params(config, projection=False):
+    """Parameters of a CLIP text tower of this config, counted on the meta device (shapes only)."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    with torch.device("meta"):
+        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
+    return sum(p.numel() for p in model.parameters())
+
+
+def recipes(parts, unet, text_params, batches):
     """The README recipes' memory per process from the measured parts: weights as the trainers hold
-    them with --precision=bf16 (UNet, VAE and text encoder bf16; the LoRA fp32 with its gradient and
-    AdamW's two moments, 16 bytes a weight; the reward's whole CLIP model fp32) + images per
-    micro-batch x activations per image; the largest training micro-batch that fits 24, 40 and 80 GB;
-    and evaluation's peak, EVAL_BATCH images at a time (their UNet calls, then their decode)."""
+    them with --precision=bf16 (mixed_precision.pipeline_dtypes: UNet, VAE and text encoders bf16;
+    the LoRA fp32 with its gradient and AdamW's two moments, 16 bytes a weight; the reward's whole
+    CLIP model fp32) + images per micro-batch x activations per image; the largest training
+    micro-batch that fits 24, 40 and 80 GB; and evaluation's peak, EVAL_BATCH images at a time (their
+    UNet calls, then their decode). `unet`: which part is the UNet (its forward-alone part is
+    unet + "_eval"); `batches`: the recipes' images per micro-batch, {"DDPO": n, "AlignProp": n}."""
     gb = lambda n, bytes_each: n * bytes_each / 1024 ** 3
-    from transformers import CLIPTextConfig, CLIPTextModel
-    with torch.device("meta"):  # shapes only
-        text_params = sum(p.numel() for p in CLIPTextModel(CLIPTextConfig(**SD15_TEXT_ENCODER)).parameters())
     act = {p: v["activation_gb"] for p, v in parts.items()}
-    n_lora = parts["unet"]["trainable"]
-    eval_per_image = max(act["unet_eval"], act["vae_eval"])  # the UNet calls and the decode never overlap
+    n_lora = parts[unet]["trainable"]
+    eval_per_image = max(act[unet + "_eval"], act["vae_eval"])  # the UNet calls and the decode never overlap
     rows = []
     for reward, tower in (("aesthetic", "vitl"), ("pickscore", "vith")):
-        w = (gb(parts["unet"]["params"] - n_lora + parts["vae"]["params"] + text_params, 2) + gb(n_lora, 16)
+        w = (gb(parts[unet]["params"] - n_lora + parts["vae"]["params"] + text_params, 2) + gb(n_lora, 16)
              + gb(parts[tower]["params"], 4))
         # DDPO: sampling and the reward run without gradient; training holds one UNet call's
-        # activations per image of the micro-batch (README recipe: --train_batch_size=4)
+        # activations per image of the micro-batch (README recipe: --train_batch_size)
         # AlignProp with checkpointing: one UNet call's activations at a time (recomputed in the backward
         # pass), plus the VAE decode's and the reward's, counted together (an upper bound: the reward's
-        # are freed before the UNet's are rebuilt); README recipe: --batch_size=8
-        for trainer, per_image, batch in (("DDPO", act["unet"], 4),
-                                          ("AlignProp", act["unet"] + act["vae"] + act[tower], 8)):
+        # are freed before the UNet's are rebuilt); README recipe: --batch_size
+        for trainer, per_image in (("DDPO", act[unet]), ("AlignProp", act[unet] + act["vae"] + act[tower])):
+            batch = batches[trainer]
             rows.append(dict(recipe=f"{trainer}, {reward}", weights_gb=w, per_image_gb=per_image, batch=batch,
                              total_gb=w + batch * per_image, eval_gb=w + EVAL_BATCH * eval_per_image,
                              fits={m: max(0, int((m - w) // per_image)) for m in (24, 40, 80)}))
     return rows
 
 
-def markdown(sdmem):
-    lines = ["SD 1.5, activation memory per image, measured on the CPU in the GPU's dtypes (random weights):", "",
-             "| part | parameters | activations (GB) |", "|---|---:|---:|"]
-    for p, v in sdmem["parts"].items():
-        lines.append(f"| {SD_PARTS[p]} | {v['params']:,} | {v['activation_gb']:.2f} |")
-    lines += ["", "Estimated GPU memory per process for the README's SD 1.5 recipes, --precision=bf16 "
+def sd_recipes(parts):
+    """SD 1.5's recipes (README: --train_batch_size=4 for DDPO, --batch_size=8 for AlignProp)."""
+    return recipes(parts, "unet", text_encoder_params(SD15_TEXT_ENCODER), batches=dict(DDPO=4, AlignProp=8))
+
+
+def sdxl_recipes(parts):
+    """SDXL's recipes (README: --train_batch_size=2 for DDPO, --batch_size=1 for AlignProp), with its
+    two text encoders. Its VAE is bf16 too: force_upcast asks only that it not be fp16, which
+    mixed_precision never makes it."""
+    text = text_encoder_params(SD15_TEXT_ENCODER) + text_encoder_params(SDXL_TEXT_ENCODER_2, projection=True)
+    return recipes(parts, "xl_unet", text, batches=dict(DDPO=2, AlignProp=1))
+
+
+def markdown(mem, model="SD 1.5"):
+    if model == "SD 1.5":
+        lines = ["SD 1.5, activation memory per image, measured on the CPU in the GPU's dtypes (random weights):", "",
+                 "| part | parameters | activations (GB) |", "|---|---:|---:|"]
+        for p, v in mem["parts"].items():
+            lines.append(f"| {SD_PARTS[p]} | {v['params']:,} | {v['activation_gb']:.2f} |")
+    else:
+        sizes = " / ".join(f"{s}x{s}" for s in SDXL_SIZES)
+        lines = [f"{model}, activation memory per image, measured on the CPU in the GPU's dtypes (random weights; "
+                 f"the UNet and VAE at {sizes} latents, then a line in the latent pixels through them, extrapolated "
+                 "to 128x128):", "",
+                 f"| part | parameters | measured at {sizes} (GB) | the line's largest miss | activations (GB) |",
+                 "|---|---:|---:|---:|---:|"]
+        for p, v in mem["parts"].items():
+            measured = " / ".join(f"{gb:.2f}" for gb in v["measured_gb"].values()) if "measured_gb" in v else "-"
+            miss = f"{v['fit_error']:.1%}" if "fit_error" in v else "-"
+            lines.append(f"| {SDXL_PARTS[p]} | {v['params']:,} | {measured} | {miss} | {v['activation_gb']:.2f} |")
+    lines += ["", f"Estimated GPU memory per process for the README's {model} recipes, --precision=bf16 "
               "(weights + images x activations):", "",
               "| recipe | weights (GB) | per image (GB) | images per micro-batch | training total (GB) | "
               f"evaluation, {EVAL_BATCH} images at a time (GB) | largest micro-batch in 24 / 40 / 80 GB |",
               "|---|---:|---:|---:|---:|---:|---|"]
-    for r in sdmem["recipes"]:
+    for r in mem["recipes"]:
         fits = " / ".join(str(n) for n in r["fits"].values())
         lines.append(f"| {r['recipe']} | {r['weights_gb']:.1f} | {r['per_image_gb']:.2f} | {r['batch']} | "
                      f"**{r['total_gb']:.1f}** | {r['eval_gb']:.1f} | {fits} |")

@@ -15,7 +15,9 @@ from safetensors.torch import load_file, save_file
 
 import runs
 
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # every self- and cross-attention's q, k, v, out
+# every self- and cross-attention's q, k, v, out, in SD 1.5's UNet and SDXL's alike (SDXL's other linear
+# layers, the feed-forwards, the transformers' in/out projections and the time/added-conditioning MLPs, stay frozen)
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 FILE_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers looks for in a folder
 
 

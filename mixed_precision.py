@@ -49,7 +49,7 @@ def pipeline_dtypes(precision, device):
         torch.backends.cuda.matmul.fp32_precision = tf32
         torch.backends.cudnn.conv.fp32_precision = tf32
     vae = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # fp16 would overflow; bf16 cannot
-    return {"unet": dtype, "text_encoder": dtype, "vae": vae, "default": torch.float32}
+    return {"unet": dtype, "text_encoder": dtype, "text_encoder_2": dtype, "vae": vae, "default": torch.float32}
 
 
 def autocast(unet):

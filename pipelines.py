@@ -1,6 +1,7 @@
 """Where the text-to-image model comes from: the offline shapes world (built on first use), a local
-diffusers folder, or a Hugging Face hub id; always returned as a `StableDiffusionPipeline` with a
-DDIM scheduler, ready for sampling.py.
+diffusers folder, or a Hugging Face hub id; returned as a `StableDiffusionPipeline`, or a
+`StableDiffusionXLPipeline` when the model's `model_index.json` names one, with a DDIM scheduler,
+ready for sampling.py.
 """
 import os
 
@@ -8,6 +9,7 @@ import hub
 import mixed_precision
 
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL_HUB_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 def _hub_folder(model, revision=None):
@@ -41,29 +43,37 @@ def check_model(model, revision=None):
 
 
 def load_pipeline(model="shapes", device="cpu", precision="auto", revision=None, variant=None):
-    """A StableDiffusionPipeline with a DDIM scheduler, from "shapes" (the offline world, built on
-    first use), a hub id (e.g. DEFAULT_HUB_MODEL) at `revision` (None = main) or a local diffusers
-    folder; `variant` picks weight files such as *.fp16.safetensors (None = the plain ones). Its parts
-    are in the dtypes of `precision` (mixed_precision.py: auto is bf16 on CUDA, fp32 on the CPU; the
-    VAE never fp16). The VAE and text encoder are frozen; the trainers freeze the UNet when lora.inject
-    adds its trainable fp32 weights. sampling.guided_eps runs the UNet under autocast in its weights'
-    dtype."""
+    """A StableDiffusionPipeline (or StableDiffusionXLPipeline, if the model is one) with a DDIM
+    scheduler, from "shapes" (the offline world, built on first use), a hub id (e.g.
+    DEFAULT_HUB_MODEL, or SDXL_HUB_MODEL) at `revision` (None = main) or a local diffusers folder;
+    `variant` picks weight files such as *.fp16.safetensors (None = the plain ones). Its parts are in
+    the dtypes of `precision` (mixed_precision.py: auto is bf16 on CUDA, fp32 on the CPU; the VAE never
+    fp16, which is also what SDXL's VAE needs: it overflows in fp16, its pipeline's force_upcast). The
+    VAE and text encoder(s) are frozen; the trainers freeze the UNet when lora.inject adds its trainable
+    fp32 weights. sampling.guided_eps runs the UNet under autocast in its weights' dtype."""
     path = check_model(model, revision)
     if path == "shapes":
         import shapes  # the world's build code: imported only when it is the model
         path = shapes.ensure_world()
-    from diffusers import DDIMScheduler, StableDiffusionPipeline  # after the checks: importing takes seconds
+    # after the checks: importing takes seconds
+    from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     dtypes = mixed_precision.pipeline_dtypes(precision, device)
-    try:  # a cached snapshot folder is already the revision; an id to download needs it
-        pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtypes, safety_checker=None, feature_extractor=None,
-                                                       requires_safety_checker=False, variant=variant,
-                                                       revision=revision if path == model else None)
+    hub = revision if path == model else None  # a cached snapshot folder is already the revision; an id to download needs it
+    try:
+        sdxl = DiffusionPipeline.load_config(path, revision=hub)["_class_name"] == "StableDiffusionXLPipeline"
+        if sdxl:
+            pipe = StableDiffusionXLPipeline.from_pretrained(path, dtype=dtypes, variant=variant, revision=hub)
+        else:
+            pipe = StableDiffusionPipeline.from_pretrained(path, dtype=dtypes, safety_checker=None, feature_extractor=None,
+                                                           requires_safety_checker=False, variant=variant, revision=hub)
     except (OSError, ValueError) as e:  # e.g. no files of that variant, or only variant files and no --variant
         raise ValueError(f"cannot load {model!r}{f' (variant {variant!r})' if variant else ''}: {str(e).splitlines()[0]}; "
                          "pass --variant=<name> if it holds only variant weight files (*.<name>.safetensors)")
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.vae.requires_grad_(False)
     pipe.text_encoder.requires_grad_(False)
+    if sdxl:
+        pipe.text_encoder_2.requires_grad_(False)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

@@ -4,7 +4,7 @@ fine-tuners need from it (latents, log-probs, guidance scales, prompt embeddings
     import explore, pipelines, sampling
     pipe = pipelines.load_pipeline("shapes")
     cond = sampling.encode_prompts(pipe, ["a (red) (circle) on a (dark) background"] * 4)
-    traj = sampling.rollout(pipe, cond, sampling.encode_prompts(pipe, [""]), guidance=5.0, eta=1.0)
+    traj = sampling.rollout(pipe, cond, sampling.unconditional(pipe), guidance=5.0, eta=1.0)
     traj.images, traj.log_probs                        # [4, 3, 32, 32] in [0, 1]; [4, 20]
 
 Read next to the DDIM paper (Song et al. 2021, eq. 12 and 16), DDPO (Black et al. 2024, Sec. 4:
@@ -22,31 +22,137 @@ import mixed_precision
 
 
 # --------------------------------------------------------------------------------------------
-# Prompts -> embeddings (DiffExp's random prompt weighting happens here)
+# The conditioning record: everything the UNet is conditioned on, one row per sample
+#
+# SD 1.5 (and the shapes world) condition the UNet on the prompt's token embeddings alone: the
+# record is a Tensor [B, L, D]. SDXL (Podell et al. 2023, "SDXL: Improving Latent Diffusion Models
+# for High-Resolution Image Synthesis", Sec. 2.1-2.2) also conditions on the second text encoder's
+# pooled embedding and on the image's size and crop: its record is a dict of per-sample tensors
+#     {"embeds": [B, L, D], "text_embeds": [B, P], "time_ids": [B, 6]}.
+# The sampling loop records it and the trainers store, slice and replay it through the helpers
+# below, whichever kind it is, so a recomputed log-prob sees exactly what drew the sample.
+
+def _each(fn, *records):
+    """fn applied to records' tensors: to the Tensor itself, or key by key to SDXL's dicts."""
+    if isinstance(records[0], dict):
+        return {k: fn(*(r[k] for r in records)) for k in records[0]}
+    return fn(*records)
+
+
+def cat(records):
+    """torch.cat along the batch, of tensors and conditioning records alike."""
+    return _each(lambda *ts: torch.cat(ts), *records)
+
+
+def index(record, i):
+    """Samples `i` (an index tensor or a slice) of a conditioning record."""
+    return _each(lambda t: t[i], record)
+
+
+def expand(record, n):
+    """A one-row record (the unconditional one) as n rows, without copying."""
+    return _each(lambda t: t.expand(n, *t.shape[1:]), record)
+
+
+def to_device(record, device):
+    return _each(lambda t: t.to(device), record)
+
+
+def num_samples(record):
+    return (record["embeds"] if isinstance(record, dict) else record).shape[0]
+
+
+def unet_inputs(record, dtype):
+    """The UNet's keyword arguments for a conditioning record, in the UNet's dtype."""
+    if isinstance(record, dict):  # SDXL: the pooled embedding and time ids go in as "added" conditioning
+        return dict(encoder_hidden_states=record["embeds"].to(dtype),
+                    added_cond_kwargs={"text_embeds": record["text_embeds"].to(dtype),
+                                       "time_ids": record["time_ids"].to(dtype)})
+    return dict(encoder_hidden_states=record.to(dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Prompts -> conditioning records (DiffExp's random prompt weighting happens here)
+
+def is_sdxl(pipe):
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def _token_states(tokenizer, encoder, texts, sdxl, offsets=False):
+    """(per-token states [B, L, D] fp32, the encoder's output, the tokenizer's batch) of `texts`,
+    padded to the tokenizer's max length as SD and SDXL do."""
+    batch = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                      return_tensors="pt", return_offsets_mapping=offsets)
+    out = encoder(batch.input_ids.to(encoder.device), output_hidden_states=sdxl)
+    # SD 1.5 conditions on the last layer's (final-layer-normed) states; SDXL on the penultimate
+    # layer's, not normed, of both encoders (its pipeline's encode_prompt; Podell et al., Sec. 2.1)
+    return (out.hidden_states[-2] if sdxl else out.last_hidden_state).float(), out, batch
+
+
+def _phrase_mask(parsed, offsets, phrase):
+    """[B, L] bool: the tokens of each prompt's chosen phrase (-1: the whole prompt). A token belongs
+    to the phrase if its character span (offsets into the clean prompt) overlaps the phrase's:
+    robust to BPE splitting words and to marks inside a word; BOS/EOS/padding have empty spans and
+    are never weighted."""
+    mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
+    for i, (clean, spans) in enumerate(parsed):
+        a, b = spans[int(phrase[i])] if phrase[i] >= 0 else (0, len(clean))
+        for j, (s, e) in enumerate(offsets[i].tolist()):
+            mask[i, j] = e > s and s < b and e > a
+    return mask
+
+
+def add_time_ids(pipe, n):
+    """SDXL's micro-conditioning (Podell et al., Sec. 2.2), [n, 6]: original size, crop top-left and
+    target size, (h, w, 0, 0, h, w) for an uncropped image at the UNet's resolution, as its
+    pipeline's _get_add_time_ids builds them by default."""
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    return torch.tensor([[size, size, 0, 0, size, size]], dtype=torch.float32).repeat(n, 1)
+
 
 @torch.no_grad()
 def encode_prompts(pipe, prompts, weights=None):
-    """Text embeddings [B, L, D] (fp32) of `prompts` with their (phrase) marks stripped, padded to
-    the tokenizer's max length as SD does. `weights` = (phrase [B], w [B]) from
-    explore.draw_weights up-weights each prompt's chosen phrase (-1: the whole prompt)."""
-    tok, device = pipe.tokenizer, pipe.text_encoder.device
+    """The conditioning record of `prompts` with their (phrase) marks stripped: SD's text embeddings
+    [B, L, D] (fp32), or SDXL's dict (above). `weights` = (phrase [B], w [B]) from
+    explore.draw_weights up-weights each prompt's chosen phrase (-1: the whole prompt), on SDXL in
+    both encoders' token states."""
+    sdxl = is_sdxl(pipe)
+    encoders = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if sdxl else [])
     parsed = [explore.parse_spans(p) for p in prompts]
-    batch = tok([clean for clean, _ in parsed], padding="max_length", max_length=tok.model_max_length,
-                truncation=True, return_tensors="pt", return_offsets_mapping=weights is not None)
-    z = pipe.text_encoder(batch.input_ids.to(device))[0].float()
-    if weights is None:
-        return z
-    # Which tokens belong to the phrase: those whose character span (offsets into the clean
-    # prompt) overlaps the phrase's. Robust to BPE splitting words and to marks inside a word;
-    # BOS/EOS/padding have empty spans and are never weighted.
-    phrase, w = weights
-    mask = torch.zeros(z.shape[:2], dtype=torch.bool)
-    for i, (clean, spans) in enumerate(parsed):
-        a, b = spans[int(phrase[i])] if phrase[i] >= 0 else (0, len(clean))
-        for j, (s, e) in enumerate(batch.offset_mapping[i].tolist()):
-            mask[i, j] = e > s and s < b and e > a
-    z_empty = encode_prompts(pipe, [""])
-    return explore.weight_embeddings(z, z_empty, mask, w.to(z.device))
+    clean = [c for c, _ in parsed]
+    states = []
+    for tokenizer, encoder in encoders:
+        z, out, batch = _token_states(tokenizer, encoder, clean, sdxl, offsets=weights is not None)
+        if weights is not None:  # z_empty + w (z - z_empty) on the phrase's tokens (explore.py)
+            phrase, w = weights
+            z_empty = _token_states(tokenizer, encoder, [""], sdxl)[0]
+            mask = _phrase_mask(parsed, batch.offset_mapping, phrase)
+            z = explore.weight_embeddings(z, z_empty, mask, w.to(z.device))
+        states.append(z)
+    if not sdxl:
+        return states[0]
+    # SDXL: both encoders' token states side by side (768 + 1280 = 2048 features for SDXL base) and
+    # the second encoder's pooled, projected embedding (`out` is the last encoder's output).
+    # The pooled vector is left unweighted, the clean prompt's: it summarises the whole prompt in one
+    # vector with no token positions, so there is no phrase in it to up-weight (scaling it would
+    # up-weight the whole prompt instead), and compel, whose z_empty + w (z - z_empty) rule the
+    # weighting follows, also takes it from the prompt's tokens without their weights
+    # (damian0815/compel, EmbeddingsProvider.get_pooled_embeddings). The phrase's extra weight reaches
+    # the UNet through cross-attention, on the tokens, as on SD 1.5.
+    return dict(embeds=torch.cat(states, dim=-1), text_embeds=out.text_embeds.float(),
+                time_ids=add_time_ids(pipe, len(prompts)).to(states[0].device))
+
+
+@torch.no_grad()
+def unconditional(pipe):
+    """The unconditional record of classifier-free guidance, one row (rollout expands it): the
+    encoding of the empty prompt, or, for SDXL without a negative prompt, zeros for both
+    embeddings when the model's config says force_zeros_for_empty_prompt (SDXL base does; its
+    pipeline's encode_prompt), with the prompts' time ids."""
+    empty = encode_prompts(pipe, [""])
+    if is_sdxl(pipe) and pipe.config.force_zeros_for_empty_prompt:
+        return dict(empty, embeds=torch.zeros_like(empty["embeds"]), text_embeds=torch.zeros_like(empty["text_embeds"]))
+    return empty
 
 
 # --------------------------------------------------------------------------------------------
@@ -61,9 +167,9 @@ def guided_eps(unet, x, t, cond, uncond, scale):
     back to fp32 here, so the DDIM step and the log-probs never see bf16's rounding."""
     b = x.shape[0]
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
-    emb = torch.cat([uncond.expand_as(cond), cond]).to(unet.dtype)
+    both = unet_inputs(cat([expand(uncond, b), cond]), unet.dtype)  # conditioning records (above)
     with mixed_precision.autocast(unet):
-        out = unet(torch.cat([x, x]).to(unet.dtype), torch.cat([t, t]), encoder_hidden_states=emb).sample
+        out = unet(torch.cat([x, x]).to(unet.dtype), torch.cat([t, t]), **both).sample
     out_uncond, out_cond = out.to(x.dtype).chunk(2)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
     return out_uncond + scale * (out_cond - out_uncond)
@@ -137,8 +243,8 @@ class Trajectory:
     log_probs: torch.Tensor  # [B, T]: log p(x_{t_prev} | x_t) of each step; None when eta == 0
     timesteps: torch.Tensor  # [T]
     guidance: torch.Tensor  # [T]: the CFG scale used at each step
-    cond: torch.Tensor  # [B, L, D]: the prompt embeddings used (weighted, if exploring)
-    uncond: torch.Tensor  # [B, L, D]: the unconditional embeddings used
+    cond: torch.Tensor  # [B, L, D] (SDXL: a dict, see above): the prompts' record used (weighted, if exploring)
+    uncond: torch.Tensor  # [B, L, D] (SDXL: a dict): the unconditional record used
     images: torch.Tensor  # [B, 3, H, W] in [0, 1], or None (decode=False)
     eta: float
 
@@ -154,7 +260,7 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
     """Denoise from noise with DDIM and CFG; return the whole Trajectory.
 
     guidance: a float, or a Tensor[num_steps] of per-step scales (explore.cfg_schedule).
-    cond / uncond: per-sample prompt embeddings [B, L, D] (uncond may be [1, L, D]).
+    cond / uncond: per-sample conditioning records, [B, L, D] or SDXL's dicts (uncond may have 1 row).
     grad_steps=K: only the last K UNet calls (and the VAE decode) run with autograd, as AlignProp
     and DRaFT-K need; earlier steps run under no_grad. K=0: nothing keeps a graph (DDPO's sampling).
     checkpoint: recompute each grad-step UNet call in the backward pass (saves GPU memory on SD).
@@ -169,8 +275,8 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
     on or off: exploration changes which samples are drawn, never how they are scored.
     """
     unet, scheduler, dev = pipe.unet, pipe.scheduler, pipe.unet.device
-    cond = cond.to(dev)
-    uncond = uncond.to(dev).expand_as(cond)
+    cond = to_device(cond, dev)
+    uncond = expand(to_device(uncond, dev), num_samples(cond))
     scheduler.set_timesteps(num_steps, device=dev)
     timesteps = scheduler.timesteps
     n = len(timesteps)
@@ -181,7 +287,7 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
     if not 0 <= grad_steps <= n:
         raise ValueError(f"grad_steps={grad_steps} must be between 0 and num_steps={n}")
     if latents is None:
-        latents = initial_noise(pipe, cond.shape[0], generator)
+        latents = initial_noise(pipe, num_samples(cond), generator)
     # the latents are fp32 whatever the UNet computes in (mixed_precision.py; float64 in a gradient check)
     x = latents.to(dev, torch.promote_types(unet.dtype, torch.float32)) * scheduler.init_noise_sigma
     xs, log_probs = [x], []
@@ -193,7 +299,8 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
                                                         use_reentrant=False)
             else:
                 k = unet_batch or len(x_in)
-                eps = torch.cat([guided_eps(unet, x_in[j:j + k], t, cond[j:j + k], uncond[j:j + k], scales[i])
+                eps = torch.cat([guided_eps(unet, x_in[j:j + k], t, index(cond, slice(j, j + k)),
+                                            index(uncond, slice(j, j + k)), scales[i])
                                  for j in range(0, len(x_in), k)])
             x, log_prob = ddim_step(scheduler, eps, t, x, eta, generator=generator,
                                     noise=None if noise is None else noise[i])
@@ -248,7 +355,7 @@ def evaluate(pipe, reward_fn, prompts, guidance, num_steps, eta, per_prompt, pat
     g = torch.Generator().manual_seed(1234)
     x_T = initial_noise(pipe, len(todo), g)
     noise = torch.stack([torch.randn(x_T.shape, generator=g) for _ in range(num_steps)]) if eta > 0 else None
-    uncond = encode_prompts(pipe, [""])
+    uncond = unconditional(pipe)
     images, r = [], []
     for a in range(0, len(todo), batch_size):
         i = slice(a, a + batch_size)
@@ -273,7 +380,7 @@ def sample_grid(pipe, prompt_list, seeds, guidance, steps, eta=0.0, exploring=Fa
     weight_gen, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     pipe.scheduler.set_timesteps(steps)
     scales = explore.cfg_schedule(pipe.scheduler.timesteps, guidance, w_low, t_thres) if exploring else guidance
-    uncond = encode_prompts(pipe, [""])
+    uncond = unconditional(pipe)
     images = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]

@@ -148,7 +148,6 @@ def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_
     if explore_weights:  # DiffExp random prompt weighting
         weights = draw_weights(batch_prompts, rng["weights"], w_max=weight_max)
     cond = sampling.encode_prompts(pipe, batch_prompts, weights)
-    uncond = uncond_one.expand(batch_size, -1, -1)
     pipe.scheduler.set_timesteps(num_steps)
     if scale is None:
         scale = torch.full((num_steps,), guidance)
@@ -156,12 +155,12 @@ def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_
     clean = [parse_phrases(p)[0] for p in batch_prompts]
     latents = sampling.initial_noise(pipe, batch_size, rng["noise"])
     if draft_lv:
-        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta, latents=latents,
+        traj = sampling.rollout(pipe, cond, uncond_one, scale, num_steps=num_steps, eta=eta, latents=latents,
                                 generator=rng["ddim"], grad_steps=0, decode=False)
-        images = draft_lv_images(pipe, traj, cond, uncond, scale, draft_lv, rng["ddim"], use_ckpt)
+        images = draft_lv_images(pipe, traj, cond, uncond_one, scale, draft_lv, rng["ddim"], use_ckpt)
         clean = clean * draft_lv
     else:
-        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=num_steps, eta=eta, latents=latents,
+        traj = sampling.rollout(pipe, cond, uncond_one, scale, num_steps=num_steps, eta=eta, latents=latents,
                                 generator=rng["ddim"], grad_steps=k, checkpoint=use_ckpt)
         images = traj.images
     return reward_fn(images, clean), clean
@@ -236,7 +235,7 @@ def main(check_only=False):
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scaler = mixed_precision.grad_scaler(unet)  # fp16 only: loss scaling; with bf16 and fp32 it does nothing
     use_ckpt = dev.type == "cuda" if checkpointing == "auto" else checkpointing.lower() in ("true", "yes", "on", "1")
-    uncond_one = sampling.encode_prompts(pipe, [""])
+    uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
     pipe.scheduler.set_timesteps(num_steps)
     schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low for t > t_thres
 

@@ -214,7 +214,7 @@ def main(check_only=False):
     scheduler.set_timesteps(num_steps, device=dev)
     timesteps = scheduler.timesteps
     num_train_steps = max(1, int(num_steps * timestep_fraction))
-    uncond_one = sampling.encode_prompts(pipe, [""])
+    uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
 
     # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
     start_epoch, queries, history, buffers = 0, 0, [], defaultdict(list)
@@ -259,14 +259,13 @@ def main(check_only=False):
             if exploring and explore_weights:  # DiffExp random prompt weighting, drawn afresh
                 weights = draw_weights(batch_prompts, rng["weights"], w_max=weight_max)
             cond = sampling.encode_prompts(pipe, batch_prompts, weights)
-            uncond = uncond_one.expand(len(batch_prompts), -1, -1)
             scale = torch.full((num_steps,), guidance)
             if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
                 scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
             with torch.no_grad():
                 x_T = sampling.initial_noise(pipe, len(idx), rng["noise"])
-                traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, latents=x_T,
-                                        generator=rng["ddim"],
+                traj = sampling.rollout(pipe, cond, uncond_one, scale.to(dev), num_steps=num_steps, eta=eta,
+                                        latents=x_T, generator=rng["ddim"],
                                         unet_batch=train_batch_size)  # UNet calls shaped as training's
             # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
             clean = [parse_phrases(p)[0] for p in batch_prompts]
@@ -278,7 +277,7 @@ def main(check_only=False):
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond,
                                 uncond=traj.uncond, scale=traj.guidance.expand(len(idx), -1),
                                 rewards=r, chain_ok=chain_ok.float().cpu(), idx=idx))
-        local = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        local = {k: sampling.cat([b[k] for b in batches]) for k in batches[0]}  # cat: also conditioning records
         n_local = len(local["rewards"])
         n_updates = inner_epochs * n_local // (train_batch_size * grad_accum)  # optimizer steps per epoch
 
@@ -332,7 +331,8 @@ def main(check_only=False):
                     s = step_order[i, j]
                     x_t, x_prev = local["latents"][i, s], local["latents"][i, s + 1]
                     t, w = timesteps[s], local["scale"][i, s]
-                    eps = sampling.guided_eps(unet, x_t, t, local["cond"][i], local["uncond"][i], w)
+                    cond, uncond = sampling.index(local["cond"], i), sampling.index(local["uncond"], i)
+                    eps = sampling.guided_eps(unet, x_t, t, cond, uncond, w)
                     _, log_prob = sampling.ddim_step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
                     loss, kl, clipfrac, ratio = ppo_loss(log_prob, local["log_probs"][i, s], adv[i], clip_range)
                     scaler.scale(loss / (num_train_steps * grad_accum)).backward()

@@ -181,8 +181,8 @@ def replay(unet, scheduler, data, timesteps, eta, batch_size, weights=None):
         for s in range(T):
             with torch.set_grad_enabled(weights is not None):
                 x_t, x_prev = data["latents"][i, s], data["latents"][i, s + 1]
-                eps = sampling.guided_eps(unet, x_t, timesteps[s], data["cond"][i], data["uncond"][i],
-                                          data["scale"][i, s])
+                cond, uncond = sampling.index(data["cond"], i), sampling.index(data["uncond"], i)
+                eps = sampling.guided_eps(unet, x_t, timesteps[s], cond, uncond, data["scale"][i, s])
                 _, lp = sampling.ddim_step(scheduler, eps, timesteps[s], x_t, eta, prev_sample=x_prev)
                 if weights is not None:
                     (weights[i, s] * lp).sum().backward()
@@ -259,7 +259,7 @@ def main(check_only=False):
     scheduler.set_timesteps(num_steps, device=dev)
     timesteps = scheduler.timesteps
     num_batches = samples_per_epoch // sample_batch_size
-    uncond_one = sampling.encode_prompts(pipe, [""])
+    uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
 
     # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
     start_epoch, queries, history = 0, 0, []
@@ -299,14 +299,13 @@ def main(check_only=False):
             if exploring and explore_weights:  # DiffExp random prompt weighting, drawn afresh per image
                 weights = draw_weights(batch_prompts, rng["weights"], w_max=weight_max)
             cond = sampling.encode_prompts(pipe, batch_prompts, weights)
-            uncond = uncond_one.expand(len(batch_prompts), -1, -1)
             scale = torch.full((num_steps,), guidance)
             if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
                 scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
             with torch.no_grad():
                 x_T = sampling.initial_noise(pipe, len(idx), rng["noise"])
-                traj = sampling.rollout(pipe, cond, uncond, scale.to(dev), num_steps=num_steps, eta=eta, latents=x_T,
-                                        generator=rng["ddim"],
+                traj = sampling.rollout(pipe, cond, uncond_one, scale.to(dev), num_steps=num_steps, eta=eta,
+                                        latents=x_T, generator=rng["ddim"],
                                         unet_batch=train_batch_size)  # UNet calls shaped as training's
             # ---- 2. reward (prompts are scored without their phrase marks) -----------------------
             clean = [parse_phrases(p)[0] for p in batch_prompts]
@@ -318,7 +317,7 @@ def main(check_only=False):
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond,
                                 uncond=traj.uncond, scale=traj.guidance.expand(len(idx), -1),
                                 rewards=r, chain_ok=chain_ok.float().cpu(), idx=idx))
-        data = {k: torch.cat([b[k] for b in batches]) for k in batches[0]}
+        data = {k: sampling.cat([b[k] for b in batches]) for k in batches[0]}  # cat: also conditioning records
         n_local = len(data["rewards"])
 
         # ---- 3. reference: each recorded step's log-prob under p_ref, the pretrained model --------

@@ -46,6 +46,42 @@ def tiny_pipeline(prediction_type="epsilon", seed=0, max_length=16):
     return pipe
 
 
+def tiny_sdxl_pipeline(seed=0, max_length=16, force_zeros_for_empty_prompt=True):
+    """A StableDiffusionXLPipeline of tiny random parts shaped as SDXL's: a UNet with "text_time"
+    added conditioning (the pooled text embedding and 6 time ids) and cross-attention on both text
+    encoders' token states side by side (16 + 24 features), a CLIPTextModel and a
+    CLIPTextModelWithProjection (whose projection is the pooled embedding), the real CLIP tokenizer
+    twice (the second padding with "!", as SDXL's tokenizer_2 does), the tiny SD VAE (force_upcast,
+    as SDXL's), and SDXL's scheduler: Euler, with the DDIM keys its config carries."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from shapes_models import clip_tokenizer
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=49408, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=max_length, bos_token_id=49406, eos_token_id=49407)
+    text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=16, projection_dim=16, hidden_act="quick_gelu", **text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, projection_dim=8, hidden_act="gelu",
+                                                                **text))
+    unet = UNet2DConditionModel(
+        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2), cross_attention_dim=16 + 24, attention_head_dim=(2, 4),
+        norm_num_groups=4, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
+        projection_class_embeddings_input_dim=8 + 6 * 4)  # pooled (text_encoder_2's projection) + 6 time ids x 4
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       steps_offset=1, timestep_spacing="leading")
+    scheduler.register_to_config(clip_sample=False, set_alpha_to_one=False)  # in SDXL's scheduler_config.json too
+    tokenizer_2 = clip_tokenizer(max_length)
+    tokenizer_2.pad_token = "!"
+    pipe = StableDiffusionXLPipeline(vae=tiny_pipeline(seed=seed).vae, text_encoder=text_encoder,
+                                     text_encoder_2=text_encoder_2, tokenizer=clip_tokenizer(max_length),
+                                     tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
+                                     force_zeros_for_empty_prompt=force_zeros_for_empty_prompt, add_watermarker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture
 def pipe():
     return tiny_pipeline()
@@ -75,6 +111,14 @@ TINY = {"train_ddpo": ["--reward=jpeg_incompressibility", "--num_steps=2", "--sa
         "train_prdp": ["--reward=jpeg_incompressibility", "--num_steps=2", "--prompts_per_epoch=1",
                        "--images_per_prompt=2", "--sample_batch_size=2", "--train_batch_size=2", "--updates_per_epoch=1"]}
 TINY = {script: args + ["--eval_prompts=1", "--eval_seeds=1"] for script, args in TINY.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    """The tiny SDXL-shaped pipeline saved as a diffusers folder."""
+    path = tmp_path_factory.mktemp("tiny_sdxl")
+    tiny_sdxl_pipeline().save_pretrained(path)
+    return str(path)
 
 
 def run_trainer(name, *argv):

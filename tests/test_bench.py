@@ -1,6 +1,10 @@
 """bench.py on the tiny pipeline: the epoch breakdown adds up, the UNet calls it counts are the
-trainers' analytic numbers, the timers leave the patched functions as they were, and bad input."""
+trainers' analytic numbers, the timers leave the patched functions as they were, and bad input;
+gpu_memory's recipe arithmetic, SDXL's published shapes, and its weights that take no memory."""
 import importlib
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -191,3 +195,68 @@ def test_sd_recipes_against_a_hand_computation():
     assert rows["AlignProp, pickscore"]["per_image_gb"] == pytest.approx(per_image)
     w_vith = w + 30 * 4 / 2 ** 30
     assert rows["AlignProp, pickscore"]["fits"] == {m: int((m - w_vith) // per_image) for m in (24, 40, 80)}
+
+
+def test_sdxl_recipes_against_a_hand_computation():
+    parts = dict(xl_unet=dict(params=1000, trainable=10, activation_gb=5.0), vae=dict(params=100, activation_gb=4.0),
+                 xl_unet_eval=dict(params=1000, activation_gb=1.5), vae_eval=dict(params=100, activation_gb=1.25),
+                 vitl=dict(params=50, activation_gb=0.5), vith=dict(params=80, activation_gb=1.0))
+    rows = {r["recipe"]: r for r in gpu_memory.sdxl_recipes(parts)}
+    text_encoders = 123_060_480 + 694_659_840  # CLIP ViT-L/14's and OpenCLIP ViT-bigG/14's text towers, published sizes
+    # bf16 (2 bytes): UNet, VAE (force_upcast only forbids fp16) and both text encoders; the LoRA's 10
+    # weights 16 bytes each; the reward fp32 (4 bytes)
+    w = ((990 + 100 + text_encoders) * 2 + 10 * 16 + 80 * 4) / 2 ** 30
+    assert rows["DDPO, pickscore"]["weights_gb"] == pytest.approx(w)
+    assert rows["DDPO, pickscore"]["total_gb"] == pytest.approx(w + 2 * 5.0)  # 2 images, one UNet call each
+    assert rows["DDPO, pickscore"]["eval_gb"] == pytest.approx(w + 16 * 1.5)  # 16 at a time, the UNet calls' peak
+    per_image = 5.0 + 4.0 + 1.0  # UNet + VAE + ViT-H, each with its backward
+    assert rows["AlignProp, pickscore"]["per_image_gb"] == pytest.approx(per_image)
+    assert rows["AlignProp, pickscore"]["total_gb"] == pytest.approx(w + 1 * per_image)
+
+
+def test_sdxl_shapes_are_the_published_models():
+    """The configs build SDXL base 1.0's parameter counts (as published with its weights)."""
+    from diffusers import UNet2DConditionModel
+    with torch.device("meta"):
+        assert sum(p.numel() for p in UNet2DConditionModel(**gpu_memory.SDXL_UNET).parameters()) == 2_567_463_684
+    assert gpu_memory.text_encoder_params(gpu_memory.SDXL_TEXT_ENCODER_2, projection=True) == 694_659_840
+
+
+BROADCAST_CHECK = """
+import sys, torch, gpu_memory, lora, sampling
+from diffusers import UNet2DConditionModel
+config = dict(sample_size=64, block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=4)
+torch.manual_seed(0)
+if sys.argv[1] == "broadcast":
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**config)
+    gpu_memory.broadcast_weights(unet, torch.bfloat16)
+else:
+    unet = UNet2DConditionModel(**config).to(torch.bfloat16).requires_grad_(False)
+lora.inject(unet, rank=4)
+x, emb = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 64)
+out = {}
+run = lambda: out.setdefault("y", sampling.guided_eps(unet, x, 500, emb, emb, 5.0)).square().mean().backward()
+mb = gpu_memory.rise_mb(run)
+frozen = sum(p.untyped_storage().nbytes() for p in unet.parameters() if not p.requires_grad)  # all but the LoRA
+print("rise", mb, bool(torch.isfinite(out["y"]).all()), frozen)
+"""
+
+
+@pytest.mark.slow
+def test_broadcast_weights_keep_the_activation_memory_of_real_weights():
+    """What gpu_memory measures SDXL's UNet with: bf16 weights that take no memory, the same activations
+    as real ones, in the trainers' call (sampling.guided_eps, bf16 autocast)."""
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
+    got = {}
+    for kind in ("real", "broadcast"):
+        r = subprocess.run([sys.executable, "-c", BROADCAST_CHECK, kind], capture_output=True, text=True, env=env,
+                           cwd=os.path.dirname(gpu_memory.__file__))
+        _, mb, finite, nbytes = r.stdout.split("\n")[-2].split()
+        got[kind] = float(mb), finite == "True", int(nbytes)
+    assert got["broadcast"][1] and got["real"][1]  # finite activations either way
+    assert got["broadcast"][2] < 0.001 * got["real"][2]  # the frozen weights take no memory
+    # bf16 real weights add a fixed ~3 MB at any latent size (measured at 32, 48 and 64: 105/102,
+    # 177/174, 282/279 MB), so 64x64 latents, where that is 1%
+    assert got["real"][0] > 200 and got["broadcast"][0] == pytest.approx(got["real"][0], rel=0.03)

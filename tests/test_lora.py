@@ -245,3 +245,16 @@ def test_sd15_rank4_parameter_count():
     count = sum(p.numel() for p in params)
     assert count == by_layers == by_hand == 797_184
     assert len(linears) == 128 and len(params) == 256
+
+
+def test_sdxl_rank4_parameter_count():
+    from diffusers import UNet2DConditionModel
+    from gpu_memory import SDXL_UNET
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**SDXL_UNET)
+    # By hand: 70 transformer blocks, 10 of width 640 (down 2 x 2, up 3 x 2) and 60 of 1280 (down 2 x 10,
+    # mid 10, up 3 x 10). Per block, as SD 1.5's but with k and v from 2048 features: 56C + 2*4*2048.
+    by_hand = 10 * (56 * 640 + 16384) + 60 * (56 * 1280 + 16384)
+    params = lora.inject(unet, rank=4)
+    assert sum(p.numel() for p in params) == by_hand == 5_806_080
+    assert len(params) == 2 * 4 * 2 * 70  # A and B of q, k, v, out of 2 attentions per block

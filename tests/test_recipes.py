@@ -1,10 +1,11 @@
-"""The README's GPU recipes for Stable Diffusion 1.5, and its evaluation commands, run on a CPU.
+"""The README's GPU recipes for Stable Diffusion 1.5 and SDXL, and its evaluation commands, run on a CPU.
 
-Every command in the README's recipe block runs here as written, except that the model becomes a
-tiny random SD-shaped folder, the reward's weights become tiny random ones, and the run is cut to
-one epoch (AlignProp: one update; PRDP: two updates). A misspelt or mistyped flag, batch sizes that do not divide, a
-truncation the step count does not allow, or a reward that cannot train with that trainer fails
-here, before anyone rents a GPU for it."""
+Every command in the README's SD 1.5 recipe block and its evaluation block, and the aesthetic SDXL
+recipe of each trainer, runs here as written, except that the model becomes a tiny random SD-shaped
+(or SDXL-shaped) folder, the reward's weights become tiny random ones, and the run is cut to one
+epoch (AlignProp: one update; PRDP: two updates; evaluation: one seed of one prompt per category).
+A misspelt or mistyped flag, batch sizes that do not divide, a truncation the step count does not
+allow, or a reward that cannot train with that trainer fails here, before anyone rents a GPU for it."""
 import json
 import os
 import re
@@ -16,9 +17,10 @@ from conftest import read_log, run_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-def readme_recipes(marker="gpu-recipes"):
+def readme_recipes(marker):
     """(script, {flag: value}) for each command between the README's `marker` comments."""
     with open(os.path.join(ROOT, "README.md")) as f:
         text = f.read()
@@ -35,8 +37,13 @@ def readme_recipes(marker="gpu-recipes"):
     return recipes
 
 
-RECIPES = readme_recipes()
+SD15_RECIPES, SDXL_RECIPES = readme_recipes("gpu-recipes"), readme_recipes("sdxl-recipes")
 EVALS = readme_recipes("gpu-eval")
+MICRO_BATCHES = {"train_batch_size", "grad_accum", "batch_size"}  # what memory asks SDXL to change
+# The SDXL recipes that run below: one per trainer. Their PickScore twins differ from them exactly as
+# SD 1.5's PickScore recipes (which run) differ from SD 1.5's aesthetic ones (checked below), and
+# running all six would add minutes to the suite.
+RUN = SD15_RECIPES + [(s, f) for s, f in SDXL_RECIPES if f["reward"] == "aesthetic"]
 
 
 def same(value, text):
@@ -49,21 +56,34 @@ def same(value, text):
 
 def test_the_readme_has_the_papers_four_settings():
     """DDPO, AlignProp and PRDP, each with aesthetic on the 45 animals and PickScore on the 135
-    animal-activity prompts, on SD 1.5, with DiffExp on."""
-    settings = {(s, f.get("reward"), f.get("prompts")) for s, f in RECIPES}
-    for script in ("train_ddpo", "train_alignprop", "train_prdp"):
-        assert (script, "aesthetic", "animals") in settings
-        assert (script, "pickscore", "animal_activities") in settings
-    assert all(f["model"] == SD15 and f.get("explore") == "true" for _, f in RECIPES)
+    animal-activity prompts, on SD 1.5 and on SDXL, with DiffExp on."""
+    for recipes, model in ((SD15_RECIPES, SD15), (SDXL_RECIPES, SDXL)):
+        settings = {(s, f.get("reward"), f.get("prompts")) for s, f in recipes}
+        for script in ("train_ddpo", "train_alignprop", "train_prdp"):
+            assert (script, "aesthetic", "animals") in settings
+            assert (script, "pickscore", "animal_activities") in settings
+        assert all(f["model"] == model and f.get("explore") == "true" for _, f in recipes)
+
+
+def test_sdxl_recipes_differ_from_sd15s_only_in_the_model_and_the_micro_batches():
+    """No other change to the command line than --model, and the batch sizes memory asks for."""
+    for (s1, f1), (s2, f2) in zip(SD15_RECIPES, SDXL_RECIPES, strict=True):
+        assert s1 == s2 and f1.keys() == f2.keys()
+        assert {k for k in f1 if f1[k] != f2[k]} <= MICRO_BATCHES | {"model"}, (s1, f1, f2)
+    for script in ("train_ddpo", "train_alignprop", "train_prdp"):  # what RUN leaves out is covered
+        (a1, p1), (a2, p2) = [[f for s, f in recipes if s == script] for recipes in (SD15_RECIPES, SDXL_RECIPES)]
+        assert {k for k in a1 if a1[k] != p1[k]} == {k for k in a2 if a2[k] != p2[k]} == {"reward", "prompts"}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("script, flags", RECIPES, ids=[f"{s}-{f.get('reward')}" for s, f in RECIPES])
-def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_open_clip, tiny_pickscore, tmp_path):
+@pytest.mark.parametrize("script, flags", RUN,
+                         ids=[f"{s}-{f.get('reward')}-{'sdxl' if f['model'] == SDXL else 'sd15'}" for s, f in RUN])
+def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_sdxl_dir, tiny_open_clip, tiny_pickscore,
+                                         tmp_path):
     name, ckpt, mlp = tiny_open_clip
     tiny_weights = {"aesthetic": f"clip_model={name},clip_pretrained={ckpt},mlp_path={mlp}",
                     "pickscore": f"model={tiny_pickscore[2]},processor={tiny_pickscore[3]}"}
-    swapped = dict(model=tiny_pipeline_dir, reward_options=tiny_weights[flags["reward"]], out=str(tmp_path / "run"),
+    swapped = dict(model={SD15: tiny_pipeline_dir, SDXL: tiny_sdxl_dir}[flags["model"]], reward_options=tiny_weights[flags["reward"]], out=str(tmp_path / "run"),
                    epochs="1", eval_prompts="2", eval_seeds="1")
     if script == "train_alignprop":
         swapped["steps_per_epoch"] = "1"
@@ -102,7 +122,7 @@ def test_the_readme_evaluates_drawbench_and_the_unseen_animals_against_the_base_
         ev = importlib.reload(importlib.import_module("evaluate"))
         ev.config = configurator.configure(vars(ev), [f"--{k}={v}" for k, v in base[1].items()])
         assert run[1]["baseline"] == os.path.join(ev.resolve()["out"], "table.json")
-        trained = [f for s, f in RECIPES if s == "train_ddpo" and f["reward"] == run[1]["reward"]]
+        trained = [f for s, f in SD15_RECIPES if s == "train_ddpo" and f["reward"] == run[1]["reward"]]
         assert run[1]["lora"] == f"out/ddpo-{run[1]['reward']}-explore-s0" and trained
         assert {k: v for k, v in base[1].items() if k not in ("model", "baseline")} == \
                {k: v for k, v in run[1].items() if k not in ("lora", "baseline")}  # the same settings
