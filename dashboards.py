@@ -12,6 +12,7 @@ writes them, at step = epoch.
 import importlib.util
 import math
 import os
+import time
 
 import runs
 
@@ -44,7 +45,9 @@ class Dashboards:
             return
         if config.get("tensorboard"):
             from tensorboardX import SummaryWriter  # a resumed run adds an event file; TensorBoard joins them by step
-            self.writer = SummaryWriter(logdir=os.path.join(out, "tensorboard"))
+            # event files are named by the second and the host: a resume within the same second would
+            # overwrite the first part's file, so each writer's name also carries its start in nanoseconds
+            self.writer = SummaryWriter(logdir=os.path.join(out, "tensorboard"), filename_suffix=f".{time.time_ns()}")
         if config.get("wandb_log"):
             import wandb
             # a resumed run continues the same W&B run: its id is kept in the run folder
