@@ -40,7 +40,6 @@ import time
 import torch
 
 import configurator
-import dashboards
 import explore
 import grids
 import lora
@@ -177,7 +176,7 @@ def plan():
                 raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
                                  f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
-        runs.check_run(r["dir"], r["config"], ignore=("stop_after", "max_skips", "eval_batch_size", *dashboards.OPTIONS))
+        runs.check_run(r["dir"], r["config"])
     return folder, run_list, train_list, train_prompts, held
 
 

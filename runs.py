@@ -49,10 +49,16 @@ def write_text(path, text):
 ADDED_OPTIONS = {"revision": "", "variant": "", "precision": "auto"}
 
 
-def check_run(out, config, ignore=()):
+# Options that change how a run is stopped, evaluated in memory or watched, never what it computes:
+# a resume may change them (the dashboards' options are dashboards.OPTIONS; a test keeps them here).
+MAY_CHANGE = ("stop_after", "max_skips", "eval_batch_size", "wandb_log", "wandb_project", "wandb_run_name",
+              "tensorboard")
+
+
+def check_run(out, config, ignore=MAY_CHANGE):
     """Refuse a run folder that holds a run with a different config: re-running the same command
     resumes, but a different config in the same folder would silently mix two experiments in one
-    log. Keys in `ignore` may differ (e.g. stop_after). Cheap: call it before any model loads."""
+    log. Keys in `ignore` may differ (MAY_CHANGE). Cheap: call it before any model loads."""
     path = os.path.join(out, "config.json")
     if not os.path.exists(path):
         return
@@ -67,7 +73,7 @@ def check_run(out, config, ignore=()):
                          f"--out=<new folder> (or delete {out}) to start fresh")
 
 
-def prepare_run(out, config, ignore=()):
+def prepare_run(out, config, ignore=MAY_CHANGE):
     """check_run, then create the folder and write config.json."""
     check_run(out, config, ignore)
     os.makedirs(out, exist_ok=True)

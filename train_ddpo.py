@@ -183,7 +183,7 @@ def main(check_only=False):
         return
     out = out or f"out/ddpo-{reward}{'-explore' if explore else ''}-s{seed}"
     config["out"] = out
-    runs.check_run(out, config, ignore=("stop_after", "max_skips", "eval_batch_size", *dashboards.OPTIONS))
+    runs.check_run(out, config)
 
     # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
     ddp, rank, world, dev = distributed.setup(device)
@@ -205,7 +205,7 @@ def main(check_only=False):
     require(num_steps <= T, f"--num_steps must be <= the model's {T} training timesteps, got {num_steps}")
     require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
     if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        runs.prepare_run(out, config, ignore=("stop_after", "max_skips", "eval_batch_size", *dashboards.OPTIONS))
+        runs.prepare_run(out, config)
     dash = dashboards.Dashboards(out, config, enabled=master)  # wandb / TensorBoard, if asked (log.jsonl always)
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)

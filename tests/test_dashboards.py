@@ -124,3 +124,9 @@ def test_wandb_offline_run_equals_the_log_across_a_resume(tiny_pipeline_dir, pro
     for s, rec in zip(steps, log):
         for key, value in dashboards.numbers(rec).items():
             assert same(s[key], value), key
+
+
+def test_dashboard_options_may_change_on_resume():
+    """runs.check_run lets a resume change the dashboards' options (they never change what a run computes)."""
+    import runs
+    assert set(dashboards.OPTIONS) <= set(runs.MAY_CHANGE)
