@@ -35,6 +35,9 @@
    sampling and their recomputation in training come from UNet calls that round differently:
    bf16 at two batch sizes (do this machine's kernels depend on the batch? the trainers sample with
    training's batch in case they do), and bf16 against fp32 (what any difference in rounding costs).
+7. With --compiled (the default), each trainer's epoch of 1. again with its UNet compiled
+   (--compile=on, compiling.py): the seconds per section and the speed-up over eager, and the time to
+   the end of the first epoch with an empty compiler cache and with the cache that run filled.
 
 Prints markdown tables (and writes them as JSON with --json_out).
 """
@@ -82,6 +85,7 @@ truncations = ""             # AlignProp K values for the memory/time table, e.g
 sd_memory = False            # also estimate the SD 1.5 GPU recipes' memory from CPU measurements (5.; minutes, < 7 GB RAM)
 sdxl_memory = False          # the same for the SDXL recipes (5.; minutes, < 7 GB RAM)
 ratio_noise = False          # also measure DDPO's first-step ratio under bf16 rounding differences (6.)
+compiled = True              # also time each trainer with its UNet compiled, with a cold and a warm compiler cache (7.)
 json_out = ""                # also write all results as JSON to this file
 # ------------------------------------------------------------------------------------------------
 
@@ -166,13 +170,15 @@ def model_args():
     return [f"--model={model}", f"--revision={revision}", f"--variant={variant}"]
 
 
-def time_trainer(name, extra):
+def time_trainer(name, extra, compiled=False):
     """Run trainer `name` (ddpo or alignprop) for warmup + epochs epochs with its functions timed.
-    Returns the timed epochs' sections, wall times and UNet calls, the pipeline, and the config."""
+    Returns the timed epochs' sections, wall times and UNet calls, the pipeline, and the config, and
+    the time from the start to the end of the first epoch (loading, the evaluation before training,
+    and with `compiled`, the compilation of every graph the epoch needs)."""
     module = importlib.reload(importlib.import_module(TRAINER_MODULES[name]))
     out = tempfile.mkdtemp(prefix=f"bench-{name}-")
     argv = [*model_args(), *extra, f"--out={out}", "--epochs=1000000",  # no last-epoch evaluation
-            f"--stop_after={warmup + epochs}", "--eval_every=1000000"]
+            f"--stop_after={warmup + epochs}", "--eval_every=1000000", f"--compile={'on' if compiled else 'off'}"]
     calls, marks, state = [], [], {}
 
     def count_unet_call(unet, args, kwargs):
@@ -181,7 +187,8 @@ def time_trainer(name, extra):
 
     def load_pipeline(*a, **k):
         state["pipe"] = pipe = real["load_pipeline"](*a, **k)
-        state["hook"] = pipe.unet.register_forward_pre_hook(count_unet_call, with_kwargs=True)
+        if not compiled:  # (a hook would be traced into the compiled graph; the eager run counts the calls)
+            state["hook"] = pipe.unet.register_forward_pre_hook(count_unet_call, with_kwargs=True)
         return pipe
 
     def write_log(*a, **k):  # the end of an epoch: close its books
@@ -217,6 +224,7 @@ def time_trainer(name, extra):
             setattr(obj, attr, new)
         _times.clear()
         module.config = configurator.configure(vars(module), argv)
+        start = time.perf_counter()
         module.main()
     finally:
         for obj, attr, _ in patches:
@@ -230,7 +238,7 @@ def time_trainer(name, extra):
     timed_marks = marks[warmup:]
     walls = [m["t"] - prev["t"] for prev, m in zip(marks[warmup - 1:], timed_marks)]
     return dict(marks=timed_marks, walls=walls, pipe=state["pipe"], config=dict(module.config),
-                queries=timed_marks[0]["queries"] - marks[warmup - 1]["queries"])
+                queries=timed_marks[0]["queries"] - marks[warmup - 1]["queries"], first=marks[0]["t"] - start)
 
 
 def unet_seconds(unet, x_shape, emb_shape, grad):
@@ -262,15 +270,22 @@ def unet_seconds(unet, x_shape, emb_shape, grad):
     return statistics.median(times)
 
 
+def per_epoch(r):
+    """(wall seconds, {section: seconds}, seconds writing files) of an average timed epoch of a
+    time_trainer result."""
+    n = len(r["marks"])
+    wall = sum(r["walls"]) / n
+    seconds = {s: sum(m["times"].get(s, 0.0) for m in r["marks"]) / n for s in SECTIONS[:-1]}
+    seconds["overhead"] = wall - sum(seconds.values())  # including the writing of files
+    return wall, seconds, sum(m["times"].get("writing", 0.0) for m in r["marks"]) / n
+
+
 def bench_trainer(name, extra):
     """The breakdown of one epoch of trainer `name` (seconds and fractions), its UNet calls and
     the overhead ratio."""
     r = time_trainer(name, extra)
     n = len(r["marks"])
-    wall = sum(r["walls"]) / n
-    seconds = {s: sum(m["times"].get(s, 0.0) for m in r["marks"]) / n for s in SECTIONS[:-1]}
-    seconds["overhead"] = wall - sum(seconds.values())  # including the writing of files
-    writing = sum(m["times"].get("writing", 0.0) for m in r["marks"]) / n
+    wall, seconds, writing = per_epoch(r)
     calls = sum((m["calls"] for m in r["marks"]), Counter())  # epochs may differ (AlignProp's random K)
     unet = r["pipe"].unet
     kinds = [dict(x=list(x), emb=list(e), grad=g, count=c / n, seconds_each=unet_seconds(unet, x, e, g))
@@ -280,7 +295,35 @@ def bench_trainer(name, extra):
     return dict(trainer=name, args=" ".join(extra), wall=wall, logged=sum(m["logged"] for m in r["marks"]) / n,
                 peak_gpu_mb=max(gpu) if gpu else None,
                 queries=r["queries"], seconds=seconds, fractions={s: v / wall for s, v in seconds.items()},
-                writing=writing, unet_calls=kinds, unet_seconds=unet_total, overhead_ratio=wall / unet_total, config=r["config"])
+                writing=writing, unet_calls=kinds, unet_seconds=unet_total, overhead_ratio=wall / unet_total,
+                config=r["config"], first=r["first"])
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. The same epoch with the UNet compiled (--compile=on, compiling.py), and what compiling costs
+
+def bench_compiled(name, extra):
+    """Trainer `name`'s epoch with its UNet compiled, run twice: with an empty compiler cache (the
+    first run on a machine) and again, after Dynamo's in-memory caches are dropped, with the on-disk
+    cache that the first run filled (what every later run pays: compare.py's runs after its first).
+    Returns the second run's seconds per section and both runs' time to the end of the first epoch."""
+    cache, before = tempfile.mkdtemp(prefix="bench-inductor-"), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    try:
+        firsts = []
+        for _ in range(2):
+            torch._dynamo.reset()
+            r = time_trainer(name, extra, compiled=True)
+            firsts.append(r["first"])
+    finally:
+        torch._dynamo.reset()
+        if before is None:
+            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+        else:
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
+        shutil.rmtree(cache, ignore_errors=True)
+    wall, seconds, _ = per_epoch(r)
+    return dict(wall=wall, seconds=seconds, first_cold=firsts[0], first_warm=firsts[1])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -441,20 +484,35 @@ def markdown(results, speeds, ktable=(), sdmem=None, sdxlmem=None, noise=()):
     for b in cols:
         lines.append(f"- {describe(b)}; {b['queries']} reward queries per epoch" + (f"; options `{b['args']}`" if b["args"] else ""))
     if cols:
-        lines += ["", "| one epoch | " + " | ".join(f"{b['trainer']} s | {b['trainer']} share" for b in cols) + " |",
-                  "|---|" + "---:|---:|" * len(cols)]
+        comp = all("compiled" in b for b in cols)  # two more columns per trainer: compiled seconds, speed-up
+        pad = " | |" if comp else ""  # those columns in rows that only the eager run has
+
+        def row(label, cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+
+        head = (lambda b: f"{b['trainer']} s | {b['trainer']} share" + (f" | {b['trainer']} compiled s | speed-up" if comp else ""))
+        lines += ["", "| one epoch | " + " | ".join(head(b) for b in cols) + " |",
+                  "|---|" + ("---:|---:|" * (2 if comp else 1)) * len(cols)]
+        speed = lambda a, c: f"{a / c:.2f}x" if c > 1e-4 else ""
+
+        def seconds(b, s):
+            cell = f"{b['seconds'][s]:.3f} | {b['fractions'][s]:.1%}"
+            return cell + (f" | {b['compiled']['seconds'][s]:.3f} | {speed(b['seconds'][s], b['compiled']['seconds'][s])}"
+                           if comp else "")
         for s in SECTIONS:
-            lines.append(f"| {s} | " + " | ".join(f"{b['seconds'][s]:.3f} | {b['fractions'][s]:.1%}" for b in cols) + " |")
-        lines.append("| (overhead: of which writing checkpoint, log, plot) | "
-                     + " | ".join(f"({b['writing']:.3f}) | ({b['writing'] / b['wall']:.1%})" for b in cols) + " |")
-        lines.append("| **wall time** | " + " | ".join(f"**{b['wall']:.3f}** | 100% " for b in cols) + " |")
+            row(s, [seconds(b, s) for b in cols])
+        row("(overhead: of which writing checkpoint, log, plot)", [f"({b['writing']:.3f}) | ({b['writing'] / b['wall']:.1%})" + pad for b in cols])
+        row("**wall time**", [f"**{b['wall']:.3f}** | 100%" + (f" | **{b['compiled']['wall']:.3f}** | "
+                                                                 f"**{speed(b['wall'], b['compiled']['wall'])}**" if comp else "") for b in cols])
+        if comp:
+            row("start to the end of the first epoch (loading, evaluation before training, compiling: cold / warm compiler cache)",
+                [f"{b['first']:.1f} | | {b['compiled']['first_cold']:.1f} / {b['compiled']['first_warm']:.1f} |" for b in cols])
         calls = lambda b: " + ".join(f"{k['count']:g} x {'fwd+bwd' if k['grad'] else 'fwd'} [{k['x'][0]}]" for k in b["unet_calls"])
-        lines.append("| UNet calls [batch] | " + " | ".join(f"{calls(b)} | " for b in cols) + " |")
-        lines.append("| pure UNet time | " + " | ".join(f"{b['unet_seconds']:.3f} | " for b in cols) + " |")
-        lines.append("| **overhead ratio** (wall / pure UNet) | " + " | ".join(f"**{b['overhead_ratio']:.2f}** | " for b in cols) + " |")
+        row("UNet calls [batch]", [f"{calls(b)} | " + pad for b in cols])
+        row("pure UNet time (eager)", [f"{b['unet_seconds']:.3f} | " + pad for b in cols])
+        row("**overhead ratio** (wall / pure UNet, eager)", [f"**{b['overhead_ratio']:.2f}** | " + pad for b in cols])
         if any(b["peak_gpu_mb"] is not None for b in cols):
-            lines.append("| peak GPU memory (MB, max_memory_allocated) | "
-                         + " | ".join(f"{b['peak_gpu_mb'] or 0:.0f} | " for b in cols) + " |")
+            row("peak GPU memory (MB, max_memory_allocated)", [f"{b['peak_gpu_mb'] or 0:.0f} | " + pad for b in cols])
     if speeds:
         lines += ["", f"Sampling throughput, images/s ({num_steps} DDIM steps, guidance {guidance:g}, VAE decode included):", "",
                   "| batch | CFG batched (one UNet call on 2B) | unbatched (two calls on B) | speed-up |", "|---:|---:|---:|---:|"]
@@ -530,6 +588,9 @@ def main():
     for n in names:
         print(f"timing {warmup} + {epochs} epochs of {TRAINER_MODULES[n]}.py ...", flush=True)
         results.append(bench_trainer(n, extras[n]))
+        if compiled:
+            print(f"timing it again with the UNet compiled (a cold, then a warm compiler cache) ...", flush=True)
+            results[-1]["compiled"] = bench_compiled(n, extras[n])
     speeds = []
     if sizes:
         pipe = pipelines.load_pipeline(model, device="cuda" if torch.cuda.is_available() else "cpu",

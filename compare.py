@@ -39,10 +39,12 @@ import time
 
 import torch
 
+import compiling
 import configurator
 import explore
 import grids
 import lora
+import mixed_precision
 import pipelines
 import prompt_sets
 import rewards
@@ -71,6 +73,8 @@ heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0
 metrics = "auto"             # also score the held-out images with these rewards (comma-separated), to see
                              # over-optimisation; auto: shapes_success,shapes_correct,shapes_appeal on the shapes world
 jobs = 0                     # trainer processes at once; 0 = one per 2 cores (torch threads are split between them)
+compile = "auto"             # torch.compile every run's UNet: auto (where the machine can, CUDA or a C++ compiler, except
+                             # DDPO/PRDP in bf16/fp16), on, off; the runs share the compiler's cache (compiling.py)
 out = ""                     # compare folder; default out/compare-<trainer>-<reward>
 # ------------------------------------------------------------------------------------------------
 
@@ -83,7 +87,8 @@ ABLATION_ARMS = {"cfg_only": ["--explore", "--explore_weights=false"],
                  "weights_only": ["--explore", "--explore_cfg=false"],
                  "w_low0": ["--explore", "--w_low=0"]}  # the unconditional model on the noisy steps
 # compare sets these per run; letting --args set them would break the comparison or the resume
-OWN_KEYS = ("model", "revision", "variant", "reward", "prompts", "seed", "out", "explore", "explore_cfg", "explore_weights", "stop_after")
+OWN_KEYS = ("model", "revision", "variant", "reward", "prompts", "seed", "out", "explore", "explore_cfg", "explore_weights",
+            "stop_after", "compile")
 HOLDOUT_STRIDE = 7  # auto hold-out: prompts 0, 7, 14, ... (7 is coprime to the shapes world's 6x4x3 grid)
 
 
@@ -127,6 +132,7 @@ def plan():
     at_least(1, seeds=seeds, heldout_prompts=heldout_prompts)
     at_least(2, heldout_seeds=heldout_seeds)  # the diversity column compares a prompt's seeds
     at_least(0, jobs=jobs)
+    compiling.check(compile)
     require(reward in rewards.REWARDS, f"unknown reward {reward!r}; known rewards: {', '.join(rewards.REWARDS)}")
     if bad := [m for m in metrics.split(",") if metrics != "auto" and m.strip() and m.strip() not in rewards.REWARDS]:
         raise SystemExit(f"error: --metrics: unknown reward {bad[0].strip()!r}; known rewards: {', '.join(rewards.REWARDS)}")
@@ -157,6 +163,10 @@ def plan():
         held = prompt_sets.load_prompts(heldout)
     n = min(heldout_prompts, len(held))
     held = [held[i * len(held) // n] for i in range(n)]  # evenly spaced
+    # compiling, decided once for every run (compiling.py): the runs' UNet dtype comes from their options
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = mixed_precision.unet_dtype(trainer_config([f"--model={model}", *extra]).get("precision", "auto"), dev)
+    run_compile = "on" if compiling.wanted(compile, dev, dtype, replays=trainer in ("ddpo", "prdp"), many_runs=True) else "off"
     arms = dict(ARMS, **(ABLATION_ARMS if ablation else {}))
     if explore_extra:
         arms = {arm if arm == "baseline" else arm + explore_tag(): flags + ([] if arm == "baseline" else explore_extra)
@@ -166,7 +176,7 @@ def plan():
         for s in range(seeds):
             name, run_dir = f"{arm}-s{s}", os.path.join(folder, f"{arm}-s{s}")
             argv = [f"--model={model}", f"--revision={revision}", f"--variant={variant}", f"--reward={reward}",
-                    f"--prompts={train_prompts}", *extra,
+                    f"--prompts={train_prompts}", f"--compile={run_compile}", *extra,
                     f"--seed={s}", f"--out={run_dir}", *flags]
             run_list.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, flags=flags,
                              config=trainer_config(argv)))

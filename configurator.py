@@ -10,7 +10,7 @@ and then calls `configure(globals())`, which overrides them from the command lin
     python train_ddpo.py --lr=1e-4 --explore --seed 3
 
 `--key=value` and `--key value` both work, a bare `--flag` sets a boolean to True (`--no-flag`
-sets it to False), dashes and underscores are the same, values are checked against the type of
+sets it to False) and an auto/on/off switch such as `--compile` to on, dashes and underscores are the same, values are checked against the type of
 the default, `--help` lists every key with its default and comment, and an unknown key is an error
 that names the closest known keys. A number must be finite (`--lr=1e999` is refused).
 
@@ -99,6 +99,9 @@ def parse(argv, defaults, comments=None, doc=""):
         if not eq:
             if isinstance(default, bool):
                 config[key] = not negate
+                continue
+            if default == "auto" and (i >= len(argv) or argv[i].startswith("--")):
+                config[key] = "on"  # an auto/on/off switch such as --compile: bare means on
                 continue
             if i >= len(argv):
                 raise SystemExit(f"error: --{key} needs a value")

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import compiling
 import configurator
 import distributed
 import grids
@@ -60,6 +61,7 @@ baseline = ""                # a table.json of another evaluation with the same 
 grid_prompts = 2             # grid rows per category (its first prompts); 0 = no grid
 grid_seeds = 4               # grid columns (the first seeds)
 device = "auto"              # auto = cuda if available, else cpu
+compile = "auto"             # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (compiling.py)
 out = ""                     # output folder; default <run>/eval-<prompts>-<reward> or out/eval-<model>-<prompts>-<reward>
 # ------------------------------------------------------------------------------------------------
 
@@ -83,6 +85,7 @@ def resolve():
     any model work: a dict, or a one-line error."""
     at_least(1, num_seeds=num_seeds, num_steps=num_steps, batch_size=batch_size, grid_seeds=grid_seeds)
     at_least(0, per_category=per_category, grid_prompts=grid_prompts, guidance=guidance)
+    compiling.check(compile)
     between(0, 1, eta=eta)
     require(not lora or weights_file(lora), f"--lora={lora}: no LoRA weights there; pass a run folder (out/<run>), "
                                             "its lora/ folder or a .safetensors file")
@@ -175,6 +178,7 @@ def main():
         pipe = pipelines.load_pipeline(cfg["model"], dev, revision=cfg["revision"] or None, variant=cfg["variant"] or None)
         if cfg["lora"]:
             load_lora(pipe.unet, cfg["lora"])
+        compiling.unet(pipe.unet, compile, dev)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     T = pipe.scheduler.config.num_train_timesteps

@@ -49,10 +49,11 @@ def write_text(path, text):
 ADDED_OPTIONS = {"revision": "", "variant": "", "precision": "auto"}
 
 
-# Options that change how a run is stopped, evaluated in memory or watched, never what it computes:
+# Options that change how a run is stopped, evaluated in memory, run (compile: the same maths up to
+# floating-point rounding) or watched, never what it computes:
 # a resume may change them (the dashboards' options are dashboards.OPTIONS; a test keeps them here).
 MAY_CHANGE = ("stop_after", "max_skips", "eval_batch_size", "wandb_log", "wandb_project", "wandb_run_name",
-              "tensorboard")
+              "tensorboard", "compile")
 
 
 def check_run(out, config, ignore=MAY_CHANGE):

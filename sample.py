@@ -9,6 +9,7 @@ import os
 
 import torch
 
+import compiling
 import configurator
 import distributed
 import grids
@@ -38,6 +39,7 @@ t_thres = 800  # exploration: timestep threshold of the guidance schedule
 batch_size = 16  # images per denoising batch
 device = "auto"  # auto (cuda if there is a GPU), cpu, cuda or cuda:N
 precision = "auto"  # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
+compile = "auto"  # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (compiling.py)
 out = "out/samples.png"  # where the grid PNG goes
 
 
@@ -52,6 +54,7 @@ def main():
     require(os.path.splitext(out)[1].lower() in (".png", ".jpg", ".jpeg"), f"--out must end in .png or .jpg, got {out!r}")
     distributed.check_device(device)
     mixed_precision.check(precision)
+    compiling.check(compile)
     if prompt:
         prompt_list = prompt_sets.check_marks([prompt])
     else:
@@ -62,6 +65,7 @@ def main():
         pipe = pipelines.load_pipeline(model, dev, precision, revision=revision or None, variant=variant or None)
         if lora:
             load_lora(pipe.unet, weights_file(lora))
+        compiling.unet(pipe.unet, compile, dev)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     T = pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps

@@ -23,6 +23,7 @@ import time
 import torch
 from tqdm import tqdm
 
+import compiling
 import configurator
 import explore
 import grids
@@ -42,6 +43,7 @@ common_seeds = 2  # hard-prompt table: samples per common caption (54) in each s
 steps = 20  # DDIM steps
 tables = "quality,hard,rewards"  # which tables: quality (and the grids), hard (rare vs. common), rewards (ranges)
 assets = "assets"  # where the grids and the JSON of the tables go
+compile = "auto"  # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (compiling.py)
 
 # ---------------------------------------------------------------------------------------------
 # 1. Quality: every caption at each guidance scale, next to real images
@@ -71,6 +73,7 @@ def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
     (loaded with no project code), judge the samples, write grids. Returns the rows and a markdown table."""
     from diffusers import StableDiffusionPipeline
     pipe = StableDiffusionPipeline.from_pretrained(folder)
+    compiling.unet(pipe.unet, compile, pipe.device)
     pipe.set_progress_bar_config(disable=True)
     judge, aesthetic_mlp, tok = load_judge(folder), load_aesthetic(folder), clip_tokenizer(MAX_TOKENS)
     labels = torch.arange(len(CAPTIONS)).repeat_interleave(per_prompt)
@@ -142,6 +145,7 @@ def shape_agreement(pipe, judge, tok, captions, seeds, guidance, weight):
 def regime_table(folder):
     """The hard-prompt table: shape agreement of rare and common captions, judge / pixel checker."""
     pipe = pipelines.load_pipeline(folder)
+    compiling.unet(pipe.unet, compile, pipe.device)
     judge, tok = load_judge(folder), clip_tokenizer(MAX_TOKENS)
     rare = [c for i, c in enumerate(CAPTIONS) if is_rare(i)]
     common = [c for i, c in enumerate(CAPTIONS) if not is_rare(i)]
@@ -167,6 +171,7 @@ def reward_ranges(folder):
     """Every shapes reward on 2 samples of each caption at guidance 5, `steps` DDIM steps, eta 1."""
     import rewards
     pipe = pipelines.load_pipeline(folder)
+    compiling.unet(pipe.unet, compile, pipe.device)
     todo = [p for p in prompts() for _ in range(2)]
     g = sampling.random_streams(0, 0)
     traj = sampling.rollout(pipe, sampling.encode_prompts(pipe, todo), sampling.encode_prompts(pipe, [""]), 5.0,
@@ -187,6 +192,7 @@ def main():
     # checks first: bad input costs nothing (and the default world takes minutes to build)
     at_least(2, per_prompt=per_prompt)  # diversity and the centroid spread compare a caption's samples
     at_least(1, rare_seeds=rare_seeds, common_seeds=common_seeds)
+    compiling.check(compile)
     between(1, new_scheduler().config.num_train_timesteps, steps=steps)
     require(not world or shapes.is_complete(world),
             f"--world={world} is not a built shapes world (no folder with a matching world.json); "

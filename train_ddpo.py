@@ -32,6 +32,7 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
+import compiling
 import configurator
 import dashboards
 import distributed
@@ -102,6 +103,7 @@ max_skips = 3                # a NaN/inf reward, sample, loss or gradient skips 
 # hardware
 device = "auto"              # auto (cuda if there is a GPU), cpu, cuda or cuda:N
 precision = "auto"           # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
+compile = "auto"             # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (compiling.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -176,6 +178,7 @@ def main(check_only=False):
                                                 "buffer never holds more than stat_buffer")
     distributed.check_device(device)
     mixed_precision.check(precision)
+    compiling.check(compile)
     dashboards.check(wandb_log=wandb_log, tensorboard=tensorboard)  # their packages are installed
     reward_kwargs = configurator.parse_options(reward_options)
     prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
@@ -209,6 +212,7 @@ def main(check_only=False):
     dash = dashboards.Dashboards(out, config, enabled=master)  # wandb / TensorBoard, if asked (log.jsonl always)
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
+    compiling.unet(unet, compile, dev, replays=True)  # after the LoRA layers are in: they are part of the graph
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scaler = mixed_precision.grad_scaler(unet)  # fp16 only: loss scaling; with bf16 and fp32 it does nothing
     scheduler.set_timesteps(num_steps, device=dev)

@@ -50,7 +50,7 @@ def check_breakdown(b):
 @pytest.mark.slow
 def test_ddpo_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file, capsys):
     bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=ddpo", "--batch_sizes=1,2", "--repeats=1",
-                       "--num_steps=2", "--epochs=2",
+                       "--num_steps=2", "--epochs=2", "--no-compiled",  # Inductor would cost minutes: see below
                        f"--ddpo_args=--reward=jpeg_incompressibility --prompts={prompt_file} --num_steps=3 "
                        "--sample_batch_size=2 --samples_per_prompt=2 --num_batches=2 --train_batch_size=4")
     (b,), speeds = bench.main()
@@ -65,6 +65,14 @@ def test_ddpo_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file, cap
     for row in bench.SECTIONS + ["**wall time**", "**overhead ratio**"]:
         assert f"| {row}" in text
     assert "6 x fwd [4] + 3 x fwd+bwd [8]" in text
+    # 7., the compiled columns, on this epoch's numbers with made-up compiled ones (compiling the tiny UNet
+    # with Inductor, cold and warm, would cost minutes of the suite)
+    b["compiled"] = dict(wall=b["wall"] / 2, seconds={s: v / 2 for s, v in b["seconds"].items()},
+                         first_cold=100.0, first_warm=b["first"])
+    lines = bench.markdown([b], []).splitlines()
+    assert "| one epoch | ddpo s | ddpo share | ddpo compiled s | speed-up |" in lines
+    assert any(l.startswith("| **wall time** |") and l.endswith(f"| **{b['wall'] / 2:.3f}** | **2.00x** |") for l in lines)
+    assert any("cold / warm compiler cache" in l and f"| 100.0 / {b['first']:.1f} |" in l for l in lines)
     # the timers are gone: the functions the trainers call are the originals again
     assert sampling.guided_eps.__module__ == "sampling" and not hasattr(sampling.guided_eps, "__wrapped__")
     assert not hasattr(torch.autograd.backward, "__wrapped__") and not hasattr(rewards.load, "__wrapped__")
@@ -72,7 +80,7 @@ def test_ddpo_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file, cap
 
 @pytest.mark.slow
 def test_alignprop_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file):
-    bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=alignprop", "--batch_sizes=", "--repeats=1",
+    bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=alignprop", "--batch_sizes=", "--repeats=1", "--no-compiled",
                        f"--alignprop_args=--reward=shapes_appeal --prompts={prompt_file} --num_steps=3 "
                        "--batch_size=2 --steps_per_epoch=2 --truncation=1")
     (b,), speeds = bench.main()
@@ -85,7 +93,7 @@ def test_alignprop_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file
 
 @pytest.mark.slow
 def test_prdp_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file):
-    bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=prdp", "--batch_sizes=", "--repeats=1",
+    bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=prdp", "--batch_sizes=", "--repeats=1", "--no-compiled",
                        f"--prdp_args=--reward=jpeg_incompressibility --prompts={prompt_file} --num_steps=3 "
                        "--prompts_per_epoch=1 --images_per_prompt=2 --sample_batch_size=2 --train_batch_size=2 "
                        "--updates_per_epoch=2")

@@ -27,9 +27,10 @@ TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --samples_per_prompt=1 --nu
 
 
 def configured(*argv):
-    """A fresh compare module with `argv` applied, as `python compare.py <argv>` would have it."""
+    """A fresh compare module with `argv` applied, as `python compare.py <argv>` would have it, but
+    with --compile=off unless `argv` says otherwise (compiling a tiny UNet costs more than its runs)."""
     mod = importlib.reload(importlib.import_module("compare"))
-    configurator.configure(vars(mod), [str(a) for a in argv])
+    configurator.configure(vars(mod), ["--compile=off", *[str(a) for a in argv]])
     return mod
 
 

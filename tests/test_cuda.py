@@ -96,7 +96,7 @@ def test_bench_times_sections_with_cuda_events(tiny_pipeline_dir, prompt_file):
     import configurator
     bench = importlib.reload(importlib.import_module("bench"))
     configurator.configure(vars(bench), [f"--model={tiny_pipeline_dir}", "--trainers=ddpo", "--batch_sizes=2",
-                                         "--repeats=1", f"--ddpo_args=--reward=jpeg_incompressibility "
+                                         "--repeats=1", "--no-compiled", f"--ddpo_args=--reward=jpeg_incompressibility "
                                          f"--prompts={prompt_file} --num_steps=3 --sample_batch_size=4 "
                                          "--samples_per_prompt=2 --num_batches=1 --train_batch_size=4"])
     (b,), speeds = bench.main()

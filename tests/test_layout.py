@@ -12,7 +12,7 @@ LAYERS = {
     "scripts": ["train_ddpo", "train_alignprop", "train_prdp", "sample", "evaluate", "compare", "bench", "shapes_eval"],
     "library": ["sampling", "explore", "lora", "rewards", "prompt_sets", "gpu_memory", "compare_stats"],
     "models": ["pipelines", "shapes", "shapes_models", "shapes_world"],
-    "plumbing": ["configurator", "runs", "dashboards", "distributed", "grids", "hub", "mixed_precision"],
+    "plumbing": ["configurator", "runs", "dashboards", "distributed", "grids", "hub", "mixed_precision", "compiling"],
 }
 LEVEL = {m: i for i, mods in enumerate(LAYERS.values()) for m in mods}
 

@@ -236,7 +236,7 @@ def test_compare_on_sdxl(tiny_sdxl_dir, prompt_file, tmp_path):
 @pytest.mark.slow
 def test_bench_on_sdxl(tiny_sdxl_dir, prompt_file):
     from test_bench import configured
-    bench = configured(f"--model={tiny_sdxl_dir}", "--trainers=ddpo", "--batch_sizes=2", "--repeats=1",
+    bench = configured(f"--model={tiny_sdxl_dir}", "--trainers=ddpo", "--batch_sizes=2", "--repeats=1", "--no-compiled",
                        "--num_steps=2", f"--ddpo_args=--reward=jpeg_incompressibility --prompts={prompt_file} "
                        "--num_steps=3 --sample_batch_size=2 --samples_per_prompt=2 --num_batches=2 --train_batch_size=4")
     (b,), (speed,) = bench.main()
