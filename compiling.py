@@ -37,12 +37,13 @@ import torch
 
 from configurator import require
 
-CHOICES = ("auto", "on", "off")
+SPELLINGS = {"auto": "auto", "on": "on", "true": "on", "yes": "on", "1": "on", "off": "off", "false": "off", "no": "off",
+             "0": "off"}  # nanoGPT's --compile=True works too
 
 
 def check(compile):
     """--compile, checked before any model work."""
-    require(compile in CHOICES, f"--compile must be auto, on or off, got {compile!r}")
+    require(str(compile).lower() in SPELLINGS, f"--compile must be auto, on or off, got {compile!r}")
 
 
 def can_compile(device):
@@ -57,6 +58,7 @@ def wanted(compile, device, dtype=torch.float32, replays=False, many_runs=False)
     """Does --compile ask for compiling? `dtype`: the UNet's; `replays`: the trainer recomputes the
     log-probs it recorded while sampling (DDPO, PRDP); `many_runs`: compare.py's runs. (auto: see the
     docstring at the top)"""
+    compile = SPELLINGS[str(compile).lower()]
     if compile != "auto":
         return compile == "on"
     if replays and dtype != torch.float32:

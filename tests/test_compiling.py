@@ -20,8 +20,9 @@ def test_choices():
     assert not compiling.wanted("auto", "cuda", torch.bfloat16, replays=True)
     assert compiling.wanted("auto", "cuda", torch.bfloat16, replays=False)
     assert compiling.wanted("on", "cuda", torch.bfloat16, replays=True)  # asked for: a warning, not a refusal
-    with pytest.raises(SystemExit, match="--compile must be auto, on or off, got 'yes'"):
-        compiling.check("yes")
+    assert compiling.wanted("True", "cpu") and not compiling.wanted("false", "cuda")  # nanoGPT's spelling
+    with pytest.raises(SystemExit, match="--compile must be auto, on or off, got 'maybe'"):
+        compiling.check("maybe")
     defaults = dict(compile="auto", seed=0)
     assert configurator.parse(["--compile"], defaults)["compile"] == "on"  # a bare flag, nanoGPT-style
     assert configurator.parse(["--compile", "--seed=3"], defaults) == dict(compile="on", seed=3)
