@@ -589,7 +589,7 @@ def main():
         print(f"timing {warmup} + {epochs} epochs of {TRAINER_MODULES[n]}.py ...", flush=True)
         results.append(bench_trainer(n, extras[n]))
         if compiled:
-            print(f"timing it again with the UNet compiled (a cold, then a warm compiler cache) ...", flush=True)
+            print("timing it again with the UNet compiled (a cold, then a warm compiler cache) ...", flush=True)
             results[-1]["compiled"] = bench_compiled(n, extras[n])
     speeds = []
     if sizes:

@@ -35,15 +35,12 @@ import shutil
 
 import torch
 
-from configurator import require
-
-SPELLINGS = {"auto": "auto", "on": "on", "true": "on", "yes": "on", "1": "on", "off": "off", "false": "off", "no": "off",
-             "0": "off"}  # nanoGPT's --compile=True works too
+from configurator import require, switch
 
 
 def check(compile):
-    """--compile, checked before any model work."""
-    require(str(compile).lower() in SPELLINGS, f"--compile must be auto, on or off, got {compile!r}")
+    """--compile, checked before any model work (spelled as a boolean may be: nanoGPT's --compile=True works)."""
+    require(switch(compile) is not None, f"--compile must be auto, on or off, got {compile!r}")
 
 
 def can_compile(device):
@@ -58,9 +55,8 @@ def wanted(compile, device, dtype=torch.float32, replays=False, many_runs=False)
     """Does --compile ask for compiling? `dtype`: the UNet's; `replays`: the trainer recomputes the
     log-probs it recorded while sampling (DDPO, PRDP); `many_runs`: compare.py's runs. (auto: see the
     docstring at the top)"""
-    compile = SPELLINGS[str(compile).lower()]
-    if compile != "auto":
-        return compile == "on"
+    if switch(compile) != "auto":
+        return switch(compile)
     if replays and dtype != torch.float32:
         return False
     return can_compile(device) and (torch.device(device).type == "cuda" or many_runs)

@@ -40,13 +40,23 @@ def _comments(path):
     return out
 
 
+ON, OFF = ("1", "true", "yes", "on"), ("0", "false", "no", "off")  # how a boolean may be spelled
+
+
+def switch(value):
+    """An auto/on/off option's value (--compile, AlignProp's --checkpointing): "auto", True or False,
+    spelled as a boolean may be; None if it is none of them."""
+    low = str(value).lower()
+    return "auto" if low == "auto" else True if low in ON else False if low in OFF else None
+
+
 def _convert(key, text, default):
     """Parse the string `text` into the type of `default` (None defaults take any literal)."""
     if isinstance(default, bool):
         low = text.lower()
-        if low in ("1", "true", "yes", "on"):
+        if low in ON:
             return True
-        if low in ("0", "false", "no", "off"):
+        if low in OFF:
             return False
         raise SystemExit(f"error: --{key} expects true/false, got {text!r}")
     if isinstance(default, (int, float)):

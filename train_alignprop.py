@@ -197,7 +197,7 @@ def main(check_only=False):
             f"--truncation=rand needs 1 <= k_min <= k_max <= num_steps, got {k_min}, {k_max}, {num_steps}")
     require(not draft_lv or truncation == "1", f"--draft_lv={draft_lv} back-propagates through the last step only "
                                                f"(K=1), so it cannot take --truncation={truncation}; drop one of them")
-    require(checkpointing.lower() in ("auto", "true", "false", "yes", "no", "on", "off", "1", "0"),
+    require(configurator.switch(checkpointing) is not None,
             f"--checkpointing must be auto, true or false, got {checkpointing!r}")
     distributed.check_device(device)
     mixed_precision.check(precision)
@@ -238,7 +238,7 @@ def main(check_only=False):
     compiling.unet(unet, compile, dev)  # after the LoRA layers are in: they are part of the graph
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     scaler = mixed_precision.grad_scaler(unet)  # fp16 only: loss scaling; with bf16 and fp32 it does nothing
-    use_ckpt = dev.type == "cuda" if checkpointing == "auto" else checkpointing.lower() in ("true", "yes", "on", "1")
+    use_ckpt = dev.type == "cuda" if configurator.switch(checkpointing) == "auto" else configurator.switch(checkpointing)
     uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
     pipe.scheduler.set_timesteps(num_steps)
     schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low for t > t_thres
