@@ -8,6 +8,7 @@ the reward curves with +-1 std bands over seeds and writes a table:
     python compare.py --trainer=ddpo                          # shapes world, 3 seeds per arm
     python compare.py --trainer=alignprop --ablation          # DiffExp's ablation, 4 arms (below)
     python compare.py --trainer=prdp                          # PRDP (train_prdp.py), the same experiment
+    python compare.py --trainer=prdp --versus=out/compare-ddpo-shapes_aesthetic   # and against DDPO's runs
     python compare.py --trainer=ddpo --args="--epochs=12 --w_low=0"   # anything else: to the trainer
     python compare.py --trainer=ddpo --explore_args="--t_thres=900"   # another exploration setting
                                                                       # against the same baseline runs
@@ -22,6 +23,10 @@ images `python sample.py --lora=<run> ...` draws) and is scored with the same re
 --ablation runs DiffExp's two parts separately: neither (the baseline), the CFG schedule only
 (cfg_only), the prompt weighting only (weights_only), and both (explore); and both with w_low = 0,
 the unconditional model on the noisy steps instead of the unguided conditional one (w_low0).
+
+--versus=<another compare folder> sets each arm against the same arm of another comparison on the
+same model, reward and prompts, e.g. PRDP's against DDPO's: the runs of two trainers share no seed
+that pairs them, so the differences there are unpaired, with Welch's interval.
 
 Outputs in the compare folder: reward.png (the curves), table.md and table.json, heldout.png (the
 held-out images of every arm's first seed, with their diversity), logs/<run>.txt (each run's output);
@@ -50,7 +55,7 @@ import prompt_sets
 import rewards
 import runs
 import sampling
-from compare_stats import plot_curves, read_log, summarise, table_markdown
+from compare_stats import arm_differences, plot_curves, read_log, summarise, table_markdown
 from configurator import at_least, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
@@ -76,6 +81,8 @@ jobs = 0                     # trainer processes at once; 0 = one per 2 cores (t
 compile = "auto"             # torch.compile every run's UNet: auto (where the machine can, CUDA or a C++ compiler, except
                              # DDPO/PRDP in bf16/fp16), on, off; the runs share the compiler's cache (compiling.py)
 out = ""                     # compare folder; default out/compare-<trainer>-<reward>
+versus = ""                  # another finished compare folder on the same model, reward and prompts (e.g. the other
+                             # trainer's): each arm's final numbers against its same arm, unpaired (Welch's interval)
 # ------------------------------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -187,7 +194,24 @@ def plan():
                                  f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
         runs.check_run(r["dir"], r["config"])
+    if versus:
+        other_table(held)
     return folder, run_list, train_list, train_prompts, held
+
+
+def other_table(held):
+    """The --versus comparison's table.json, checked: its numbers must measure the same thing (the
+    same model, reward, training and held-out prompts) for the differences to mean anything."""
+    path = os.path.join(versus, "table.json")
+    if not os.path.exists(path):
+        raise SystemExit(f"error: --versus={versus} holds no table.json; run that comparison to its end first")
+    with open(path) as f:
+        other = json.load(f)
+    for key, mine in (("model", model), ("reward", reward), ("prompts", prompts), ("heldout", held)):
+        if other.get(key) != mine:
+            raise SystemExit(f"error: --versus={versus} was run with another {key} ({other.get(key)!r}, here {mine!r}); "
+                             "its numbers are not comparable with this comparison's")
+    return other
 
 
 def finished(run):
@@ -350,6 +374,10 @@ def main():
                    trained=trained, pretrained_trained={k: trained_evals["pretrained"][k] for k in ("reward", "metrics")},
                    arms=summarise(run_list, evals, trained_evals), runs_ran=ran)
     summary["train_seconds"] = sum(a["train_seconds"] for a in summary["arms"].values())
+    if versus:
+        other = other_table(held)
+        summary["versus"] = dict(folder=versus, trainer=other["trainer"], seeds=other["seeds"],
+                                 reward_queries=other["reward_queries"], arms=arm_differences(summary, other))
     summary["wall_seconds"] = time.time() - t0
     tag = explore_tag()  # a comparison of another exploration setting keeps its own outputs
     plot_curves(summary, os.path.join(folder, f"reward{tag}.png"))

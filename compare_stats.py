@@ -1,7 +1,8 @@
 """The comparison's numbers, table and figure (compare.py runs the experiment, this summarises
 it): evaluation curves over seeds, the reward queries each arm needs to reach the baseline's final
-reward, each arm's paired difference from the baseline with its 95% t-interval, a markdown table and
-the reward-curve figure.
+reward, each arm's paired difference from the baseline with its 95% t-interval (and, against another
+comparison's arms, the unpaired difference with Welch's interval), a markdown table and the
+reward-curve figure.
 """
 import json
 import os
@@ -63,14 +64,35 @@ def mean_interval(values):
     return mean, T_975[min(n - 1, len(T_975)) - 1] * statistics.stdev(values) / n ** 0.5 if n > 1 else float("inf")
 
 
+def difference(mean, half, n, words=("helps", "hurts")):
+    """A mean difference with its 95% interval's half-width, and what the interval supports: the
+    first word when it lies above 0, the second when below, else "no difference"."""
+    verdict = words[0] if mean - half > 0 else words[1] if mean + half < 0 else "no difference"
+    return dict(mean=mean, low=mean - half, high=mean + half, n=n, verdict=verdict)
+
+
 def paired_difference(arm_values, base_values):
     """Arm minus baseline, seed by seed (the same seed draws the same prompts and noise in both: a
     paired design), with the mean difference's 95% t-interval and what it supports: "helps" or
     "hurts" when the interval excludes 0, else "no difference"."""
     d = [a - b for a, b in zip(arm_values, base_values)]
-    mean, half = mean_interval(d)
-    verdict = "helps" if mean - half > 0 else "hurts" if mean + half < 0 else "no difference"
-    return dict(mean=mean, low=mean - half, high=mean + half, n=len(d), verdict=verdict)
+    return difference(*mean_interval(d), len(d))
+
+
+def unpaired_difference(a_values, b_values):
+    """Mean of a minus mean of b over independent runs (two trainers: no seed pairs their runs),
+    with Welch's 95% t-interval (Welch-Satterthwaite degrees of freedom, rounded down, so the
+    interval is slightly wide; above 20, the 20-df quantile) and "higher", "lower" or "no difference"."""
+    na, nb = len(a_values), len(b_values)
+    mean = statistics.fmean(a_values) - statistics.fmean(b_values)
+    if min(na, nb) < 2:
+        return difference(mean, float("inf"), (na, nb), ("higher", "lower"))
+    va, vb = statistics.variance(a_values) / na, statistics.variance(b_values) / nb
+    if va + vb == 0:
+        return difference(mean, 0.0, (na, nb), ("higher", "lower"))
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
+    half = T_975[min(max(int(df), 1), len(T_975)) - 1] * (va + vb) ** 0.5
+    return difference(mean, half, (na, nb), ("higher", "lower"))
 
 
 def summarise(run_list, evals, trained_evals):
@@ -110,6 +132,31 @@ def summarise(run_list, evals, trained_evals):
     return arms
 
 
+def arm_differences(summary, other):
+    """Each arm of this comparison against the same arm of `other` (another comparison's
+    table.json, e.g. another trainer's on the same reward and prompts): the final numbers' unpaired
+    differences, this minus other. Arms that only one of them has are left out."""
+    result = {}
+    for name, a in summary["arms"].items():
+        b = other["arms"].get(name)
+        if b is None:
+            continue
+        cols = dict(final_eval=("final_eval", None), heldout_reward=("heldout_reward", None),
+                    **{f"trained {m}": ("trained_metrics", m) for m in a["trained_metrics"] if m in b["trained_metrics"]},
+                    **{f"held-out {m}": ("heldout_metrics", m) for m in a["heldout_metrics"] if m in b["heldout_metrics"]})
+        pick = lambda x, key, sub: (x[key][sub] if sub else x[key])["per_seed"]
+        result[name] = {col: unpaired_difference(pick(a, key, sub), pick(b, key, sub)) for col, (key, sub) in cols.items()}
+    return result
+
+
+def difference_rows(by_arm):
+    """Markdown table rows of differences: one row per arm, one column per measure."""
+    cols = list(next(iter(by_arm.values())))
+    return (["| arm | " + " | ".join(col.replace("_", " ") for col in cols) + " |", "|---|" + "---|" * len(cols)]
+            + [f"| {name} | " + " | ".join(f"{d[k]['mean']:+.4f} [{d[k]['low']:+.4f}, {d[k]['high']:+.4f}] {d[k]['verdict']}"
+                                           for k in cols) + " |" for name, d in by_arm.items()])
+
+
 def table_markdown(summary):
     arms, c = summary["arms"], summary
     base_q = arms["baseline"]["queries_to_baseline"]
@@ -134,13 +181,15 @@ def table_markdown(summary):
                      + f"{pm(a['heldout_diversity'])} |")
     paired = {name: a["paired"] for name, a in arms.items() if "paired" in a}
     if paired and c["seeds"] > 1:
-        cols = list(next(iter(paired.values())))
         lines += ["", "Each arm minus the baseline, seed by seed (the same seed draws the same prompts and initial noise "
                   "in every arm): mean difference [95% t-interval over seeds], and what the interval supports.", "",
-                  "| arm | " + " | ".join(col.replace("_", " ") for col in cols) + " |", "|---|" + "---|" * len(cols)]
-        for name, p in paired.items():
-            lines.append(f"| {name} | " + " | ".join(f"{p[k]['mean']:+.4f} [{p[k]['low']:+.4f}, {p[k]['high']:+.4f}] "
-                                                     f"{p[k]['verdict']}" for k in cols) + " |")
+                  *difference_rows(paired)]
+    if c.get("versus", {}).get("arms"):
+        v = c["versus"]
+        lines += ["", f"**{c['trainer']}** minus **{v['trainer']}** (`{v['folder']}`), arm by arm, over independent runs "
+                  f"({c['seeds']} and {v['seeds']} seeds; reward queries per run {c['reward_queries']} and "
+                  f"{v['reward_queries']}): difference of the means [Welch's 95% t-interval], and what it supports.", "",
+                  *difference_rows(v["arms"])]
     if c["pretrained_trained"]["metrics"]:
         lines += ["", "Ground truth on training prompts (" + f"{len(c['trained'])} of them, {c['heldout_seeds']} seeds each), "
                   "pretrained: " + ", ".join(f"{m} {v:.4f}" for m, v in c["pretrained_trained"]["metrics"].items())

@@ -171,17 +171,25 @@ def test_alignprop_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
 
 
 @pytest.mark.slow
-def test_prdp_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
+def test_prdp_compare_and_versus_ddpos(compared, tiny_pipeline_dir, nine_prompts, tmp_path):
     out = tmp_path / "c"
     summary = configured(f"--model={tiny_pipeline_dir}", "--trainer=prdp", "--reward=jpeg_incompressibility",
-                         f"--prompts={nine_prompts}", "--seeds=1", "--jobs=2", "--heldout_seeds=2", f"--out={out}",
+                         f"--prompts={nine_prompts}", "--seeds=2", "--jobs=2", "--heldout_seeds=2", f"--out={out}",
+                         f"--versus={compared['out']}",
                          "--args=--num_steps=2 --prompts_per_epoch=1 --images_per_prompt=2 --sample_batch_size=2 "
                          "--train_batch_size=2 --epochs=1 --eval_prompts=1 --eval_seeds=1").main()
     for arm in ("baseline", "explore"):
-        log = read_log(out / f"{arm}-s0")
+        logs = [read_log(out / f"{arm}-s{s}") for s in range(2)]
         assert json.loads((out / f"{arm}-s0" / "config.json").read_text())["explore"] == (arm == "explore")
-        assert summary["arms"][arm]["final_eval"]["mean"] == log[-1]["eval_reward"]
-    assert summary["reward_queries"] == 2 and (out / "reward.png").exists() and (out / "table.md").exists()
+        assert summary["arms"][arm]["final_eval"]["per_seed"] == [log[-1]["eval_reward"] for log in logs]
+        # --versus: this arm's final evaluation reward against DDPO's same arm, from both folders' own logs
+        ddpo = [read_log(compared["out"] / f"{arm}-s{s}")[-1]["eval_reward"] for s in range(2)]
+        d = summary["versus"]["arms"][arm]["final_eval"]
+        assert d == compare_stats.unpaired_difference([log[-1]["eval_reward"] for log in logs], ddpo)
+        assert d["mean"] == pytest.approx(statistics.fmean(log[-1]["eval_reward"] for log in logs) - statistics.fmean(ddpo))
+    assert summary["versus"]["trainer"] == "ddpo" and summary["versus"]["reward_queries"] == compared["summary"]["reward_queries"]
+    assert summary["reward_queries"] == 2 and (out / "reward.png").exists()
+    assert f"**prdp** minus **ddpo** (`{compared['out']}`)" in (out / "table.md").read_text()
 
 
 def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_reward():
@@ -253,6 +261,20 @@ def test_bad_input_is_a_one_line_error_with_nothing_written(tiny_pipeline_dir, n
     assert not (tmp_path / "c").exists()
 
 
+def test_versus_refuses_a_folder_without_a_table_or_of_another_experiment(tiny_pipeline_dir, nine_prompts, tmp_path):
+    other = tmp_path / "other"
+    other.mkdir()
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", f"--versus={other}")
+    with pytest.raises(SystemExit, match=r"^error: --versus=.* holds no table.json; run that comparison"):
+        configured(*argv).main()
+    held = [PROMPTS[0], PROMPTS[7]]  # the auto hold-out of the nine prompts
+    (other / "table.json").write_text(json.dumps(dict(model=str(tiny_pipeline_dir), reward="jpeg_compressibility",
+                                                      prompts=nine_prompts, heldout=held)))
+    with pytest.raises(SystemExit, match=r"^error: --versus=.* was run with another reward \('jpeg_compressibility'"):
+        configured(*argv).main()
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_single_prompt_cannot_be_held_out(tiny_pipeline_dir, tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("a (red circle)\n")
@@ -283,3 +305,16 @@ def test_paired_difference_against_a_hand_computation():
     assert compare_stats.paired_difference([0.8, 1.79, 2.8], [1.0, 2.0, 3.0])["verdict"] == "hurts"
     # unpaired, these two arms overlap by a wide margin; paired, the same seeds show a consistent gain
     assert compare_stats.paired_difference([5.0, 7.0, 9.0, 11.0], [4.9, 6.8, 8.95, 10.9])["verdict"] == "helps"
+
+
+def test_unpaired_difference_against_a_hand_computation():
+    # a: mean 2, variance 1; b: mean 6, variance 20/3. Squared standard errors 1/3 and 5/3, sum 2;
+    # Welch-Satterthwaite df = 2^2 / ((1/3)^2 / 2 + (5/3)^2 / 3) = 4.08 -> 4, t = 2.776
+    d = compare_stats.unpaired_difference([1.0, 2.0, 3.0], [3.0, 5.0, 7.0, 9.0])
+    half = 2.776 * 2 ** 0.5
+    assert d["mean"] == pytest.approx(-4.0) and (d["low"], d["high"]) == pytest.approx((-4 - half, -4 + half))
+    assert d["verdict"] == "lower" and d["n"] == (3, 4)  # -4 + 3.93 < 0
+    assert compare_stats.unpaired_difference([3.0, 5.0, 7.0, 9.0], [1.0, 2.0, 3.0])["verdict"] == "higher"
+    assert compare_stats.unpaired_difference([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])["verdict"] == "no difference"
+    # one run on a side: no interval
+    assert compare_stats.unpaired_difference([1.0], [2.0, 3.0])["high"] == float("inf")
