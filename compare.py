@@ -24,6 +24,8 @@ images `python sample.py --lora=<run> ...` draws) and is scored with the same re
 (cfg_only), the prompt weighting only (weights_only), and both (explore); and both with w_low = 0,
 the unconditional model on the noisy steps instead of the unguided conditional one (w_low0).
 
+--baseline_only runs the baseline arm alone (with --versus: one trainer's plain runs against another's).
+
 --versus=<another compare folder> sets each arm against the same arm of another comparison on the
 same model, reward and prompts, e.g. PRDP's against DDPO's: the runs of two trainers share no seed
 that pairs them, so the differences there are unpaired, with Welch's interval.
@@ -68,6 +70,7 @@ reward = "shapes_aesthetic"  # passed to the trainer (and scores the held-out im
 prompts = "shapes"           # training prompt set or file (minus the held-out prompts, see heldout)
 seeds = 3                    # runs per arm, seeds 0..seeds-1
 ablation = False             # also the arms cfg_only (CFG schedule only) and weights_only (prompt weighting only)
+baseline_only = False        # the baseline arm alone: one trainer's plain runs, e.g. against another's with --versus
 args = ""                    # other trainer options, one string: --args="--epochs=12 --lr=3e-4"
 explore_args = ""            # trainer options for the exploring arms only, e.g. "--t_thres=900": their arms
                              # are named after them, the baseline's runs stay the same and are reused
@@ -144,6 +147,8 @@ def plan():
     if bad := [m for m in metrics.split(",") if metrics != "auto" and m.strip() and m.strip() not in rewards.REWARDS]:
         raise SystemExit(f"error: --metrics: unknown reward {bad[0].strip()!r}; known rewards: {', '.join(rewards.REWARDS)}")
     extra, explore_extra = shlex.split(args), shlex.split(explore_args)
+    require(not (baseline_only and (ablation or explore_extra)),
+            "--baseline_only runs no exploring arm, so it takes neither --ablation nor --explore_args")
     for name, given in (("args", extra), ("explore_args", explore_extra)):
         for a in given:
             key = a[2:].partition("=")[0].replace("-", "_") if a.startswith("--") else ""
@@ -175,6 +180,8 @@ def plan():
     dtype = mixed_precision.unet_dtype(trainer_config([f"--model={model}", *extra]).get("precision", "auto"), dev)
     run_compile = "on" if compiling.wanted(compile, dev, dtype, replays=trainer in ("ddpo", "prdp"), many_runs=True) else "off"
     arms = dict(ARMS, **(ABLATION_ARMS if ablation else {}))
+    if baseline_only:
+        arms = {"baseline": ARMS["baseline"]}
     if explore_extra:
         arms = {arm if arm == "baseline" else arm + explore_tag(): flags + ([] if arm == "baseline" else explore_extra)
                 for arm, flags in arms.items()}
@@ -377,7 +384,9 @@ def main():
     if versus:
         other = other_table(held)
         summary["versus"] = dict(folder=versus, trainer=other["trainer"], seeds=other["seeds"],
-                                 reward_queries=other["reward_queries"], arms=arm_differences(summary, other))
+                                 reward_queries=other["reward_queries"], arms=arm_differences(summary, other),
+                                 curves={name: {k: a[k] for k in ("curve", "train_curve")}
+                                         for name, a in other["arms"].items() if name in summary["arms"]})
     summary["wall_seconds"] = time.time() - t0
     tag = explore_tag()  # a comparison of another exploration setting keeps its own outputs
     plot_curves(summary, os.path.join(folder, f"reward{tag}.png"))

@@ -204,16 +204,19 @@ def table_markdown(summary):
 
 def plot_curves(summary, path):
     """Left: evaluation reward (plain sampling) against reward queries, the comparison; right: the
-    reward of the training samples, which the explore arm draws differently while it explores."""
+    reward of the training samples, which the explore arm draws differently while it explores. With
+    --versus, the other comparison's arms too (dashed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
     for ax, key, ylabel in ((axes[0], "curve", "evaluation reward (plain sampling)"),
                             (axes[1], "train_curve", "reward of the training samples")):
-        for name, a in summary["arms"].items():
+        other = summary.get("versus", {})  # --versus: the other comparison's curves, dashed
+        for name, a, style in ([(name, a, "-") for name, a in summary["arms"].items()]
+                               + [(f"{other['trainer']} {name}", a, "--") for name, a in other.get("curves", {}).items()]):
             q, m, s = a[key]["queries"], a[key]["mean"], a[key]["std"]
-            line, = ax.plot(q, m, "o-" if key == "curve" else "-", ms=3, label=name)
+            line, = ax.plot(q, m, ("o" if key == "curve" else "") + style, ms=3, label=name)
             ax.fill_between(q, [x - d for x, d in zip(m, s)], [x + d for x, d in zip(m, s)], color=line.get_color(), alpha=0.2)
         if key == "curve":
             ax.axhline(summary["arms"]["baseline"]["final_eval"]["mean"], color="gray", ls="--", lw=0.8,

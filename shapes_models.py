@@ -131,6 +131,9 @@ TEXT = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_
 
 def new_vae():
     # x2 down to a 16x16x4 latent; x4 variants lost colour or shape. No mid-block attention.
+    # (x4 to 8x8x8, measured: the UNet's training step 2.4-2.5x cheaper on 8x8 latents, but after the
+    # same 1500 steps common captions got their shape at guidance 5 0.54-0.78 of the time by the
+    # pixel checker, against 0.97 with this autoencoder.)
     from diffusers import AutoencoderKL
     return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32),
                          down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,

@@ -175,18 +175,20 @@ def test_prdp_compare_and_versus_ddpos(compared, tiny_pipeline_dir, nine_prompts
     out = tmp_path / "c"
     summary = configured(f"--model={tiny_pipeline_dir}", "--trainer=prdp", "--reward=jpeg_incompressibility",
                          f"--prompts={nine_prompts}", "--seeds=2", "--jobs=2", "--heldout_seeds=2", f"--out={out}",
-                         f"--versus={compared['out']}",
+                         f"--versus={compared['out']}", "--baseline_only",
                          "--args=--num_steps=2 --prompts_per_epoch=1 --images_per_prompt=2 --sample_batch_size=2 "
                          "--train_batch_size=2 --epochs=1 --eval_prompts=1 --eval_seeds=1").main()
-    for arm in ("baseline", "explore"):
-        logs = [read_log(out / f"{arm}-s{s}") for s in range(2)]
-        assert json.loads((out / f"{arm}-s0" / "config.json").read_text())["explore"] == (arm == "explore")
-        assert summary["arms"][arm]["final_eval"]["per_seed"] == [log[-1]["eval_reward"] for log in logs]
-        # --versus: this arm's final evaluation reward against DDPO's same arm, from both folders' own logs
-        ddpo = [read_log(compared["out"] / f"{arm}-s{s}")[-1]["eval_reward"] for s in range(2)]
-        d = summary["versus"]["arms"][arm]["final_eval"]
-        assert d == compare_stats.unpaired_difference([log[-1]["eval_reward"] for log in logs], ddpo)
-        assert d["mean"] == pytest.approx(statistics.fmean(log[-1]["eval_reward"] for log in logs) - statistics.fmean(ddpo))
+    assert list(summary["arms"]) == ["baseline"] and not (out / "explore-s0").exists()  # --baseline_only
+    logs = [read_log(out / f"baseline-s{s}") for s in range(2)]
+    assert not json.loads((out / "baseline-s0" / "config.json").read_text())["explore"]
+    assert summary["arms"]["baseline"]["final_eval"]["per_seed"] == [log[-1]["eval_reward"] for log in logs]
+    # --versus: the final evaluation reward against DDPO's baseline, from both folders' own logs
+    ddpo = [read_log(compared["out"] / f"baseline-s{s}")[-1]["eval_reward"] for s in range(2)]
+    d = summary["versus"]["arms"]["baseline"]["final_eval"]
+    assert list(summary["versus"]["arms"]) == list(summary["versus"]["curves"]) == ["baseline"]
+    assert d == compare_stats.unpaired_difference([log[-1]["eval_reward"] for log in logs], ddpo)
+    assert d["mean"] == pytest.approx(statistics.fmean(log[-1]["eval_reward"] for log in logs) - statistics.fmean(ddpo))
+    assert summary["versus"]["curves"]["baseline"]["curve"] == compared["summary"]["arms"]["baseline"]["curve"]
     assert summary["versus"]["trainer"] == "ddpo" and summary["versus"]["reward_queries"] == compared["summary"]["reward_queries"]
     assert summary["reward_queries"] == 2 and (out / "reward.png").exists()
     assert f"**prdp** minus **ddpo** (`{compared['out']}`)" in (out / "table.md").read_text()
@@ -220,6 +222,15 @@ def test_ablation_plans_five_arms_differing_only_in_the_exploration_switches(tin
     strip = lambda c: {k: v for k, v in c.items() if k not in switched}
     assert all(strip(r["config"]) == strip(runs[0]["config"]) for r in runs)
     assert not os.path.exists(folder)  # planning writes nothing
+
+
+def test_baseline_only_plans_the_baseline_alone_and_refuses_exploring_options(tiny_pipeline_dir, nine_prompts, tmp_path):
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c", "--baseline_only")
+    assert [r["name"] for r in configured(*argv).plan()[1]] == ["baseline-s0", "baseline-s1"]
+    for extra in ("--ablation", "--explore_args=--t_thres=900"):
+        with pytest.raises(SystemExit, match="^error: --baseline_only runs no exploring arm"):
+            configured(*argv, extra).main()
+    assert not (tmp_path / "c").exists()
 
 
 def test_explore_args_change_only_the_exploring_arms_and_keep_the_baseline_runs(tiny_pipeline_dir, nine_prompts, tmp_path):
