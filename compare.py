@@ -203,19 +203,29 @@ def plan():
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
         runs.check_run(r["dir"], r["config"])
     if versus:
-        other_table(held)
+        other_table(held, heldout_sampling(run_list))
     return folder, run_list, train_list, train_prompts, held
 
 
-def other_table(held):
+def heldout_sampling(run_list):
+    """How the held-out images are sampled: the runs' guidance, DDIM steps and eta."""
+    return {k: run_list[0]["config"][k] for k in ("guidance", "num_steps", "eta")}
+
+
+def other_table(held, sampling_settings):
     """The --versus comparison's table.json, checked: its numbers must measure the same thing (the
-    same model, reward, training and held-out prompts) for the differences to mean anything."""
+    same model, reward, training and held-out prompts, held-out images sampled the same way) for the
+    differences to mean anything."""
     path = os.path.join(versus, "table.json")
     if not os.path.exists(path):
         raise SystemExit(f"error: --versus={versus} holds no table.json; run that comparison to its end first")
     with open(path) as f:
         other = json.load(f)
-    for key, mine in (("model", model), ("reward", reward), ("prompts", prompts), ("heldout", held)):
+    if "heldout_sampling" not in other:
+        raise SystemExit(f"error: --versus={versus}: its table.json predates the record of how its held-out images "
+                         "were sampled; re-run that comparison's command (it resumes and only rewrites its table)")
+    for key, mine in (("model", model), ("reward", reward), ("prompts", prompts), ("heldout", held),
+                      ("heldout_sampling", sampling_settings)):
         if other.get(key) != mine:
             raise SystemExit(f"error: --versus={versus} was run with another {key} ({other.get(key)!r}, here {mine!r}); "
                              "its numbers are not comparable with this comparison's")
@@ -377,13 +387,13 @@ def main():
     evals, trained_evals = evaluate_all(folder, run_list, held, trained)
     summary = dict(trainer=trainer, model=model, reward=reward, prompts=prompts, args=args,
                    seeds=seeds, reward_queries=read_log(run_list[0]["dir"])[-1]["reward_queries"],
-                   heldout=held, heldout_seeds=heldout_seeds,
+                   heldout=held, heldout_seeds=heldout_seeds, heldout_sampling=heldout_sampling(run_list),
                    pretrained={k: evals["pretrained"][k] for k in ("reward", "metrics", "diversity")},
                    trained=trained, pretrained_trained={k: trained_evals["pretrained"][k] for k in ("reward", "metrics")},
                    arms=summarise(run_list, evals, trained_evals), runs_ran=ran)
     summary["train_seconds"] = sum(a["train_seconds"] for a in summary["arms"].values())
     if versus:
-        other = other_table(held)
+        other = other_table(held, summary["heldout_sampling"])
         summary["versus"] = dict(folder=versus, trainer=other["trainer"], seeds=other["seeds"],
                                  reward_queries=other["reward_queries"], arms=arm_differences(summary, other),
                                  curves={name: {k: a[k] for k in ("curve", "train_curve")}

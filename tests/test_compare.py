@@ -279,10 +279,15 @@ def test_versus_refuses_a_folder_without_a_table_or_of_another_experiment(tiny_p
     with pytest.raises(SystemExit, match=r"^error: --versus=.* holds no table.json; run that comparison"):
         configured(*argv).main()
     held = [PROMPTS[0], PROMPTS[7]]  # the auto hold-out of the nine prompts
-    (other / "table.json").write_text(json.dumps(dict(model=str(tiny_pipeline_dir), reward="jpeg_compressibility",
-                                                      prompts=nine_prompts, heldout=held)))
-    with pytest.raises(SystemExit, match=r"^error: --versus=.* was run with another reward \('jpeg_compressibility'"):
-        configured(*argv).main()
+    same = dict(model=str(tiny_pipeline_dir), reward="jpeg_incompressibility", prompts=nine_prompts, heldout=held,
+                heldout_sampling=dict(guidance=5.0, num_steps=3, eta=1.0))  # the runs' own settings: TRAINER_ARGS
+    for change, message in ((dict(reward="jpeg_compressibility"), r"was run with another reward \('jpeg_compressibility'"),
+                            (dict(heldout_sampling=dict(guidance=5.0, num_steps=3, eta=0.0)), "was run with another heldout_sampling"),
+                            (dict(heldout_sampling=None), "predates the record of how its held-out images were sampled")):
+        table = {k: v for k, v in dict(same, **change).items() if v is not None}
+        (other / "table.json").write_text(json.dumps(table))
+        with pytest.raises(SystemExit, match=rf"^error: --versus=.*{message}"):
+            configured(*argv).main()
     assert not (tmp_path / "c").exists()
 
 
