@@ -175,8 +175,8 @@ def test_prdp_compare_and_versus_ddpos(compared, tiny_pipeline_dir, nine_prompts
     out = tmp_path / "c"
     summary = configured(f"--model={tiny_pipeline_dir}", "--trainer=prdp", "--reward=jpeg_incompressibility",
                          f"--prompts={nine_prompts}", "--seeds=2", "--jobs=2", "--heldout_seeds=2", f"--out={out}",
-                         f"--versus={compared['out']}", "--baseline_only",
-                         "--args=--num_steps=2 --prompts_per_epoch=1 --images_per_prompt=2 --sample_batch_size=2 "
+                         f"--versus={compared['out']}", "--baseline_only",  # held-out sampling as DDPO's: 3 steps
+                         "--args=--num_steps=3 --prompts_per_epoch=1 --images_per_prompt=2 --sample_batch_size=2 "
                          "--train_batch_size=2 --epochs=1 --eval_prompts=1 --eval_seeds=1").main()
     assert list(summary["arms"]) == ["baseline"] and not (out / "explore-s0").exists()  # --baseline_only
     logs = [read_log(out / f"baseline-s{s}") for s in range(2)]
