@@ -138,7 +138,8 @@ def trainer_config(argv):
 
 def plan():
     """Check the input and return the runs: [dict(name, arm, seed, dir, argv, config)], plus the
-    training and held-out prompts. Nothing is written."""
+    training and held-out prompts and the --versus comparison's table (None without it). Nothing is
+    written."""
     require(trainer in TRAINERS, f"--trainer must be one of {', '.join(TRAINERS)}, got {trainer!r}")
     at_least(1, seeds=seeds, heldout_prompts=heldout_prompts)
     at_least(2, heldout_seeds=heldout_seeds)  # the diversity column compares a prompt's seeds
@@ -202,9 +203,8 @@ def plan():
                                  f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
         runs.check_run(r["dir"], r["config"])
-    if versus:
-        other_table(held, heldout_sampling(run_list))
-    return folder, run_list, train_list, train_prompts, held
+    other = other_table(held, heldout_sampling(run_list)) if versus else None  # checked before any training
+    return folder, run_list, train_list, train_prompts, held, other
 
 
 def heldout_sampling(run_list):
@@ -374,7 +374,7 @@ def evaluate_all(folder, run_list, held, trained):
 
 def main():
     t0 = time.time()
-    folder, run_list, train_list, train_prompts, held = plan()
+    folder, run_list, train_list, train_prompts, held, other = plan()
     os.makedirs(folder, exist_ok=True)
     if train_prompts != prompts:  # the auto hold-out: the runs train on the rest of the set
         text = "".join(p + "\n" for p in train_list)
@@ -392,8 +392,7 @@ def main():
                    trained=trained, pretrained_trained={k: trained_evals["pretrained"][k] for k in ("reward", "metrics")},
                    arms=summarise(run_list, evals, trained_evals), runs_ran=ran)
     summary["train_seconds"] = sum(a["train_seconds"] for a in summary["arms"].values())
-    if versus:
-        other = other_table(held, summary["heldout_sampling"])
+    if other:
         summary["versus"] = dict(folder=versus, trainer=other["trainer"], seeds=other["seeds"],
                                  reward_queries=other["reward_queries"], arms=arm_differences(summary, other),
                                  curves={name: {k: a[k] for k in ("curve", "train_curve")}

@@ -86,12 +86,11 @@ def unpaired_difference(a_values, b_values):
     na, nb = len(a_values), len(b_values)
     mean = statistics.fmean(a_values) - statistics.fmean(b_values)
     if min(na, nb) < 2:
-        return difference(mean, float("inf"), (na, nb), ("higher", "lower"))
-    va, vb = statistics.variance(a_values) / na, statistics.variance(b_values) / nb
-    if va + vb == 0:
-        return difference(mean, 0.0, (na, nb), ("higher", "lower"))
-    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1))
-    half = T_975[min(max(int(df), 1), len(T_975)) - 1] * (va + vb) ** 0.5
+        half = float("inf")
+    else:  # squared standard errors of the two means; both 0: no spread, a zero-width interval
+        va, vb = statistics.variance(a_values) / na, statistics.variance(b_values) / nb
+        df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)) if va + vb > 0 else na + nb - 2
+        half = T_975[min(max(int(df), 1), len(T_975)) - 1] * (va + vb) ** 0.5
     return difference(mean, half, (na, nb), ("higher", "lower"))
 
 
@@ -210,11 +209,12 @@ def plot_curves(summary, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110)
+    other = summary.get("versus", {})  # --versus: the other comparison's curves, dashed
+    curves = ([(name, a, "-") for name, a in summary["arms"].items()]
+              + [(f"{other['trainer']} {name}", a, "--") for name, a in other.get("curves", {}).items()])
     for ax, key, ylabel in ((axes[0], "curve", "evaluation reward (plain sampling)"),
                             (axes[1], "train_curve", "reward of the training samples")):
-        other = summary.get("versus", {})  # --versus: the other comparison's curves, dashed
-        for name, a, style in ([(name, a, "-") for name, a in summary["arms"].items()]
-                               + [(f"{other['trainer']} {name}", a, "--") for name, a in other.get("curves", {}).items()]):
+        for name, a, style in curves:
             q, m, s = a[key]["queries"], a[key]["mean"], a[key]["std"]
             line, = ax.plot(q, m, ("o" if key == "curve" else "") + style, ms=3, label=name)
             ax.fill_between(q, [x - d for x, d in zip(m, s)], [x + d for x, d in zip(m, s)], color=line.get_color(), alpha=0.2)

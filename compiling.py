@@ -55,8 +55,9 @@ def wanted(compile, device, dtype=torch.float32, replays=False, many_runs=False)
     """Does --compile ask for compiling? `dtype`: the UNet's; `replays`: the trainer recomputes the
     log-probs it recorded while sampling (DDPO, PRDP); `many_runs`: compare.py's runs. (auto: see the
     docstring at the top)"""
-    if switch(compile) != "auto":
-        return switch(compile)
+    choice = switch(compile)
+    if choice != "auto":
+        return choice
     if replays and dtype != torch.float32:
         return False
     return can_compile(device) and (torch.device(device).type == "cuda" or many_runs)
