@@ -38,6 +38,7 @@ with --explore_args, their names end in the arms' suffix (reward-t_thres900.png,
 import concurrent.futures
 import importlib
 import json
+import math
 import os
 import shlex
 import subprocess
@@ -385,6 +386,11 @@ def main():
     print(f"training: {ran} runs ran, {len(run_list) - ran} finished earlier", flush=True)
     trained = prompt_sets.spread_subset(train_list, heldout_prompts)
     evals, trained_evals = evaluate_all(folder, run_list, held, trained)
+    if other and not math.isclose(other["pretrained"]["reward"], evals["pretrained"]["reward"], rel_tol=1e-4, abs_tol=1e-4):
+        # same name, other weights: a shapes world built on another machine grows into another model
+        raise SystemExit(f"error: --versus={versus}: its untrained model scores {other['pretrained']['reward']:.4f} on "
+                         f"the held-out prompts, this one {evals['pretrained']['reward']:.4f}: another build of "
+                         f"--model={model}; re-run that comparison here (this one's runs are kept)")
     summary = dict(trainer=trainer, model=model, reward=reward, prompts=prompts, args=args,
                    seeds=seeds, reward_queries=read_log(run_list[0]["dir"])[-1]["reward_queries"],
                    heldout=held, heldout_seeds=heldout_seeds, heldout_sampling=heldout_sampling(run_list),

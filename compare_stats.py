@@ -174,7 +174,9 @@ def table_markdown(summary):
     for name, a in arms.items():
         q = a["queries_to_baseline"]
         ratio = f" ({q / base_q:.2f}x)" if q is not None and base_q else ""
-        q = "not reached" if q is None else (f"{q:.0f}" if q >= 100 else f"{q:.1f}") + ratio
+        # 0: the baseline ended no higher than the untrained model, which already "reaches" it
+        q = ("not reached" if q is None else "0 (the untrained model is there)" if q == 0
+             else (f"{q:.0f}" if q >= 100 else f"{q:.1f}") + ratio)
         lines.append(f"| {name} | {pm(a['final_eval'])} | {q} | {pm(a['final_train'])} | "
                      f"{pm(a['heldout_reward'])} | " + "".join(f"{pm(v)} | " for v in a["heldout_metrics"].values())
                      + f"{pm(a['heldout_diversity'])} |")

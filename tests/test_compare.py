@@ -1,6 +1,7 @@
 """compare.py on the tiny pipeline: a 2-arm x 2-seed DDPO comparison whose table is checked against
 the runs' own log files, resume (an unfinished run is resumed, finished runs are not re-run), the
 held-out evaluation against sample.py's CLI and the reward itself, and bad input."""
+import copy
 import importlib
 import json
 import os
@@ -89,6 +90,7 @@ def test_table_matches_an_independent_computation_from_the_logs(compared):
         row = next(l for l in (out / "table.md").read_text().splitlines() if l.startswith(f"| {arm} |"))
         assert f"{a['final_eval']['mean']:.4f} ± {a['final_eval']['std']:.4f}" in row
         assert ("not reached" in row) == (expected is None)
+        assert ("untrained model is there" in row) == (expected == 0)
     # the untrained model is the same in every run: one starting point
     assert len({c[0] for c in curves.values()}) == 1
     assert table["arms"]["baseline"]["queries_to_baseline"] is not None  # it reaches its own final value
@@ -97,6 +99,18 @@ def test_table_matches_an_independent_computation_from_the_logs(compared):
     assert not any(h["explore"] for h in logs["baseline-s1"])
     for name in ("reward.png", "heldout.png", "table.md"):
         assert (out / name).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_a_baseline_that_ends_no_higher_than_the_untrained_model_is_reached_at_zero_queries(compared):
+    # a real outcome on the shapes world (DDPO without per-prompt statistics ended below the untrained
+    # model): every curve starts at or above the target, so "reached at 0 queries" has no ratio
+    summary = copy.deepcopy(compared["summary"])
+    for a in summary["arms"].values():
+        a["queries_to_baseline"] = 0.0
+    lines = compare_stats.table_markdown(summary).splitlines()
+    rows = [next(l for l in lines if l.startswith(f"| {arm} |")) for arm in ("baseline", "explore")]  # the first table's
+    assert all("| 0 (the untrained model is there) |" in r for r in rows)
 
 
 @pytest.mark.slow
@@ -173,11 +187,12 @@ def test_alignprop_compare(tiny_pipeline_dir, nine_prompts, tmp_path):
 @pytest.mark.slow
 def test_prdp_compare_and_versus_ddpos(compared, tiny_pipeline_dir, nine_prompts, tmp_path):
     out = tmp_path / "c"
-    summary = configured(f"--model={tiny_pipeline_dir}", "--trainer=prdp", "--reward=jpeg_incompressibility",
-                         f"--prompts={nine_prompts}", "--seeds=2", "--jobs=2", "--heldout_seeds=2", f"--out={out}",
-                         f"--versus={compared['out']}", "--baseline_only",  # held-out sampling as DDPO's: 3 steps
-                         "--args=--num_steps=3 --prompts_per_epoch=1 --images_per_prompt=2 --sample_batch_size=2 "
-                         "--train_batch_size=2 --epochs=1 --eval_prompts=1 --eval_seeds=1").main()
+    # 3 steps, as DDPO's runs there: the held-out images are sampled the same way
+    argv = [f"--model={tiny_pipeline_dir}", "--trainer=prdp", "--reward=jpeg_incompressibility",
+            f"--prompts={nine_prompts}", "--seeds=2", "--jobs=2", "--heldout_seeds=2", f"--out={out}",
+            "--baseline_only", "--args=--num_steps=3 --prompts_per_epoch=1 --images_per_prompt=2 "
+            "--sample_batch_size=2 --train_batch_size=2 --epochs=1 --eval_prompts=1 --eval_seeds=1"]
+    summary = configured(*argv, f"--versus={compared['out']}").main()
     assert list(summary["arms"]) == ["baseline"] and not (out / "explore-s0").exists()  # --baseline_only
     logs = [read_log(out / f"baseline-s{s}") for s in range(2)]
     assert not json.loads((out / "baseline-s0" / "config.json").read_text())["explore"]
@@ -192,6 +207,17 @@ def test_prdp_compare_and_versus_ddpos(compared, tiny_pipeline_dir, nine_prompts
     assert summary["versus"]["trainer"] == "ddpo" and summary["versus"]["reward_queries"] == compared["summary"]["reward_queries"]
     assert summary["reward_queries"] == 2 and (out / "reward.png").exists()
     assert f"**prdp** minus **ddpo** (`{compared['out']}`)" in (out / "table.md").read_text()
+    # the same comparison against DDPO's table from another build of the model (its untrained model scores
+    # otherwise): refused once the untrained model has been scored here, before anything is rewritten
+    other = tmp_path / "other-build"
+    other.mkdir()
+    table = json.loads((compared["out"] / "table.json").read_text())
+    table["pretrained"]["reward"] += 0.01
+    (other / "table.json").write_text(json.dumps(table))
+    before = (out / "table.json").read_text()
+    with pytest.raises(SystemExit, match=r"^error: --versus=.*: its untrained model scores .* another build of --model="):
+        configured(*argv, f"--versus={other}").main()
+    assert (out / "table.json").read_text() == before
 
 
 def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_reward():
