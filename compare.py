@@ -27,9 +27,10 @@ the unconditional model on the noisy steps instead of the unguided conditional o
 --baseline_only runs the baseline arm alone (with --versus: one trainer's plain runs against another's).
 
 --versus=<another compare folder> sets each arm against the same arm of another comparison on the
-same model, reward and prompts, e.g. PRDP's against DDPO's: unpaired differences with Welch's
-interval, which hold for any two trainers (DDPO's and PRDP's runs of one seed happen to draw the same
-prompts and noise, so for them it is conservative; AlignProp's batches draw differently).
+same model (the same build: both untrained models must score alike), reward and prompts, e.g.
+PRDP's against DDPO's: unpaired differences with Welch's interval, which hold for any two trainers
+(DDPO's and PRDP's runs of one seed happen to draw the same prompts and noise, so for them it is
+conservative; AlignProp's batches draw differently).
 
 Outputs in the compare folder: reward.png (the curves), table.md and table.json, heldout.png (the
 held-out images of every arm's first seed, with their diversity), logs/<run>.txt (each run's output);
