@@ -234,6 +234,16 @@ def other_table(held, sampling_settings):
     return other
 
 
+def check_same_build(other, untrained_reward):
+    """The last of other_table's checks, once this comparison has scored its untrained model: the two
+    untrained models must score alike on the held-out prompts. Same name, other weights: a shapes world
+    built on another machine grows into another model."""
+    if not math.isclose(other["pretrained"]["reward"], untrained_reward, rel_tol=1e-4, abs_tol=1e-4):
+        raise SystemExit(f"error: --versus={versus}: its untrained model scores {other['pretrained']['reward']:.4f} on "
+                         f"the held-out prompts, this one {untrained_reward:.4f}: another build of "
+                         f"--model={model}; re-run that comparison here (this one's runs are kept)")
+
+
 def finished(run):
     return (len(read_log(run["dir"])) >= run["config"]["epochs"]
             and os.path.exists(os.path.join(run["dir"], "lora", "pytorch_lora_weights.safetensors")))
@@ -387,11 +397,8 @@ def main():
     print(f"training: {ran} runs ran, {len(run_list) - ran} finished earlier", flush=True)
     trained = prompt_sets.spread_subset(train_list, heldout_prompts)
     evals, trained_evals = evaluate_all(folder, run_list, held, trained)
-    if other and not math.isclose(other["pretrained"]["reward"], evals["pretrained"]["reward"], rel_tol=1e-4, abs_tol=1e-4):
-        # same name, other weights: a shapes world built on another machine grows into another model
-        raise SystemExit(f"error: --versus={versus}: its untrained model scores {other['pretrained']['reward']:.4f} on "
-                         f"the held-out prompts, this one {evals['pretrained']['reward']:.4f}: another build of "
-                         f"--model={model}; re-run that comparison here (this one's runs are kept)")
+    if other:
+        check_same_build(other, evals["pretrained"]["reward"])
     summary = dict(trainer=trainer, model=model, reward=reward, prompts=prompts, args=args,
                    seeds=seeds, reward_queries=read_log(run_list[0]["dir"])[-1]["reward_queries"],
                    heldout=held, heldout_seeds=heldout_seeds, heldout_sampling=heldout_sampling(run_list),
