@@ -21,7 +21,7 @@ def cfg_schedule(timesteps, w_high, w_low=1.0, t_thres=800):
     The paper asks only for an "extremely low" scale. In eps = uncond + w (cond - uncond), w = 1 is
     the conditional model without guidance (the prompt still steers the layout, as in the model's
     training), and w = 0 is the unconditional model (the layout ignores the prompt entirely); both
-    are supported, and compare.py --ablation runs w_low = 0 as an arm of its own."""
+    are supported, and experiments/compare.py --ablation runs w_low = 0 as an arm of its own."""
     t = torch.as_tensor(timesteps)
     return torch.where(t > t_thres, torch.tensor(float(w_low)), torch.tensor(float(w_high)))
 

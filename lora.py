@@ -13,8 +13,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-import runs
-
+from plumbing import runs
 # every self- and cross-attention's q, k, v, out, in SD 1.5's UNet and SDXL's alike (SDXL's other linear
 # layers, the feed-forwards, the transformers' in/out projections and the time/added-conditioning MLPs, stay frozen)
 DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")

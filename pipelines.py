@@ -5,9 +5,8 @@ ready for sampling.py.
 """
 import os
 
-import hub
-import mixed_precision
-
+from plumbing import hub
+from plumbing import mixed_precision
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_HUB_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -47,14 +46,14 @@ def load_pipeline(model="shapes", device="cpu", precision="auto", revision=None,
     scheduler, from "shapes" (the offline world, built on first use), a hub id (e.g.
     DEFAULT_HUB_MODEL, or SDXL_HUB_MODEL) at `revision` (None = main) or a local diffusers folder;
     `variant` picks weight files such as *.fp16.safetensors (None = the plain ones). Its parts are in
-    the dtypes of `precision` (mixed_precision.py: auto is bf16 on CUDA, fp32 on the CPU; the VAE never
+    the dtypes of `precision` (plumbing/mixed_precision.py: auto is bf16 on CUDA, fp32 on the CPU; the VAE never
     fp16, which is also what SDXL's VAE needs: it overflows in fp16, its pipeline's force_upcast). The
     VAE and text encoder(s) are frozen; the trainers freeze the UNet when lora.inject adds its trainable
     fp32 weights. sampling.guided_eps runs the UNet under autocast in its weights' dtype."""
     path = check_model(model, revision)
     if path == "shapes":
-        import shapes  # the world's build code: imported only when it is the model
-        path = shapes.ensure_world()
+        from shapes import build as shapes_build  # the world's build code: imported only when it is the model
+        path = shapes_build.ensure_world()
     # after the checks: importing takes seconds
     from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     dtypes = mixed_precision.pipeline_dtypes(precision, device)

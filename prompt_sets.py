@@ -7,7 +7,7 @@ the marks before anything is encoded or scored.
 import os
 
 import explore
-import shapes_world
+from shapes import world as shapes_world
 
 PROMPTS_FILE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "prompts.txt")
 
@@ -86,7 +86,7 @@ def load_prompts(name_or_path):
 def categories(prompts, name="all"):
     """The category of each prompt, for per-category tables: DrawBench's own when every prompt is a
     DrawBench prompt; on the shapes world's captions, hard or common (shapes_world.RARE_PAIRS) and
-    the background ("rare, dark background": compare.py holds the dark
+    the background ("rare, dark background": experiments/compare.py holds the dark
     background out of shapes_rare); otherwise one category, `name` (the set's name)."""
     drawbench = drawbench_categories()
     clean = [explore.parse_phrases(p)[0] for p in prompts]

@@ -33,8 +33,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-import hub
-
+from plumbing import hub
 # name -> differentiable; the trainers check this before loading anything heavy
 REWARDS = {"aesthetic": True, "pickscore": True, "jpeg_compressibility": False,
            "jpeg_incompressibility": False, "shapes_alignment": True, "shapes_aesthetic": True,
@@ -273,16 +272,16 @@ def load_pickscore(device="cpu", model="yuvalkirstain/PickScore_v1",
 
 
 def load_shapes(name, device="cpu", path=None, judge=None, head=None):
-    """The shapes world's rewards, from its pixel readings (shapes_world.py) and its trained models
-    (shapes_models.py, which owns the judge's input format): `shapes_alignment` (the judge's
+    """The shapes world's rewards, from its pixel readings (shapes/world.py) and its trained models
+    (shapes/models.py, which owns the judge's input format): `shapes_alignment` (the judge's
     logit_scale * cos(image, caption), the world's PickScore), `shapes_aesthetic` (the appeal head on the judge's L2-normalised image
     embedding, the world's LAION predictor), `shapes_appeal` (the programmatic appeal the head
     imitates: the ground truth, to see over-optimisation) and `shapes_correct` (the pixel checker's
     fraction of colour/shape/background read as the prompt asks; `shapes_success`: 1 if all are, the
     success rate of a caption). `path`: the world's folder (built
     on first use); tests pass `judge`/`head` models instead."""
-    import shapes_models
-    import shapes_world
+    from shapes import models as shapes_models
+    from shapes import world as shapes_world
     if name == "shapes_appeal":
         return _named(lambda images, prompts=None: shapes_world.appeal(images).float(), name, True)
     if name in ("shapes_correct", "shapes_success"):
@@ -297,8 +296,8 @@ def load_shapes(name, device="cpu", path=None, judge=None, head=None):
         return _named(correct, name, False)
     if judge is None or (head is None and name == "shapes_aesthetic"):
         if path is None:
-            import shapes  # builds the world on first use
-            path = shapes.ensure_world()
+            from shapes import build as shapes_build  # builds the world on first use
+            path = shapes_build.ensure_world()
     judge = _frozen(judge if judge is not None else shapes_models.load_judge(path, device), device)
 
     def image_embeds(images):  # no no_grad: the reward's gradient flows back to the images

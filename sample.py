@@ -9,15 +9,15 @@ import os
 
 import torch
 
-import compiling
-import configurator
-import distributed
-import grids
-import mixed_precision
+from plumbing import compiling
+from plumbing import configurator
+from plumbing import distributed
+from plumbing import grids
+from plumbing import mixed_precision
 import pipelines
 import prompt_sets
 import sampling
-from configurator import at_least, between, require  # the input checks
+from plumbing.configurator import at_least, between, require  # the input checks
 from lora import FILE_NAME, load as load_lora, weights_file  # `lora` is this script's --lora option
 
 # defaults (override with --key=value; `python sample.py --help` lists them)
@@ -38,8 +38,8 @@ w_low = 1.0  # exploration: guidance scale for the noisy timesteps t > t_thres
 t_thres = 800  # exploration: timestep threshold of the guidance schedule
 batch_size = 16  # images per denoising batch
 device = "auto"  # auto (cuda if there is a GPU), cpu, cuda or cuda:N
-precision = "auto"  # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
-compile = "auto"  # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (compiling.py)
+precision = "auto"  # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (plumbing/mixed_precision.py)
+compile = "auto"  # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (plumbing/compiling.py)
 out = "out/samples.png"  # where the grid PNG goes
 
 

@@ -17,10 +17,8 @@ from dataclasses import dataclass
 import torch
 
 import explore
-import grids
-import mixed_precision
-
-
+from plumbing import grids
+from plumbing import mixed_precision
 # --------------------------------------------------------------------------------------------
 # The conditioning record: everything the UNet is conditioned on, one row per sample
 #
@@ -163,7 +161,7 @@ def guided_eps(unet, x, t, cond, uncond, scale):
     unconditional and conditional passes batched into ONE UNet call. `t` and `scale` may be
     scalars or per-sample [B]. Returns what the UNet predicts (epsilon or v), in x's dtype (fp32).
 
-    A bf16 or fp16 UNet (--precision, mixed_precision.py) computes under autocast; its output is cast
+    A bf16 or fp16 UNet (--precision, plumbing/mixed_precision.py) computes under autocast; its output is cast
     back to fp32 here, so the DDIM step and the log-probs never see bf16's rounding."""
     b = x.shape[0]
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
@@ -288,7 +286,7 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
         raise ValueError(f"grad_steps={grad_steps} must be between 0 and num_steps={n}")
     if latents is None:
         latents = initial_noise(pipe, num_samples(cond), generator)
-    # the latents are fp32 whatever the UNet computes in (mixed_precision.py; float64 in a gradient check)
+    # the latents are fp32 whatever the UNet computes in (plumbing/mixed_precision.py; float64 in a gradient check)
     x = latents.to(dev, torch.promote_types(unet.dtype, torch.float32)) * scheduler.init_noise_sigma
     xs, log_probs = [x], []
     for i, t in enumerate(timesteps):

@@ -22,7 +22,7 @@ p_ref is the PRETRAINED model: here the same UNet with its LoRA switched off. Ea
 
 Fail-safe: a NaN or infinite reward, sample, reference log-prob or gradient skips the update it
 would feed, with a warning; --max_skips in a row stop the run, and a checkpoint with a non-finite
-weight is never written (runs.py), so the last good one is always there to resume from.
+weight is never written (plumbing/runs.py), so the last good one is always there to resume from.
 
 DiffExp (Chae et al., "DiffExp: Efficient Exploration in Reward Fine-tuning for Text-to-Image
 Diffusion Models", AAAI 2025, Sec. 3) changes only step 1, and only for the first 3/4 of training,
@@ -41,18 +41,18 @@ from collections import defaultdict
 import torch
 from tqdm import tqdm
 
-import compiling
-import configurator
-import dashboards
-import distributed
+from plumbing import compiling
+from plumbing import configurator
+from plumbing import dashboards
+from plumbing import distributed
 import lora
-import mixed_precision
+from plumbing import mixed_precision
 import pipelines
 import prompt_sets
 import rewards
-import runs
+from plumbing import runs
 import sampling
-from configurator import at_least, between, positive, require  # the input checks
+from plumbing.configurator import at_least, between, positive, require  # the input checks
 from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
 
 # ------------------------------------------------------------------------------------------------
@@ -117,8 +117,8 @@ stop_after = 0               # stop after this many epochs in this invocation (0
 max_skips = 3                # a NaN/inf reward, sample or gradient skips its update; this many in a row stop the run
 # hardware
 device = "auto"              # auto (cuda if there is a GPU), cpu, cuda or cuda:N
-precision = "auto"           # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (mixed_precision.py)
-compile = "auto"             # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (compiling.py)
+precision = "auto"           # UNet arithmetic: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (plumbing/mixed_precision.py)
+compile = "auto"             # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (plumbing/compiling.py)
 # ------------------------------------------------------------------------------------------------
 
 
@@ -200,7 +200,7 @@ def finite_mean(values):
 
 def main(check_only=False):
     # ---- checks first: bad input costs nothing -------------------------------------------------
-    # (check_only: compare.py and bench.py check the options they pass on, before running anything)
+    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on, before running anything)
     global out
     require(reward in rewards.REWARDS, f"unknown reward {reward!r}; known rewards: {', '.join(rewards.REWARDS)}")
     at_least(1, num_steps=num_steps, epochs=epochs, prompts_per_epoch=prompts_per_epoch,
@@ -276,7 +276,7 @@ def main(check_only=False):
 
     # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
     eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
-    skips = runs.Skips(max_skips, out, verbose=master)  # the fail-safe for NaN and inf (runs.py)
+    skips = runs.Skips(max_skips, out, verbose=master)  # the fail-safe for NaN and inf (plumbing/runs.py)
 
     for epoch in range(start_epoch, epochs):
         if stop_after and epoch - start_epoch >= stop_after:

@@ -21,7 +21,7 @@ def tiny_pipeline(prediction_type="epsilon", seed=0, max_length=16):
     CLIP tokenizer."""
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-    from shapes_models import clip_tokenizer
+    from shapes.models import clip_tokenizer
 
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(
@@ -55,7 +55,7 @@ def tiny_sdxl_pipeline(seed=0, max_length=16, force_zeros_for_empty_prompt=True)
     as SDXL's), and SDXL's scheduler: Euler, with the DDIM keys its config carries."""
     from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
-    from shapes_models import clip_tokenizer
+    from shapes.models import clip_tokenizer
 
     torch.manual_seed(seed)
     text = dict(vocab_size=49408, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -91,7 +91,7 @@ def pipe():
 def tiny_pipeline_dir(tmp_path_factory):
     """A tiny SD-shaped pipeline saved as a diffusers folder (what `--model=<folder>` loads), in the
     form both transformers lines read, as the project saves its pipelines."""
-    from shapes_models import save_pipeline
+    from shapes.models import save_pipeline
     path = tmp_path_factory.mktemp("tiny_sd")
     save_pipeline(tiny_pipeline(), str(path))
     return str(path)
@@ -100,8 +100,8 @@ def tiny_pipeline_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def micro_world(tmp_path_factory):
     """A micro build of the shapes world (seconds; its quality is meaningless), in its own cache."""
-    import shapes
-    return shapes.ensure_world(micro=True, cache=str(tmp_path_factory.mktemp("micro_world")))
+    from shapes import build as shapes_build
+    return shapes_build.ensure_world(micro=True, cache=str(tmp_path_factory.mktemp("micro_world")))
 
 
 # each trainer at its smallest on the tiny SD-shaped folder (with --model, --prompts and --epochs): seconds an epoch
@@ -125,7 +125,7 @@ def run_trainer(name, *argv):
     """Run a training script in this process, as `python <name>.py <argv>` would (a fresh copy of
     its module-level defaults every time). Returns the module, whose globals hold the config."""
     import importlib
-    import configurator
+    from plumbing import configurator
     mod = importlib.reload(importlib.import_module(name))
     mod.config = configurator.configure(vars(mod), [str(a) for a in argv])
     mod.main()
@@ -201,7 +201,7 @@ def tiny_pickscore(tmp_path_factory):
     """A tiny transformers CLIPModel and a CLIPProcessor (real CLIP tokenizer, CLIP image settings
     at 32 px), saved as local folders as the hub ones would be."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-    from shapes_models import clip_tokenizer
+    from shapes.models import clip_tokenizer
     torch.manual_seed(0)
     cfg = CLIPConfig(text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
                                       num_hidden_layers=1, num_attention_heads=2,

@@ -2,7 +2,7 @@
 before any model work, with exactly one line on stderr that names the option, the value and what
 is allowed, exit non-zero, and leave nothing behind. Run twice: in this process (fast, with the slow
 paths booby-trapped, so a missing check fails loudly instead of building the shapes world), and as
-real subprocesses (`python <script>.py ...`, marked slow: ~3 s of imports each)."""
+real subprocesses (`python -m <script> ...`, marked slow: ~3 s of imports each)."""
 import os
 import runpy
 import subprocess
@@ -20,11 +20,11 @@ COMMON = {
     "train_alignprop": ["--model={model}", "--prompts={prompts}", "--reward=shapes_appeal", "--out={out}"],
     "train_prdp": ["--model={model}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
     "sample": ["--model={model}", "--out={out}/grid.png"],
-    "compare": ["--model={tiny}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
-    "bench": ["--model={tiny}"],
-    "shapes": ["--cache={out}"],
-    "shapes_eval": ["--assets={out}"],
-    "evaluate": ["--model={tiny}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
+    "experiments.compare": ["--model={tiny}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
+    "experiments.bench": ["--model={tiny}"],
+    "shapes.build": ["--cache={out}"],
+    "shapes.measure": ["--assets={out}"],
+    "experiments.evaluate": ["--model={tiny}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
 }
 
 # script, the bad options, what the one line must say
@@ -58,29 +58,29 @@ ROWS = [
     ("sample", ["--lora={out}/no_such_run"], "no LoRA weights there"),
     ("sample", ["--out={out}/grid.txt"], "--out must end in .png or .jpg"),
     ("sample", ["--precision=bfloat16"], "--precision must be auto, fp32, bf16 or fp16, got 'bfloat16'"),
-    ("compare", ["--args=--precision=fp8"], "in --args (train_ddpo.py): --precision must be auto, fp32, bf16 or fp16"),
-    ("compare", ["--heldout_seeds=1"], "--heldout_seeds must be >= 2, got 1"),
-    ("compare", ["--metrics=shapes_corect"], "--metrics: unknown reward 'shapes_corect'"),
-    ("compare", ["--args=--eta=1.5"], "in --args (train_ddpo.py): --eta must be in (0, 1], got 1.5"),
-    ("bench", ["--alignprop_args=--loss_coef=0"], "in --alignprop_args (train_alignprop.py): --loss_coef must be > 0"),
-    ("bench", ["--json_out={out}/no/such/folder/bench.json"], "its folder does not exist"),
-    ("bench", ["--trainers=prdp", "--prdp_args=--beta=0"], "in --prdp_args (train_prdp.py): --beta must be > 0"),
-    ("shapes", ["--vae_steps=0"], "--vae_steps must be >= 1, got 0"),
-    ("shapes", ["--p_empty=1.0"], "--p_empty must be in [0, 1)"),
-    ("shapes_eval", ["--per_prompt=1"], "--per_prompt must be >= 2, got 1"),
-    ("shapes_eval", ["--world={model}"], "is not a built shapes world"),
+    ("experiments.compare", ["--args=--precision=fp8"], "in --args (train_ddpo.py): --precision must be auto, fp32, bf16 or fp16"),
+    ("experiments.compare", ["--heldout_seeds=1"], "--heldout_seeds must be >= 2, got 1"),
+    ("experiments.compare", ["--metrics=shapes_corect"], "--metrics: unknown reward 'shapes_corect'"),
+    ("experiments.compare", ["--args=--eta=1.5"], "in --args (train_ddpo.py): --eta must be in (0, 1], got 1.5"),
+    ("experiments.bench", ["--alignprop_args=--loss_coef=0"], "in --alignprop_args (train_alignprop.py): --loss_coef must be > 0"),
+    ("experiments.bench", ["--json_out={out}/no/such/folder/bench.json"], "its folder does not exist"),
+    ("experiments.bench", ["--trainers=prdp", "--prdp_args=--beta=0"], "in --prdp_args (train_prdp.py): --beta must be > 0"),
+    ("shapes.build", ["--vae_steps=0"], "--vae_steps must be >= 1, got 0"),
+    ("shapes.build", ["--p_empty=1.0"], "--p_empty must be in [0, 1)"),
+    ("shapes.measure", ["--per_prompt=1"], "--per_prompt must be >= 2, got 1"),
+    ("shapes.measure", ["--world={model}"], "is not a built shapes world"),
     ("train_ddpo", ["--model={tiny}", "--revision=v1"], "--revision=v1 pins a hub model's version, but"),
     ("train_ddpo", ["--model={tiny}", "--variant=bf16"],  # needs the model: refused as it loads, before any write
      "(variant 'bf16'): You are trying to load the model files of the `variant=bf16`"),
     ("sample", ["--model={tiny}", "--revision=v1"], "--revision=v1 pins a hub model's version, but"),
-    ("evaluate", ["--num_seeds=0"], "--num_seeds must be >= 1, got 0"),
-    ("evaluate", ["--eta=1.5"], "--eta must be between 0 and 1, got 1.5"),
-    ("evaluate", ["--reward=shapes_aesthetc"], "unknown reward 'shapes_aesthetc'"),
-    ("evaluate", ["--prompts=drawbenc"], "unknown prompt set or missing file 'drawbenc'"),
-    ("evaluate", ["--lora={out}/no_such_run"], "no LoRA weights there"),
-    ("evaluate", ["--revision=v1"], "--revision=v1 pins a hub model's version, but"),
-    ("evaluate", ["--baseline={out}/table.json"], "not a table.json of evaluate.py"),
-    ("evaluate", ["--model={model}"], "no diffusers folder at"),
+    ("experiments.evaluate", ["--num_seeds=0"], "--num_seeds must be >= 1, got 0"),
+    ("experiments.evaluate", ["--eta=1.5"], "--eta must be between 0 and 1, got 1.5"),
+    ("experiments.evaluate", ["--reward=shapes_aesthetc"], "unknown reward 'shapes_aesthetc'"),
+    ("experiments.evaluate", ["--prompts=drawbenc"], "unknown prompt set or missing file 'drawbenc'"),
+    ("experiments.evaluate", ["--lora={out}/no_such_run"], "no LoRA weights there"),
+    ("experiments.evaluate", ["--revision=v1"], "--revision=v1 pins a hub model's version, but"),
+    ("experiments.evaluate", ["--baseline={out}/table.json"], "not a table.json of experiments/evaluate.py"),
+    ("experiments.evaluate", ["--model={model}"], "no diffusers folder at"),
 ]
 IDS = [f"{script}{''.join(args)}" for script, args, _ in ROWS]
 
@@ -93,17 +93,17 @@ def command(script, args, tmp_path, tiny, prompts):
 @pytest.mark.parametrize("script, args, message", ROWS, ids=IDS)
 def test_in_process(script, args, message, tmp_path, tiny_pipeline_dir, prompt_file, monkeypatch):
     import sampling
-    import shapes
-    import shapes_models
+    from shapes import build as shapes_build
+    from shapes import models as shapes_models
 
     def boom(*a, **k):
         raise AssertionError("got past the input checks")
-    for module, name in ((sampling, "rollout"), (shapes, "ensure_world"), (shapes_models, "new_vae"),
+    for module, name in ((sampling, "rollout"), (shapes_build, "ensure_world"), (shapes_models, "new_vae"),
                          (subprocess, "Popen")):
         monkeypatch.setattr(module, name, boom)
-    monkeypatch.setattr(sys, "argv", [f"{script}.py", *command(script, args, tmp_path, tiny_pipeline_dir, prompt_file)])
+    monkeypatch.setattr(sys, "argv", [script, *command(script, args, tmp_path, tiny_pipeline_dir, prompt_file)])
     with pytest.raises(SystemExit) as e:
-        runpy.run_path(os.path.join(ROOT, f"{script}.py"), run_name="__main__")
+        runpy.run_module(script, run_name="__main__", alter_sys=True)
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg and message in msg, msg
     assert not (tmp_path / "out").exists()
@@ -115,7 +115,7 @@ def test_as_a_subprocess(script, args, message, tmp_path, tiny_pipeline_dir, pro
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                SHAPES_CACHE=str(tmp_path / "cache"),  # a missed check must not build into the real cache
                TQDM_DISABLE="1")  # the model-loading bars of the row that needs the model
-    res = subprocess.run([sys.executable, f"{script}.py", *command(script, args, tmp_path, tiny_pipeline_dir, prompt_file)],
+    res = subprocess.run([sys.executable, "-m", script, *command(script, args, tmp_path, tiny_pipeline_dir, prompt_file)],
                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     lines = res.stderr.splitlines()
     assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""bench.py on the tiny pipeline: the epoch breakdown adds up, the UNet calls it counts are the
+"""experiments/bench.py on the tiny pipeline: the epoch breakdown adds up, the UNet calls it counts are the
 trainers' analytic numbers, the timers leave the patched functions as they were, and bad input;
 gpu_memory's recipe arithmetic, SDXL's published shapes, and its weights that take no memory."""
 import importlib
@@ -9,8 +9,8 @@ import sys
 import pytest
 import torch
 
-import configurator
-import gpu_memory
+from plumbing import configurator
+from experiments import gpu_memory
 import rewards
 import sampling
 
@@ -27,7 +27,7 @@ def one_thread():
 
 
 def configured(*argv):
-    mod = importlib.reload(importlib.import_module("bench"))
+    mod = importlib.reload(importlib.import_module("experiments.bench"))
     configurator.configure(vars(mod), [str(a) for a in argv])
     return mod
 

@@ -1,4 +1,4 @@
-"""compare.py on the tiny pipeline: a 2-arm x 2-seed DDPO comparison whose table is checked against
+"""experiments/compare.py on the tiny pipeline: a 2-arm x 2-seed DDPO comparison whose table is checked against
 the runs' own log files, resume (an unfinished run is resumed, finished runs are not re-run), the
 held-out evaluation against sample.py's CLI and the reward itself, and bad input."""
 import copy
@@ -14,8 +14,8 @@ import sys
 import pytest
 import torch
 
-import compare_stats
-import configurator
+from experiments import compare_stats
+from plumbing import configurator
 import prompt_sets
 from conftest import read_log, run_trainer
 
@@ -28,9 +28,9 @@ TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --samples_per_prompt=1 --nu
 
 
 def configured(*argv):
-    """A fresh compare module with `argv` applied, as `python compare.py <argv>` would have it, but
+    """A fresh compare module with `argv` applied, as `python -m experiments.compare <argv>` would have it, but
     with --compile=off unless `argv` says otherwise (compiling a tiny UNet costs more than its runs)."""
-    mod = importlib.reload(importlib.import_module("compare"))
+    mod = importlib.reload(importlib.import_module("experiments.compare"))
     configurator.configure(vars(mod), ["--compile=off", *[str(a) for a in argv]])
     return mod
 
@@ -228,7 +228,7 @@ def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_r
 
 
 def test_queries_to_reach_interpolates_the_first_crossing():
-    import compare
+    from experiments import compare
     assert compare_stats.queries_to_reach([10, 20, 30], [0.0, 1.0, 3.0], 2.0) == pytest.approx(25.0)
     assert compare_stats.queries_to_reach([10, 20, 30], [0.0, 2.5, 1.0], 2.0) == pytest.approx(18.0)  # first, not last
     assert compare_stats.queries_to_reach([10, 20], [5.0, 6.0], 2.0) == 10.0

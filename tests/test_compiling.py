@@ -1,11 +1,11 @@
-"""--compile (compiling.py): the compiled UNet computes what the eager one does, LoRA and all."""
+"""--compile (plumbing/compiling.py): the compiled UNet computes what the eager one does, LoRA and all."""
 import copy
 
 import pytest
 import torch
 
-import compiling
-import configurator
+from plumbing import compiling
+from plumbing import configurator
 import lora
 import sampling
 from conftest import tiny_pipeline
@@ -15,7 +15,7 @@ def test_choices():
     assert compiling.wanted("on", "cpu") and compiling.wanted("on", "cuda")
     assert not compiling.wanted("off", "cuda") and not compiling.wanted("off", "cpu")
     assert compiling.wanted("auto", "cuda:1") and not compiling.wanted("auto", "cpu")
-    # DDPO and PRDP replay their recorded log-probs: not compiled by default in bf16/fp16 (see compiling.py)
+    # DDPO and PRDP replay their recorded log-probs: not compiled by default in bf16/fp16 (see plumbing/compiling.py)
     assert compiling.wanted("auto", "cuda", torch.float32, replays=True)
     assert not compiling.wanted("auto", "cuda", torch.bfloat16, replays=True)
     assert compiling.wanted("auto", "cuda", torch.bfloat16, replays=False)
@@ -31,7 +31,7 @@ def test_choices():
 
 
 def test_compare_passes_compile_to_every_run(tiny_pipeline_dir, prompt_file, monkeypatch):
-    """compare.py's auto: on where the machine can compile (here: with a C++ compiler on the PATH or not)."""
+    """experiments/compare.py's auto: on where the machine can compile (here: with a C++ compiler on the PATH or not)."""
     from test_compare import configured
     argv = [f"--model={tiny_pipeline_dir}", f"--prompts={prompt_file}", "--reward=jpeg_incompressibility", "--seeds=1"]
     cases = (("on", "", "", "on"), ("off", "g++", "", "off"), ("auto", "g++", "", "on"), ("auto", "", "", "off"),

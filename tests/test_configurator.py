@@ -1,12 +1,12 @@
 """The shared configurator and prompt sets: overrides, types, help, unknown keys."""
+import os
 import subprocess
 import sys
 import textwrap
 
 import pytest
 
-import configurator
-
+from plumbing import configurator
 DEFAULTS = {"lr": 3e-4, "epochs": 10, "explore": False, "reward": "shapes_aesthetic", "max_steps": None}
 
 
@@ -45,13 +45,13 @@ def test_configure_reads_a_scripts_defaults_and_help(tmp_path):
         """A toy script."""
         import sys
         sys.path.insert(0, %r)
-        import configurator
+        from plumbing import configurator
         batch_size = 8          # images per batch
         lr = 1e-3               # learning rate
         NOT_AN_OPTION = 5
         configurator.configure(globals())
         print(batch_size, lr, NOT_AN_OPTION)
-        ''' % str(configurator.__file__).rsplit("/", 1)[0]))
+        ''' % os.path.dirname(os.path.dirname(configurator.__file__))))  # the repository
     run = lambda *a: subprocess.run([sys.executable, str(script), *a], capture_output=True, text=True)
     assert run("--batch_size=4").stdout.split() == ["4", "0.001", "5"]
     h = run("--help")

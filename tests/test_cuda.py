@@ -7,7 +7,7 @@ Each trainer runs one epoch on the tiny random SD-shaped folder on the GPU with 
 there (bf16), at the README recipe's batch shapes, and must show: the UNet in bf16 on the GPU asked
 for; DDPO's and PRDP's first ratio within DDPO's SD 1.5 clip range (1e-4: the recorded log-probs and
 their recomputation agree, i.e. sampling and training round alike); finite gradients; a peak GPU
-memory a tiny model stays far below. Then bench.py's CUDA-event timers and its peak memory, and,
+memory a tiny model stays far below. Then experiments/bench.py's CUDA-event timers and its peak memory, and,
 with two GPUs, a torchrun run whose ranks each take their own GPU."""
 import math
 
@@ -93,8 +93,8 @@ def test_device_cuda_n_is_the_gpu_used(tiny_pipeline_dir, prompt_file, tmp_path,
 
 def test_bench_times_sections_with_cuda_events(tiny_pipeline_dir, prompt_file):
     import importlib
-    import configurator
-    bench = importlib.reload(importlib.import_module("bench"))
+    from plumbing import configurator
+    bench = importlib.reload(importlib.import_module("experiments.bench"))
     configurator.configure(vars(bench), [f"--model={tiny_pipeline_dir}", "--trainers=ddpo", "--batch_sizes=2",
                                          "--repeats=1", "--no-compiled", f"--ddpo_args=--reward=jpeg_incompressibility "
                                          f"--prompts={prompt_file} --num_steps=3 --sample_batch_size=4 "

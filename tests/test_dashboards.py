@@ -1,4 +1,4 @@
-"""The optional dashboards (dashboards.py): each trainer's epochs, read back from the TensorBoard
+"""The optional dashboards (plumbing/dashboards.py): each trainer's epochs, read back from the TensorBoard
 event files and from an offline W&B run, equal its log.jsonl, across a resume; a missing package is
 one line before any work. The W&B test runs only where wandb is installed (it is not in
 requirements-test.txt: ~20 MB and a service binary)."""
@@ -9,7 +9,7 @@ import struct
 
 import pytest
 
-import dashboards
+from plumbing import dashboards
 from conftest import TINY, read_log, run_trainer
 
 
@@ -128,5 +128,5 @@ def test_wandb_offline_run_equals_the_log_across_a_resume(tiny_pipeline_dir, pro
 
 def test_dashboard_options_may_change_on_resume():
     """runs.check_run lets a resume change the dashboards' options (they never change what a run computes)."""
-    import runs
+    from plumbing import runs
     assert set(dashboards.OPTIONS) <= set(runs.MAY_CHANGE)

@@ -4,9 +4,7 @@ machine with two GPUs would answer them, on such a machine, alone and under torc
 import pytest
 import torch
 
-import distributed
-
-
+from plumbing import distributed
 def refused(device):
     with pytest.raises(SystemExit) as e:
         distributed.check_device(device)

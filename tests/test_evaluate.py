@@ -1,4 +1,4 @@
-"""evaluate.py: a finished run's LoRA (or the base model) scored on a prompt set, per category. Its
+"""experiments/evaluate.py: a finished run's LoRA (or the base model) scored on a prompt set, per category. Its
 rewards against diffusers' own pipeline sampling the same noise, the paired difference against a
 baseline evaluation, DrawBench's categories on the tiny SD-shaped model (bad input: test_bad_input.py)."""
 import json
@@ -7,7 +7,7 @@ import os
 import pytest
 import torch
 
-import compare
+from experiments import compare
 import lora
 import pipelines
 import prompt_sets
@@ -20,7 +20,7 @@ FAST = ["--num_seeds=2", "--num_steps=3", "--grid_seeds=2"]
 @pytest.fixture(scope="module")
 def shapes_run(micro_world, tmp_path_factory):
     """A run folder as the trainers leave it (config.json, lora/), with a LoRA that changes the model,
-    and the shapes world's held-out captions as compare.py holds them out (every 7th caption)."""
+    and the shapes world's held-out captions as experiments/compare.py holds them out (every 7th caption)."""
     run = tmp_path_factory.mktemp("run")
     pipe = pipelines.load_pipeline(micro_world)
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def reference_rewards(folder, weights, prompts, seeds, reward_fn, steps=3, guida
 
 def test_a_runs_lora_on_the_held_out_captions_scores_what_diffusers_draws(shapes_run, micro_world, tmp_path):
     run, heldout, held = shapes_run
-    run_trainer("evaluate", f"--lora={run}", f"--prompts={heldout}", *FAST)
+    run_trainer("experiments.evaluate", f"--lora={run}", f"--prompts={heldout}", *FAST)
     out = os.path.join(run, "eval-heldout-shapes_alignment")  # the run's model and reward, in the run's folder
     with open(os.path.join(out, "table.json")) as f:
         table = json.load(f)
@@ -88,26 +88,26 @@ def test_a_runs_lora_on_the_held_out_captions_scores_what_diffusers_draws(shapes
 def test_paired_difference_against_the_base_model(shapes_run, micro_world, tmp_path):
     run, heldout, held = shapes_run
     common = [f"--prompts={heldout}", "--reward=shapes_alignment", f"--reward_options=path={micro_world}", *FAST]
-    run_trainer("evaluate", f"--model={micro_world}", *common, f"--out={tmp_path / 'base'}")
+    run_trainer("experiments.evaluate", f"--model={micro_world}", *common, f"--out={tmp_path / 'base'}")
     base = json.load(open(tmp_path / "base" / "table.json"))
-    run_trainer("evaluate", f"--lora={run}", *common, f"--baseline={tmp_path / 'base' / 'table.json'}",
+    run_trainer("experiments.evaluate", f"--lora={run}", *common, f"--baseline={tmp_path / 'base' / 'table.json'}",
                 f"--out={tmp_path / 'lora'}")
     tuned = json.load(open(tmp_path / "lora" / "table.json"))
     for cat, row in tuned["categories"].items():
         assert row["vs_baseline"]["mean"] == pytest.approx(row["mean"] - base["categories"][cat]["mean"], abs=1e-5)
-    run_trainer("evaluate", f"--model={micro_world}", *common, f"--baseline={tmp_path / 'base' / 'table.json'}",
+    run_trainer("experiments.evaluate", f"--model={micro_world}", *common, f"--baseline={tmp_path / 'base' / 'table.json'}",
                 f"--out={tmp_path / 'same'}")
     same = json.load(open(tmp_path / "same" / "table.json"))["categories"]["all"]["vs_baseline"]
     assert same["mean"] == 0 and same["verdict"] == "no difference"  # the same images again
     with pytest.raises(SystemExit, match="evaluated with num_seeds=2, this one with 3"):
-        run_trainer("evaluate", f"--lora={run}", *common, "--num_seeds=3",
+        run_trainer("experiments.evaluate", f"--lora={run}", *common, "--num_seeds=3",
                     f"--baseline={tmp_path / 'base' / 'table.json'}", f"--out={tmp_path / 'bad'}")
     assert not (tmp_path / "bad").exists()
 
 
 def test_drawbench_on_the_tiny_sd_model_with_the_aesthetic_reward(tiny_pipeline_dir, tiny_open_clip, tmp_path):
     name, clip, mlp = tiny_open_clip
-    run_trainer("evaluate", f"--model={tiny_pipeline_dir}", "--prompts=drawbench", "--per_category=1",
+    run_trainer("experiments.evaluate", f"--model={tiny_pipeline_dir}", "--prompts=drawbench", "--per_category=1",
                 "--reward=aesthetic", f"--reward_options=clip_model={name},clip_pretrained={clip},mlp_path={mlp}",
                 "--num_seeds=1", "--num_steps=2", "--grid_prompts=1", f"--out={tmp_path}")
     table = json.load(open(tmp_path / "table.json"))

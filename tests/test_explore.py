@@ -68,7 +68,7 @@ def test_draw_weights_rejects_bad_markup():
 
 def test_weight_embeddings_on_tiny_text_encoder():
     from transformers import CLIPTextConfig, CLIPTextModel
-    from shapes_models import clip_tokenizer
+    from shapes.models import clip_tokenizer
     torch.manual_seed(0)
     enc = CLIPTextModel(CLIPTextConfig(vocab_size=49408, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                        num_attention_heads=2, max_position_embeddings=16)).eval()

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import lora
-import runs
+from plumbing import runs
 import sampling
 from conftest import lora_weights, read_log, run_trainer
 

@@ -5,7 +5,7 @@ import torch
 import torch.nn as nn
 
 import lora
-from gpu_memory import SD15_UNET  # Stable Diffusion 1.5's UNet config
+from experiments.gpu_memory import SD15_UNET  # Stable Diffusion 1.5's UNet config
 from conftest import tiny_pipeline
 
 
@@ -249,7 +249,7 @@ def test_sd15_rank4_parameter_count():
 
 def test_sdxl_rank4_parameter_count():
     from diffusers import UNet2DConditionModel
-    from gpu_memory import SDXL_UNET
+    from experiments.gpu_memory import SDXL_UNET
     with torch.device("meta"):
         unet = UNet2DConditionModel(**SDXL_UNET)
     # By hand: 70 transformer blocks, 10 of width 640 (down 2 x 2, up 3 x 2) and 60 of 1280 (down 2 x 10,

@@ -1,4 +1,4 @@
-"""Mixed precision (mixed_precision.py) on the CPU, whose autocast supports bf16 and fp16: each part's
+"""Mixed precision (plumbing/mixed_precision.py) on the CPU, whose autocast supports bf16 and fp16: each part's
 dtype, the UNet computing in bf16 while the latents, DDIM step and log-probs stay fp32, DDPO's first
 PPO ratio within the clip range under bf16 with the README recipe's batch shapes, and AlignProp's
 gradient through the bf16 VAE finite and pointing where the fp32 one points (fp16: with the loss
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import lora
-import mixed_precision
+from plumbing import mixed_precision
 import pipelines
 import rewards
 import sampling

@@ -2,7 +2,7 @@
 import pytest
 
 import prompt_sets
-import shapes_world
+from shapes import world as shapes_world
 
 
 def test_prompt_sets_match_the_papers():

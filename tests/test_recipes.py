@@ -112,14 +112,14 @@ def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_
 
 def test_the_readme_evaluates_drawbench_and_the_unseen_animals_against_the_base_model():
     """Each set twice, the base model then a recipe's run; the run's --baseline is the base model's
-    table where evaluate.py writes it, and the run folder is where that recipe's trainer writes."""
+    table where experiments/evaluate.py writes it, and the run folder is where that recipe's trainer writes."""
     import importlib
-    import configurator
+    from plumbing import configurator
     assert [(s, f["prompts"], "lora" in f) for s, f in EVALS] == [
         ("evaluate", "drawbench", False), ("evaluate", "drawbench", True),
         ("evaluate", "unseen_animals", False), ("evaluate", "unseen_animals", True)]
     for base, run in (EVALS[0:2], EVALS[2:4]):
-        ev = importlib.reload(importlib.import_module("evaluate"))
+        ev = importlib.reload(importlib.import_module("experiments.evaluate"))
         ev.config = configurator.configure(vars(ev), [f"--{k}={v}" for k, v in base[1].items()])
         assert run[1]["baseline"] == os.path.join(ev.resolve()["out"], "table.json")
         trained = [f for s, f in SD15_RECIPES if s == "train_ddpo" and f["reward"] == run[1]["reward"]]

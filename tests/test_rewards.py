@@ -10,8 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 
 import rewards
-import shapes_models
-import shapes_world
+from shapes import models as shapes_models
+from shapes import world as shapes_world
 from conftest import PUBLISHED_SHAPES, random_predictor_state
 
 # Our tensor preprocessing vs the PIL-based references: they round to uint8 after resizing (half a
@@ -216,13 +216,13 @@ def test_offline_error_for_the_aesthetic_mlp(empty_hub_cache, tiny_open_clip):
 
 @pytest.fixture(scope="module")
 def world_folder(tmp_path_factory):
-    import shapes
-    return shapes.ensure_world(micro=True, cache=str(tmp_path_factory.mktemp("shapes")))
+    from shapes import build as shapes_build
+    return shapes_build.ensure_world(micro=True, cache=str(tmp_path_factory.mktemp("shapes")))
 
 
 def judge_reference(judge, images, captions):
-    """The judge's own CLIPModel forward on its input format (shapes.py: 32 px, [-1, 1])."""
-    import shapes
+    """The judge's own CLIPModel forward on its input format (shapes/build.py: 32 px, [-1, 1])."""
+    from shapes import build as shapes_build
     x = F.interpolate(images, size=(32, 32), mode="bilinear", antialias=True) * 2 - 1
     tok = shapes_models.clip_tokenizer(shapes_models.MAX_TOKENS)
     ids = tok([rewards.strip_marks(c) for c in captions], padding=True, return_tensors="pt")
@@ -231,7 +231,7 @@ def judge_reference(judge, images, captions):
 
 
 def test_shapes_rewards_from_a_built_world(world_folder):
-    import shapes
+    from shapes import build as shapes_build
     images, captions, _ = shapes_world.make_batch(4, torch.Generator().manual_seed(0))
     images = images.clone().requires_grad_(True)
     ref, _ = judge_reference(shapes_models.load_judge(world_folder), images.detach(), captions)
@@ -254,7 +254,7 @@ def test_shapes_rewards_from_a_built_world(world_folder):
 def test_shapes_correct_reads_real_images_right():
     """The rendered world's own images match their captions (the checker is right on real data),
     and the same images scored against shuffled captions mostly do not."""
-    import shapes
+    from shapes import build as shapes_build
     images, captions, _ = shapes_world.make_batch(32, torch.Generator().manual_seed(1))
     fn = rewards.load("shapes_correct")
     assert not fn.differentiable
@@ -265,7 +265,7 @@ def test_shapes_correct_reads_real_images_right():
 def test_shapes_correct_counts_the_named_attributes():
     """The fraction of the attributes a prompt names that the image shows: one wrong colour out of
     three attributes scores 2/3; a prompt naming only the shape scores on the shape alone."""
-    import shapes
+    from shapes import build as shapes_build
     images, _, labels = shapes_world.make_batch(2, torch.Generator().manual_seed(5))
     c, s, b = shapes_world.LABELS[labels[1].item()]
     wrong = shapes_world.caption(shapes_world.COLOUR_NAMES[(c + 1) % 6], shapes_world.SHAPES[s], shapes_world.BACKGROUND_NAMES[b])

@@ -8,7 +8,7 @@ import torch
 from diffusers import DDIMScheduler
 
 import explore
-import grids
+from plumbing import grids
 import pipelines
 import sample
 import sampling

@@ -1,7 +1,7 @@
 """SDXL in every script, on a tiny random SDXL-shaped pipeline (tests/conftest.py): loading, the
 conditioning record against diffusers' own StableDiffusionXLPipeline (encode_prompt, the empty
 prompt, the time ids, the whole DDIM rollout), DiffExp's prompt weighting on both text encoders, the
-LoRA file in diffusers, and each trainer, sample.py, compare.py and bench.py with --model=<the folder>."""
+LoRA file in diffusers, and each trainer, sample.py, experiments/compare.py and experiments/bench.py with --model=<the folder>."""
 import json
 import runpy
 import sys

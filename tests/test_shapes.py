@@ -11,9 +11,9 @@ import torch
 
 import prompt_sets
 import rewards
-import shapes
-import shapes_models
-import shapes_world
+from shapes import build as shapes_build
+from shapes import models as shapes_models
+from shapes import world as shapes_world
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -163,14 +163,14 @@ def test_appeal_is_differentiable_and_ranks_sensibly():
 @pytest.fixture(scope="session")
 def world(tmp_path_factory):
     cache = str(tmp_path_factory.mktemp("shapes_cache"))
-    return shapes.ensure_world(micro=True, cache=cache), cache
+    return shapes_build.ensure_world(micro=True, cache=cache), cache
 
 
 def test_build_config_refuses_unknown_keys():
     with pytest.raises(ValueError, match="unet_steps"):
-        shapes.build_config(unet_step=3)
-    assert shapes.build_config(micro=True)["unet_steps"] == shapes.MICRO["unet_steps"]
-    assert shapes.build_config(micro=True, unet_steps=5)["unet_steps"] == 5
+        shapes_build.build_config(unet_step=3)
+    assert shapes_build.build_config(micro=True)["unet_steps"] == shapes_build.MICRO["unet_steps"]
+    assert shapes_build.build_config(micro=True, unet_steps=5)["unet_steps"] == 5
 
 
 def test_world_is_a_plain_diffusers_pipeline_folder(world):
@@ -178,7 +178,7 @@ def test_world_is_a_plain_diffusers_pipeline_folder(world):
     folder, _ = world
     pipe = StableDiffusionPipeline.from_pretrained(folder)  # diffusers alone, no project code
     pipe.set_progress_bar_config(disable=True)
-    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+    with open(os.path.join(folder, shapes_build.MANIFEST)) as f:
         manifest = json.load(f)
     assert isinstance(pipe.scheduler, DDIMScheduler)
     assert pipe.scheduler.config.prediction_type == "v_prediction"
@@ -205,31 +205,31 @@ def test_world_is_a_plain_diffusers_pipeline_folder(world):
 
 def test_cache_is_reused_and_a_corrupt_build_is_rebuilt_identically(world):
     folder, cache = world
-    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+    with open(os.path.join(folder, shapes_build.MANIFEST)) as f:
         hashes = json.load(f)["files"]
-    assert shapes.ensure_world(micro=True, cache=cache) == folder  # reused
+    assert shapes_build.ensure_world(micro=True, cache=cache) == folder  # reused
     weights = os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors")
     with open(weights, "r+b") as f:
         f.truncate(100)  # a half-written file
-    assert not shapes.is_complete(folder)
-    assert shapes.ensure_world(micro=True, cache=cache) == folder
-    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+    assert not shapes_build.is_complete(folder)
+    assert shapes_build.ensure_world(micro=True, cache=cache) == folder
+    with open(os.path.join(folder, shapes_build.MANIFEST)) as f:
         assert json.load(f)["files"] == hashes  # deterministic: the same bytes again
     import shutil
     copy = folder + "-copy"
     shutil.copytree(folder, copy)
-    assert shapes.is_complete(copy)
+    assert shapes_build.is_complete(copy)
     with open(os.path.join(copy, "stray.txt"), "w") as f:  # a file the manifest does not know
         f.write("x")
-    assert not shapes.is_complete(copy)
-    os.remove(os.path.join(copy, shapes.MANIFEST))  # interrupted before the manifest was written
-    assert not shapes.is_complete(copy)
+    assert not shapes_build.is_complete(copy)
+    os.remove(os.path.join(copy, shapes_build.MANIFEST))  # interrupted before the manifest was written
+    assert not shapes_build.is_complete(copy)
 
 
 def test_other_configurations_get_other_folders(world):
     folder, cache = world
-    other = shapes.world_dir(shapes.build_config(micro=True, cache=cache, seed=1))
-    assert other != folder and not shapes.is_complete(other)
+    other = shapes_build.world_dir(shapes_build.build_config(micro=True, cache=cache, seed=1))
+    assert other != folder and not shapes_build.is_complete(other)
 
 
 def test_judge_similarity_matches_clipmodel_forward(world):
@@ -261,7 +261,7 @@ def test_aesthetic_score_is_differentiable_and_frozen(world):
 @pytest.mark.slow
 def test_cli_prints_the_folder_last(world):
     folder, cache = world
-    out = subprocess.run([sys.executable, os.path.join(ROOT, "shapes.py"), "--micro", f"--cache={cache}"],
+    out = subprocess.run([sys.executable, "-m", "shapes.build", "--micro", f"--cache={cache}"], cwd=ROOT,
                          capture_output=True, text=True, timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == folder
@@ -306,13 +306,13 @@ def old_format_world(cache, monkeypatch):
     """A micro world saved as the builds before save format 2 saved it (transformers 5's plain
     save_pretrained)."""
     with monkeypatch.context() as m:
-        m.setattr(shapes, "save_pipeline", lambda pipe, folder: pipe.save_pretrained(folder))
-        m.setattr(shapes, "SAVE_FORMAT", 1)
-        folder = shapes.ensure_world(micro=True, cache=cache)
-    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+        m.setattr(shapes_build, "save_pipeline", lambda pipe, folder: pipe.save_pretrained(folder))
+        m.setattr(shapes_build, "SAVE_FORMAT", 1)
+        folder = shapes_build.ensure_world(micro=True, cache=cache)
+    with open(os.path.join(folder, shapes_build.MANIFEST)) as f:
         manifest = json.load(f)
     manifest.pop("save_format")  # the old manifests had no such key
-    with open(os.path.join(folder, shapes.MANIFEST), "w") as f:
+    with open(os.path.join(folder, shapes_build.MANIFEST), "w") as f:
         json.dump(manifest, f)
     return folder, manifest["files"]
 
@@ -322,14 +322,14 @@ def test_a_world_saved_before_is_re_saved_in_place_not_rebuilt(tmp_path, monkeyp
     folder, old = old_format_world(str(tmp_path), monkeypatch)
     assert sorted(shapes_models.unreadable_by_transformers4(folder)) == [
         "text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json"]
-    assert not shapes.is_complete(folder)
+    assert not shapes_build.is_complete(folder)
     ids = shapes_models.tokenize(shapes_models.clip_tokenizer(shapes_models.MAX_TOKENS), TEXTS)
     with torch.no_grad():
         before = CLIPTextModel.from_pretrained(os.path.join(folder, "text_encoder"))(ids)[0]
-    monkeypatch.setattr(shapes, "build", lambda *a: pytest.fail("the cached world was rebuilt"))
-    assert shapes.ensure_world(micro=True, cache=str(tmp_path)) == folder
-    assert shapes.is_complete(folder) and shapes_models.unreadable_by_transformers4(folder) == []
-    with open(os.path.join(folder, shapes.MANIFEST)) as f:
+    monkeypatch.setattr(shapes_build, "build", lambda *a: pytest.fail("the cached world was rebuilt"))
+    assert shapes_build.ensure_world(micro=True, cache=str(tmp_path)) == folder
+    assert shapes_build.is_complete(folder) and shapes_models.unreadable_by_transformers4(folder) == []
+    with open(os.path.join(folder, shapes_build.MANIFEST)) as f:
         new = json.load(f)["files"]
     changed = {p for p in set(old) | set(new) if old.get(p) != new.get(p)}
     assert changed == {"text_encoder/model.safetensors", "tokenizer/merges.txt", "tokenizer/vocab.json"}
@@ -340,15 +340,15 @@ def test_a_world_saved_before_is_re_saved_in_place_not_rebuilt(tmp_path, monkeyp
 def test_a_migration_cut_short_is_finished_and_a_damaged_old_world_rebuilt(tmp_path, monkeypatch):
     folder, old = old_format_world(str(tmp_path), monkeypatch)
     shapes_models.make_readable_by_transformers4(folder)  # killed before the manifest was rewritten
-    assert not shapes.is_complete(folder)
-    assert shapes.migrate(folder) and shapes.is_complete(folder)
+    assert not shapes_build.is_complete(folder)
+    assert shapes_build.migrate(folder) and shapes_build.is_complete(folder)
     folder, old = old_format_world(str(tmp_path / "b"), monkeypatch)
     with open(os.path.join(folder, "unet", "diffusion_pytorch_model.safetensors"), "r+b") as f:
         f.truncate(100)  # damage that a re-save must not paper over
-    assert not shapes.migrate(folder)
+    assert not shapes_build.migrate(folder)
     rebuilt = []
-    monkeypatch.setattr(shapes, "build", lambda tmp, cfg: rebuilt.append(tmp) or os.makedirs(tmp))
-    shapes.ensure_world(micro=True, cache=str(tmp_path / "b"))
+    monkeypatch.setattr(shapes_build, "build", lambda tmp, cfg: rebuilt.append(tmp) or os.makedirs(tmp))
+    shapes_build.ensure_world(micro=True, cache=str(tmp_path / "b"))
     assert len(rebuilt) == 1
 
 

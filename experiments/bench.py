@@ -1,8 +1,8 @@
 """Where the time goes: one training epoch of each trainer, broken into its parts, and sampling speed.
 
-    python bench.py                                   # the shapes world, both trainers, CPU
-    python bench.py --trainers=ddpo --ddpo_args="--sample_batch_size=8 --explore"
-    python bench.py --trainers=prdp --batch_sizes=    # PRDP's epoch alone
+    python -m experiments.bench                                   # the shapes world, both trainers, CPU
+    python -m experiments.bench --trainers=ddpo --ddpo_args="--sample_batch_size=8 --explore"
+    python -m experiments.bench --trainers=prdp --batch_sizes=    # PRDP's epoch alone
 
 1. Each trainer runs for real (its own main(), in this process, in a temporary folder) for `warmup`
    + `epochs` epochs. Its functions are wrapped with timers (time.perf_counter) before it starts:
@@ -30,13 +30,13 @@
    so its peak memory is its own: resident memory (VmHWM) on a CPU, torch.cuda.max_memory_allocated
    on a GPU, each read by the process itself as it exits.
 5. --sd_memory, --sdxl_memory: an estimate of the GPU memory the README's SD 1.5 and SDXL recipes
-   need with --precision=bf16, measured on the CPU by gpu_memory.py.
+   need with --precision=bf16, measured on the CPU by experiments/gpu_memory.py.
 6. --ratio_noise: how far DDPO's first PPO ratio is from 1 when the log-probs recorded while
    sampling and their recomputation in training come from UNet calls that round differently:
    bf16 at two batch sizes (do this machine's kernels depend on the batch? the trainers sample with
    training's batch in case they do), and bf16 against fp32 (what any difference in rounding costs).
 7. With --compiled (the default), each trainer's epoch of 1. again with its UNet compiled
-   (--compile=on, compiling.py): the seconds per section and the speed-up over eager, and the time to
+   (--compile=on, plumbing/compiling.py): the seconds per section and the speed-up over eager, and the time to
    the end of the first epoch with an empty compiler cache and with the cache that run filled.
 
 Prints markdown tables (and writes them as JSON with --json_out).
@@ -57,17 +57,17 @@ from collections import Counter, defaultdict
 
 import torch
 
-import configurator
-import gpu_memory
+from plumbing import configurator
+from experiments import gpu_memory
 import pipelines
 import prompt_sets
 import rewards
-import runs
+from plumbing import runs
 import sampling
-from configurator import at_least, require  # the input checks
+from plumbing.configurator import at_least, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
-# defaults (override with --key=value; `python bench.py --help` lists them)
+# defaults (override with --key=value; `python -m experiments.bench --help` lists them)
 model = "shapes"             # 'shapes', a hub id, or a local diffusers folder (given to both trainers)
 revision = ""                # a hub --model's branch, tag or commit ("" = main), given to the trainers too
 variant = ""                 # weight files of this variant, e.g. fp16 ("" = plain), given to the trainers too
@@ -300,12 +300,12 @@ def bench_trainer(name, extra):
 
 
 # ------------------------------------------------------------------------------------------------
-# 7. The same epoch with the UNet compiled (--compile=on, compiling.py), and what compiling costs
+# 7. The same epoch with the UNet compiled (--compile=on, plumbing/compiling.py), and what compiling costs
 
 def bench_compiled(name, extra):
     """Trainer `name`'s epoch with its UNet compiled, run twice: with an empty compiler cache (the
     first run on a machine) and again, after Dynamo's in-memory caches are dropped, with the on-disk
-    cache that the first run filled (what every later run pays: compare.py's runs after its first).
+    cache that the first run filled (what every later run pays: experiments/compare.py's runs after its first).
     Returns the second run's seconds per section and both runs' time to the end of the first epoch."""
     cache, before = tempfile.mkdtemp(prefix="bench-inductor-"), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
@@ -398,7 +398,7 @@ def run_child(script_argv, log_path):
 def truncation_table(ks, extra):
     """For each K and checkpointing off/on: a 4-epoch train_alignprop.py run in its own process;
     seconds per update = the median of epochs 1-2 (epoch 0 warms up, the last one evaluates)."""
-    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train_alignprop.py")
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_alignprop.py")
     rows = []
     for k in ks:
         for ckpt in (False, True):
@@ -542,7 +542,7 @@ def check_trainer(name, extra):
     --ddpo_args or --alignprop_args fails at once, not after the other trainer has been timed."""
     for a in extra:
         key = a[2:].partition("=")[0].replace("-", "_")
-        require(key not in NOT_IN_ARGS, f"--{name}_args must not set --{key}: bench.py sets it")
+        require(key not in NOT_IN_ARGS, f"--{name}_args must not set --{key}: experiments/bench.py sets it")
     module = importlib.reload(importlib.import_module(TRAINER_MODULES[name]))  # fresh defaults
     try:
         module.config = configurator.configure(vars(module), [*model_args(), *extra])

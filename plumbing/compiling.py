@@ -11,13 +11,13 @@ backward), once more for every other input shape or mode, such as the evaluation
 PRDP's reference model (lora.disabled switches the low-rank path off: another graph). Inductor keeps
 what it compiled in an on-disk cache that every process of the user shares ($TORCHINDUCTOR_CACHE_DIR,
 by default torchinductor_<user> in the temporary folder), so the next run with the same shapes
-compiles almost nothing: compare.py's runs after its first, a resumed run, the next seed.
-`python bench.py` measures both sides of the trade on the machine at hand: the seconds per epoch
+compiles almost nothing: experiments/compare.py's runs after its first, a resumed run, the next seed.
+`python -m experiments.bench` measures both sides of the trade on the machine at hand: the seconds per epoch
 eager and compiled, and the time to the end of the first epoch with a cold and a warm cache.
 
     --compile=auto   on where it pays and changes nothing that matters:
                      - with CUDA (long runs of a large UNet: the compile is minutes against hours);
-                       on the CPU only in compare.py, whose runs share the cache, so only the first
+                       on the CPU only in experiments/compare.py, whose runs share the cache, so only the first
                        pays (one shapes-world run barely pays for a cold compile: README, "Where the
                        time goes"), and only with a C++ compiler on the PATH, which Inductor needs;
                      - but never for DDPO and PRDP in bf16 or fp16 (CUDA's default precision). They
@@ -35,7 +35,7 @@ import shutil
 
 import torch
 
-from configurator import require, switch
+from plumbing.configurator import require, switch
 
 
 def check(compile):
@@ -53,7 +53,7 @@ def can_compile(device):
 
 def wanted(compile, device, dtype=torch.float32, replays=False, many_runs=False):
     """Does --compile ask for compiling? `dtype`: the UNet's; `replays`: the trainer recomputes the
-    log-probs it recorded while sampling (DDPO, PRDP); `many_runs`: compare.py's runs. (auto: see the
+    log-probs it recorded while sampling (DDPO, PRDP); `many_runs`: experiments/compare.py's runs. (auto: see the
     docstring at the top)"""
     choice = switch(compile)
     if choice != "auto":

@@ -7,9 +7,7 @@ import textwrap
 
 import torch
 
-import runs
-
-
+from plumbing import runs
 def diversity(images):
     """Mean pairwise RMS pixel distance between the samples of one prompt, averaged over prompts.
     images: [P, S, 3, H, W] in [0, 1]. 0 = all seeds gave the same image."""

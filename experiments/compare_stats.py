@@ -1,4 +1,4 @@
-"""The comparison's numbers, table and figure (compare.py runs the experiment, this summarises
+"""The comparison's numbers, table and figure (experiments/compare.py runs the experiment, this summarises
 it): evaluation curves over seeds, the reward queries each arm needs to reach the baseline's final
 reward, each arm's paired difference from the baseline with its 95% t-interval (and, against another
 comparison's arms, the unpaired difference with Welch's interval), a markdown table and the
@@ -8,9 +8,7 @@ import json
 import os
 import statistics
 
-import runs
-
-
+from plumbing import runs
 def read_log(run_dir):
     path = os.path.join(run_dir, "log.jsonl")
     if not os.path.exists(path):

@@ -2,10 +2,10 @@
 set, any reward. DiffExp (Chae et al. 2025) measures generalisation this way, on prompts the
 fine-tuning never saw: unseen animals and DrawBench (Saharia et al. 2022; its 11 categories).
 
-    python evaluate.py --lora=out/ddpo-shapes_aesthetic-explore-s0             # the run's model and reward
-    python evaluate.py --lora=out/<run> --prompts=shapes_rare --reward=shapes_success
-    python evaluate.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --reward=pickscore --prompts=drawbench
-    python evaluate.py --lora=out/<sd run> --reward=pickscore --prompts=drawbench \\
+    python -m experiments.evaluate --lora=out/ddpo-shapes_aesthetic-explore-s0             # the run's model and reward
+    python -m experiments.evaluate --lora=out/<run> --prompts=shapes_rare --reward=shapes_success
+    python -m experiments.evaluate --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --reward=pickscore --prompts=drawbench
+    python -m experiments.evaluate --lora=out/<sd run> --reward=pickscore --prompts=drawbench \\
         --baseline=out/eval-stable-diffusion-v1-5-drawbench-pickscore/table.json   # the paired difference
 
 Every prompt is sampled `num_seeds` times, plainly (constant guidance, unweighted prompts), with seed
@@ -27,22 +27,22 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import compiling
-import configurator
-import distributed
-import grids
+from plumbing import compiling
+from plumbing import configurator
+from plumbing import distributed
+from plumbing import grids
 import pipelines
 import prompt_sets
 import rewards
-import runs
+from plumbing import runs
 import sampling
-from compare_stats import mean_interval, paired_difference
-from configurator import at_least, between, require  # the input checks
+from experiments.compare_stats import mean_interval, paired_difference
+from plumbing.configurator import at_least, between, require  # the input checks
 from explore import parse_phrases
 from lora import load as load_lora, weights_file  # `lora` is this script's --lora option
 
 # ------------------------------------------------------------------------------------------------
-# defaults (override with --key=value; `python evaluate.py --help` lists them)
+# defaults (override with --key=value; `python -m experiments.evaluate --help` lists them)
 lora = ""                    # LoRA to evaluate: a run folder (out/<run>), its lora/ folder or the file; "" = the base model
 model = "auto"               # auto: the run's model with --lora, else shapes; or 'shapes', a hub id, a diffusers folder
 revision = ""                # hub --model only: a branch, tag or commit ("" = main; with model auto, the run's)
@@ -61,7 +61,7 @@ baseline = ""                # a table.json of another evaluation with the same 
 grid_prompts = 2             # grid rows per category (its first prompts); 0 = no grid
 grid_seeds = 4               # grid columns (the first seeds)
 device = "auto"              # auto = cuda if available, else cpu
-compile = "auto"             # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (compiling.py)
+compile = "auto"             # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (plumbing/compiling.py)
 out = ""                     # output folder; default <run>/eval-<prompts>-<reward> or out/eval-<model>-<prompts>-<reward>
 # ------------------------------------------------------------------------------------------------
 
@@ -118,7 +118,7 @@ def read_baseline(cfg, prompt_list):
             base = json.load(f)
         same = {k: base["config"][k] for k in ("reward", "num_seeds", "guidance", "num_steps", "eta")}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise SystemExit(f"error: --baseline={baseline}: not a table.json of evaluate.py ({e})")
+        raise SystemExit(f"error: --baseline={baseline}: not a table.json of experiments/evaluate.py ({e})")
     for k, v in same.items():
         require(v == cfg[k], f"--baseline={baseline} was evaluated with {k}={v!r}, this one with {cfg[k]!r}; "
                              "a paired difference needs the same settings")

@@ -1,16 +1,16 @@
 """Building the offline "shapes" world: the tiny text-to-image model and its reward models,
-trained on the world's synthetic images (shapes_world.py) and cached as a diffusers folder.
+trained on the world's synthetic images (shapes/world.py) and cached as a diffusers folder.
 
 A reader without a GPU or hub access still gets a real Stable-Diffusion-shaped model: an
 `AutoencoderKL`, a `CLIPTextModel` with the real CLIP tokenizer and a `UNet2DConditionModel`, saved
 as a diffusers `StableDiffusionPipeline` folder, so every other script treats it exactly like SD 1.5.
 Next to it: a tiny CLIP judge (the world's PickScore) and an aesthetic MLP on the judge's image
 embedding (the world's LAION predictor), trained to predict a programmatic "appeal" score. The
-models' architectures are in shapes_models.py; this file trains them in stages and caches the
-result; shapes_eval.py measures it.
+models' architectures are in shapes/models.py; this file trains them in stages and caches the
+result; shapes/measure.py measures it.
 
-    python shapes.py                  # build the default world (cached), print its folder last
-    python shapes_eval.py             # measure it: the README's quality and hard-prompt tables
+    python -m shapes.build                  # build the default world (cached), print its folder last
+    python -m shapes.measure             # measure it: the README's quality and hard-prompt tables
 """
 import glob
 import hashlib
@@ -25,16 +25,16 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import configurator
-import runs
-from shapes_models import (MAX_TOKENS, attribute_accuracy, clip_tokenizer, judge_image_features, judge_logits,
+from plumbing import configurator
+from plumbing import runs
+from shapes.models import (MAX_TOKENS, attribute_accuracy, clip_tokenizer, judge_image_features, judge_logits,
                            judge_read, judge_text_features, make_readable_by_transformers4, new_aesthetic, new_judge,
                            new_scheduler, new_text_encoder, new_unet, new_vae, save_pipeline, tokenize,
                            transformers4_files)
-from shapes_world import CAPTIONS, RARE_CAPTIONS, appeal, make_batch
+from shapes.world import CAPTIONS, RARE_CAPTIONS, appeal, make_batch
 
 # ---------------------------------------------------------------------------------------------
-# Build configuration: `python shapes.py --key=value` overrides these; ensure_world(**overrides)
+# Build configuration: `python -m shapes.build --key=value` overrides these; ensure_world(**overrides)
 # does the same from code. Each distinct configuration is built into its own cache folder.
 seed = 0  # the whole build is deterministic given this seed (and the number of threads)
 cache = ""  # folder of built worlds (default: $SHAPES_CACHE, else .cache/shapes next to this file)
@@ -256,7 +256,7 @@ def build_config(**overrides):
 def world_dir(cfg):
     """Where the world built with `cfg` lives: named by the seed and a hash of the configuration."""
     root = cfg["cache"] or os.environ.get("SHAPES_CACHE") or os.path.join(
-        os.path.dirname(os.path.abspath(__file__)), ".cache", "shapes")
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".cache", "shapes")
     key = json.dumps({k: cfg[k] for k in BUILD_KEYS} | {"version": BUILD_VERSION}, sort_keys=True)
     name = f"{'micro' if cfg['micro'] else 'world'}-seed{cfg['seed']}-{hashlib.sha256(key.encode()).hexdigest()[:10]}"
     return os.path.join(root, name)

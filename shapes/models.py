@@ -2,7 +2,7 @@
 `AutoencoderKL`, a `CLIPTextModel` with the real CLIP tokenizer, a `UNet2DConditionModel` and a DDIM
 scheduler), the CLIP judge (the world's PickScore) and the aesthetic MLP on the judge's image
 embedding (the world's LAION predictor): their architectures, how the judge reads an image, and
-loading the trained judge and MLP from a built world folder. shapes.py trains them.
+loading the trained judge and MLP from a built world folder. shapes/build.py trains them.
 """
 import functools
 import glob
@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPTokenizer
 
-from runs import atomic_write, write_text
-from shapes_world import BACKGROUNDS, CAPTIONS, COLOURS, SHAPES, SIZE, to_world_size
+from plumbing.runs import atomic_write, write_text
+from shapes.world import BACKGROUNDS, CAPTIONS, COLOURS, SHAPES, SIZE, to_world_size
 
 # ---------------------------------------------------------------------------------------------
 # The real CLIP tokenizer, offline.
@@ -229,7 +229,7 @@ def attribute_accuracy(read, labels):
 
 # ---------------------------------------------------------------------------------------------
 # The world's reward models, as rewards.py loads them (`--reward=shapes_alignment` etc.) from a
-# built world folder (shapes.ensure_world()): frozen weights.
+# built world folder (shapes_build.ensure_world()): frozen weights.
 
 def load_judge(folder, device="cpu"):
     from transformers import CLIPModel

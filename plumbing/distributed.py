@@ -7,7 +7,7 @@ import re
 import torch
 import torch.distributed as dist
 
-from configurator import require
+from plumbing.configurator import require
 
 
 def check_device(device):

@@ -4,7 +4,7 @@
 light, grey or dark background, and their captions ("a red circle on a dark background"; 72 in
 all). Two programmatic readings of any image: `check`, the pixel checker (which colour, shape and
 background are drawn), and `appeal`, the world's ground-truth aesthetic score. The tiny models that
-learn this world are in shapes_models.py; shapes.py trains them.
+learn this world are in shapes/models.py; shapes/build.py trains them.
 
 Hard prompts: six colour-shape pairs (RARE_PAIRS, one per colour, each shape at most twice) are
 rare in the denoiser's pretraining data only, as "a dolphin riding a bike" is rare in Stable

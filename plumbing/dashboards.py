@@ -2,7 +2,7 @@
 (nanoGPT's options: --wandb_log, --wandb_project, --wandb_run_name; WANDB_MODE=offline logs
 without a network, `wandb sync` uploads later) and TensorBoard event files (--tensorboard, in
 out/<run>/tensorboard; `tensorboard --logdir out`). The run's log.jsonl stays the record that
-resume, compare.py and the plots read: a dashboard only receives each epoch's numbers as rank 0
+resume, experiments/compare.py and the plots read: a dashboard only receives each epoch's numbers as rank 0
 writes them, at step = epoch.
 
     dash = dashboards.Dashboards(out, config, enabled=master)   # what config's four options ask for
@@ -14,8 +14,7 @@ import math
 import os
 import time
 
-import runs
-
+from plumbing import runs
 OPTIONS = ("wandb_log", "wandb_project", "wandb_run_name", "tensorboard")  # may change between resumes
 PACKAGES = {"wandb_log": ("wandb", "wandb==0.31.0"), "tensorboard": ("tensorboardX", "tensorboardX==2.6.5")}
 

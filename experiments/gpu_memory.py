@@ -2,7 +2,7 @@
 
 Random-weight modules of the models' exact shapes (the UNet with a rank-4 LoRA, the VAE decoder, and
 the rewards' CLIP ViT-L/14 and ViT-H/14 image towers) run on the CPU in the dtypes the trainers use
-on a GPU by default (--precision=bf16, mixed_precision.py: the UNet's weights bf16 and its call
+on a GPU by default (--precision=bf16, plumbing/mixed_precision.py: the UNet's weights bf16 and its call
 under bf16 autocast, through sampling.guided_eps itself; the VAE bf16, through
 sampling.decode_latents; the reward model fp32), forward and backward, and forward alone as
 sampling and evaluation run them, each in its own process; the rise of the process's peak resident
@@ -17,8 +17,8 @@ UNet and the VAE decoder are measured at 32x32, 48x48 and 64x64 latents and extr
 128x128 along a straight line in the number of latent pixels (every activation kept is per pixel,
 apart from the text side; the attention kernels keep no pixels x pixels matrix).
 
-    python bench.py --trainers= --batch_sizes= --sd_memory     # minutes, at most ~7 GB of RAM
-    python bench.py --trainers= --batch_sizes= --sdxl_memory   # minutes, at most ~7 GB of RAM
+    python -m experiments.bench --trainers= --batch_sizes= --sd_memory     # minutes, at most ~7 GB of RAM
+    python -m experiments.bench --trainers= --batch_sizes= --sdxl_memory   # minutes, at most ~7 GB of RAM
 """
 import os
 import subprocess
@@ -151,8 +151,8 @@ def measure(part, size=64):
     by one part cannot be reused by the next), with glibc's mmap threshold fixed so that freed
     tensors go back to the system instead of staying in the heap."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
-    r = subprocess.run([sys.executable, "-c", f"import gpu_memory; gpu_memory.sd_part_memory({part!r}, {size})"],
-                       capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", f"from experiments import gpu_memory; gpu_memory.sd_part_memory({part!r}, {size})"],
+                       capture_output=True, text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     line = [l for l in r.stdout.splitlines() if l.startswith("bench-sd-part ")]
     if r.returncode != 0 or not line:
         raise SystemExit(f"error: measuring the {part} at {size}x{size} latents failed:\n{r.stderr[-2000:]}")

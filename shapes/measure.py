@@ -1,7 +1,7 @@
 """Measuring the shapes world: how well its pretrained model draws what its captions ask for. The
 README's tables and grids come from here.
 
-    python shapes_eval.py                      # the default world: every table, grids in assets/
+    python -m shapes.measure                      # the default world: every table, grids in assets/
 
 1. Quality: every caption at guidance 1, 3, 5 and 7.5, sampled through diffusers' own
    StableDiffusionPipeline (no project code), read by the judge and by the pixel checker, with
@@ -23,19 +23,19 @@ import time
 import torch
 from tqdm import tqdm
 
-import compiling
-import configurator
+from plumbing import compiling
+from plumbing import configurator
 import explore
-import grids
+from plumbing import grids
 import pipelines
 import sampling
-import shapes
-from configurator import at_least, between, require  # the input checks
-from shapes_models import (MAX_TOKENS, aesthetic_score, attribute_accuracy, clip_tokenizer, judge_read, load_aesthetic,
+from shapes import build as shapes_build
+from plumbing.configurator import at_least, between, require  # the input checks
+from shapes.models import (MAX_TOKENS, aesthetic_score, attribute_accuracy, clip_tokenizer, judge_read, load_aesthetic,
                            load_judge, new_scheduler)
-from shapes_world import CAPTIONS, LABELS, appeal, caption, check, is_rare, prompts, render, sample_scenes
+from shapes.world import CAPTIONS, LABELS, appeal, caption, check, is_rare, prompts, render, sample_scenes
 
-# defaults (override with --key=value; `python shapes_eval.py --help` lists them)
+# defaults (override with --key=value; `python -m shapes.measure --help` lists them)
 world = ""  # a built world folder; default: the default world (built first if missing)
 per_prompt = 4  # quality table: samples per caption (72 captions) at each guidance scale
 rare_seeds = 8  # hard-prompt table: samples per rare caption (18) in each setting
@@ -43,7 +43,7 @@ common_seeds = 2  # hard-prompt table: samples per common caption (54) in each s
 steps = 20  # DDIM steps
 tables = "quality,hard,rewards"  # which tables: quality (and the grids), hard (rare vs. common), rewards (ranges)
 assets = "assets"  # where the grids and the JSON of the tables go
-compile = "auto"  # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (compiling.py)
+compile = "auto"  # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (plumbing/compiling.py)
 
 # ---------------------------------------------------------------------------------------------
 # 1. Quality: every caption at each guidance scale, next to real images
@@ -194,13 +194,13 @@ def main():
     at_least(1, rare_seeds=rare_seeds, common_seeds=common_seeds)
     compiling.check(compile)
     between(1, new_scheduler().config.num_train_timesteps, steps=steps)
-    require(not world or shapes.is_complete(world),
+    require(not world or shapes_build.is_complete(world),
             f"--world={world} is not a built shapes world (no folder with a matching world.json); "
-            "build one with python shapes.py, or leave --world empty for the default")
+            "build one with python -m shapes.build, or leave --world empty for the default")
     which = [t.strip() for t in tables.split(",") if t.strip()]
     if not which or set(which) - {"quality", "hard", "rewards"}:
         raise SystemExit(f"error: --tables takes quality, hard and/or rewards (comma-separated), got {tables!r}")
-    folder = world or shapes.ensure_world()
+    folder = world or shapes_build.ensure_world()
     results, text = dict(folder=os.path.basename(folder), steps=steps), []
     if "quality" in which:
         results["quality"], md = evaluate_world(folder, per_prompt=per_prompt, steps=steps, assets=assets)

@@ -19,7 +19,7 @@ Sec. 3.2: loss scaling for fp16; torch.amp.GradScaler implements it with a dynam
 """
 import torch
 
-from configurator import require
+from plumbing.configurator import require
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LOW = (torch.bfloat16, torch.float16)  # the dtypes the UNet runs under autocast in

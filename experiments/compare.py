@@ -5,12 +5,12 @@ One command trains a baseline arm and an `--explore` arm of one trainer over sev
 same budget of reward queries per arm (every run gets the same epochs and batch sizes), then draws
 the reward curves with +-1 std bands over seeds and writes a table:
 
-    python compare.py --trainer=ddpo                          # shapes world, 3 seeds per arm
-    python compare.py --trainer=alignprop --ablation          # DiffExp's ablation, 4 arms (below)
-    python compare.py --trainer=prdp                          # PRDP (train_prdp.py), the same experiment
-    python compare.py --trainer=prdp --versus=out/compare-ddpo-shapes_aesthetic   # and against DDPO's runs
-    python compare.py --trainer=ddpo --args="--epochs=12 --w_low=0"   # anything else: to the trainer
-    python compare.py --trainer=ddpo --explore_args="--t_thres=900"   # another exploration setting
+    python -m experiments.compare --trainer=ddpo                          # shapes world, 3 seeds per arm
+    python -m experiments.compare --trainer=alignprop --ablation          # DiffExp's ablation, 4 arms (below)
+    python -m experiments.compare --trainer=prdp                          # PRDP (train_prdp.py), the same experiment
+    python -m experiments.compare --trainer=prdp --versus=out/compare-ddpo-shapes_aesthetic   # and against DDPO's runs
+    python -m experiments.compare --trainer=ddpo --args="--epochs=12 --w_low=0"   # anything else: to the trainer
+    python -m experiments.compare --trainer=ddpo --explore_args="--t_thres=900"   # another exploration setting
                                                                       # against the same baseline runs
 
 Every run is an ordinary trainer run (`python train_<trainer>.py ... --seed=S --out=<folder>`,
@@ -49,22 +49,22 @@ import time
 
 import torch
 
-import compiling
-import configurator
+from plumbing import compiling
+from plumbing import configurator
 import explore
-import grids
+from plumbing import grids
 import lora
-import mixed_precision
+from plumbing import mixed_precision
 import pipelines
 import prompt_sets
 import rewards
-import runs
+from plumbing import runs
 import sampling
-from compare_stats import arm_differences, plot_curves, read_log, summarise, table_markdown
-from configurator import at_least, require  # the input checks
+from experiments.compare_stats import arm_differences, plot_curves, read_log, summarise, table_markdown
+from plumbing.configurator import at_least, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
-# defaults (override with --key=value; `python compare.py --help` lists them)
+# defaults (override with --key=value; `python -m experiments.compare --help` lists them)
 trainer = "ddpo"             # which trainer: ddpo, alignprop or prdp
 model = "shapes"             # passed to the trainer: 'shapes', a hub id, or a local diffusers folder
 revision = ""                # passed to the trainer: a hub --model's branch, tag or commit ("" = main)
@@ -85,13 +85,13 @@ metrics = "auto"             # also score the held-out images with these rewards
                              # over-optimisation; auto: shapes_success,shapes_correct,shapes_appeal on the shapes world
 jobs = 0                     # trainer processes at once; 0 = one per 2 cores (torch threads are split between them)
 compile = "auto"             # torch.compile every run's UNet: auto (where the machine can, CUDA or a C++ compiler, except
-                             # DDPO/PRDP in bf16/fp16), on, off; the runs share the compiler's cache (compiling.py)
+                             # DDPO/PRDP in bf16/fp16), on, off; the runs share the compiler's cache (plumbing/compiling.py)
 out = ""                     # compare folder; default out/compare-<trainer>-<reward>
 versus = ""                  # another finished compare folder on the same model, reward and prompts (e.g. the other
                              # trainer's): each arm's final numbers against its same arm, unpaired (Welch's interval)
 # ------------------------------------------------------------------------------------------------
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository, where the trainers are
 TRAINERS = {"ddpo": "train_ddpo", "alignprop": "train_alignprop", "prdp": "train_prdp"}
 # arm -> trainer flags. "neither" is the baseline: exploring with both parts off samples exactly
 # like it, so it is not run twice.
@@ -157,7 +157,7 @@ def plan():
         for a in given:
             key = a[2:].partition("=")[0].replace("-", "_") if a.startswith("--") else ""
             if key in OWN_KEYS or (key.startswith("no_") and key[3:] in OWN_KEYS):
-                raise SystemExit(f"error: --{name} must not set --{key}: compare.py sets it for every run "
+                raise SystemExit(f"error: --{name} must not set --{key}: experiments/compare.py sets it for every run "
                                  f"(use compare's own --{key.removeprefix('no_')} where it has one)")
     try:
         pipelines.check_model(model, revision or None)
@@ -179,7 +179,7 @@ def plan():
         held = prompt_sets.load_prompts(heldout)
     n = min(heldout_prompts, len(held))
     held = [held[i * len(held) // n] for i in range(n)]  # evenly spaced
-    # compiling, decided once for every run (compiling.py): the runs' UNet dtype comes from their options
+    # compiling, decided once for every run (plumbing/compiling.py): the runs' UNet dtype comes from their options
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = mixed_precision.unet_dtype(trainer_config([f"--model={model}", *extra]).get("precision", "auto"), dev)
     run_compile = "on" if compiling.wanted(compile, dev, dtype, replays=trainer in ("ddpo", "prdp"), many_runs=True) else "off"
