@@ -24,25 +24,15 @@ up-weighted at random.
     python train_alignprop.py --truncation=rand         # AlignProp's randomised K
     torchrun --nproc_per_node=2 train_alignprop.py ...  # several processes (DDP)
 """
-import math
-import os
-import time
 from collections import defaultdict
 
 import torch
 from tqdm import tqdm
 
-from plumbing import compiling
-from plumbing import configurator
-from plumbing import dashboards
-from plumbing import distributed
 import lora
-from plumbing import mixed_precision
-import pipelines
-import prompt_sets
 import rewards
-from plumbing import runs
 import sampling
+from plumbing import compiling, configurator, distributed, lifecycle, mixed_precision
 from plumbing.configurator import at_least, between, positive, require  # the input checks
 from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
 
@@ -168,29 +158,18 @@ def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_
     return reward_fn(images, clean), clean
 
 
-def finite_mean(values):
-    """The mean of the finite values, NaN if there are none (an epoch's log after skipped updates)."""
-    values = [v for v in values if math.isfinite(v)]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def main(check_only=False):
+def main(check_only=False, observer=None):
     # ---- checks first: bad input costs nothing -------------------------------------------------
-    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on, before running anything)
-    global out
-    require(reward in rewards.REWARDS, f"unknown reward {reward!r}; known rewards: {', '.join(rewards.REWARDS)}")
+    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on)
+    prompt_list = lifecycle.check(config)  # the checks every trainer shares (plumbing/lifecycle.py)
     try:
         rewards.require_differentiable(reward)  # before anything is loaded: suggest DDPO instead
     except ValueError as e:
         raise SystemExit(f"error: {e}")
-    at_least(1, num_steps=num_steps, epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-             grad_accum=grad_accum, lora_rank=lora_rank, eval_every=eval_every, eval_prompts=eval_prompts,
-             eval_seeds=eval_seeds, eval_batch_size=eval_batch_size, max_skips=max_skips, weight_max=weight_max)
-    at_least(0, draft_lv=draft_lv, guidance=guidance, w_low=w_low, t_thres=t_thres, weight_decay=weight_decay,
-             stop_after=stop_after)
-    positive(lr=lr, max_grad_norm=max_grad_norm, loss_coef=loss_coef)
-    between(0, 1, eta=eta, explore_frac=explore_frac)  # eta above 1: the DDIM step's variance outgrows it (NaN)
-    between(0, 2**32 - 1, seed=seed)
+    at_least(1, steps_per_epoch=steps_per_epoch, batch_size=batch_size, grad_accum=grad_accum)
+    at_least(0, draft_lv=draft_lv)
+    positive(loss_coef=loss_coef)
+    between(0, 1, eta=eta)  # eta above 1: the DDIM step's variance outgrows it (NaN)
     require(truncation in ("all", "rand") or (truncation.isdigit() and 1 <= int(truncation) <= num_steps),
             f"--truncation must be an integer in 1..{num_steps}, 'all' or 'rand', got {truncation!r}")
     require(truncation != "rand" or 1 <= k_min <= k_max <= num_steps,
@@ -199,40 +178,14 @@ def main(check_only=False):
                                                f"(K=1), so it cannot take --truncation={truncation}; drop one of them")
     require(configurator.switch(checkpointing) is not None,
             f"--checkpointing must be auto, true or false, got {checkpointing!r}")
-    distributed.check_device(device)
-    mixed_precision.check(precision)
-    compiling.check(compile)
-    dashboards.check(wandb_log=wandb_log, tensorboard=tensorboard)  # their packages are installed
-    reward_kwargs = configurator.parse_options(reward_options)
-    prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     if check_only:
         return
-    out = out or f"out/alignprop-{reward}{'-explore' if explore else ''}-s{seed}"
-    config["out"] = out
-    runs.check_run(out, config)
 
-    # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
-    ddp, rank, world, dev = distributed.setup(device)
-    master = rank == 0
-    ck = runs.load_checkpoint(out)  # a resume: read it now, so a changed process count costs nothing
-    if ck and ck.get("world_size", world) != world:
-        raise SystemExit(f"error: {out} was trained with {ck['world_size']} processes and this run has {world}; the "
-                         f"global batch and the random streams depend on it: resume with {ck['world_size']} "
-                         "(torchrun --nproc_per_node=N), or pass --out=<new folder>")
-    try:
-        pipelines.check_model(model, revision or None)  # a typo in --model fails at once, not after the reward has loaded
-        reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
-        pipe = pipelines.load_pipeline(model, device=dev, precision=precision, revision=revision or None,
-                                       variant=variant or None)
-    except (ValueError, TypeError, rewards.RewardUnavailable) as e:
-        raise SystemExit(f"error: {e}")
+    # ---- the run: folder, processes, model and reward, dashboards, fail-safe (plumbing/lifecycle.py) --
+    run = lifecycle.start("alignprop", config, prompt_list, observer)
+    ddp, rank, world, dev, master = run.ddp, run.rank, run.world, run.dev, run.master
+    pipe, reward_fn, skips = run.pipe, run.reward_fn, run.skips
     unet = pipe.unet
-    T = pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps
-    require(num_steps <= T, f"--num_steps must be <= the model's {T} training timesteps, got {num_steps}")
-    require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
-    if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        runs.prepare_run(out, config)
-    dash = dashboards.Dashboards(out, config, enabled=master)  # wandb / TensorBoard, if asked (log.jsonl always)
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     compiling.unet(unet, compile, dev)  # after the LoRA layers are in: they are part of the graph
@@ -242,29 +195,11 @@ def main(check_only=False):
     uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
     pipe.scheduler.set_timesteps(num_steps)
     schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low for t > t_thres
+    if run.checkpoint:  # resume
+        lora.load_state_dict(unet, run.checkpoint["lora"])
+        optimizer.load_state_dict(run.checkpoint["optimizer"])
 
-    # ---- resume ------------------------------------------------------------------------------------
-    start_epoch, queries, history = 0, 0, []
-    if ck:
-        lora.load_state_dict(unet, ck["lora"])
-        optimizer.load_state_dict(ck["optimizer"])
-        start_epoch, queries, history = ck["epoch"] + 1, ck["reward_queries"], ck["history"]
-        if master:
-            print(f"resuming {out} from epoch {start_epoch}")
-
-    eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
-    skips = runs.Skips(max_skips, out, verbose=master)  # the fail-safe for NaN and inf (plumbing/runs.py)
-
-    for epoch in range(start_epoch, epochs):
-        if stop_after and epoch - start_epoch >= stop_after:
-            break
-        # Evaluation runs on rank 0 alone (it holds no collective; the other ranks wait at the next one)
-        if epoch == 0 and master:  # where the evaluation curve starts: the model before any update
-            eval_before = sampling.evaluate(pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
-                                            os.path.join(out, "eval_base.png"),
-                                            f"before training: plain sampling, guidance {guidance:g}", eval_batch_size)
-            print(f"evaluation reward before training: {eval_before:.4f}")
-        t0 = time.time()
+    for epoch in run.epochs():  # (the evaluation before any update, at epoch 0)
         exploring = explore and explore_active(epoch, epochs, explore_frac)
         stats, skipped = defaultdict(list), 0
         unet.train()
@@ -295,7 +230,7 @@ def main(check_only=False):
             r_all = torch.cat(step_rewards)
             if ddp:
                 r_all = distributed.gather(r_all.to(dev)).cpu()
-            queries += len(r_all)
+            run.queries += len(r_all)
             if torch.isfinite(r_all).all() and torch.isfinite(gn):  # the same on every process
                 scaler.step(optimizer)
                 skips.ok()
@@ -313,38 +248,15 @@ def main(check_only=False):
             stats["rewards"].append(r_all)
             stats["k"].append(k)
 
-        # ---- log, evaluate, checkpoint --------------------------------------------------------------
+        # ---- log, evaluate, checkpoint (plumbing/lifecycle.py) -------------------------------------
         r_epoch = torch.cat(stats["rewards"])
-        r_epoch = r_epoch[torch.isfinite(r_epoch)]
-        rec = dict(epoch=epoch, explore=exploring, reward_mean=r_epoch.mean().item(),
-                   reward_std=r_epoch.std().item() if len(r_epoch) > 1 else float("nan"), reward_queries=queries,
-                   loss=finite_mean(stats["loss"]), grad_norm=finite_mean(stats["grad_norm"]), k=stats["k"],
-                   skipped_updates=skipped)
-        if epoch == 0 and master:
-            rec["eval_before"] = eval_before
-        if master and ((epoch + 1) % eval_every == 0 or epoch == epochs - 1):
-            rec["eval_reward"] = sampling.evaluate(pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
-                                                   os.path.join(out, f"eval_{epoch:04d}.png"),
-                                                   f"epoch {epoch}: plain sampling, guidance {guidance:g}", eval_batch_size)
-        rec["seconds"] = round(time.time() - t0, 2)
-        history.append(rec)
-        if master:
-            runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
-                                           reward_queries=queries, history=history, config=config, world_size=world))
-            runs.write_log(out, history)
-            dash.log(rec)
-            print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
-                  f"queries {queries} | loss {rec['loss']:.4f} | grad norm {rec['grad_norm']:.3f} | "
-                  f"K {stats['k']} | {'explore | ' if exploring else ''}"
-                  + (f"skipped {skipped} updates | " if skipped else "")
-                  + (f"eval {rec['eval_reward']:.4f} | " if "eval_reward" in rec else "")
-                  + f"{rec['seconds']:.1f}s")
+        diagnostics = dict(loss=lifecycle.finite_mean(stats["loss"]), grad_norm=lifecycle.finite_mean(stats["grad_norm"]),
+                           k=stats["k"])
+        run.end_epoch(epoch, exploring, r_epoch[torch.isfinite(r_epoch)], skipped, diagnostics,
+                      f"loss {diagnostics['loss']:.4f} | grad norm {diagnostics['grad_norm']:.3f} | K {stats['k']}",
+                      checkpoint=dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict()))
 
-    if master:
-        lora.save(unet, os.path.join(out, "lora"))
-        print(f"done: {out} (LoRA weights in {out}/lora, log in {out}/log.jsonl, plot {out}/reward.png)")
-    dash.close()
-    distributed.teardown(ddp)
+    run.finish(lambda folder: lora.save(unet, folder))
 
 
 if __name__ == "__main__":

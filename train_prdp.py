@@ -33,26 +33,15 @@ exactly as in train_ddpo.py.
         --prompts=animals ...                           # the paper's setting (see README)
     torchrun --nproc_per_node=2 train_prdp.py ...       # several processes (DDP)
 """
-import math
-import os
-import time
 from collections import defaultdict
 
 import torch
 from tqdm import tqdm
 
-from plumbing import compiling
-from plumbing import configurator
-from plumbing import dashboards
-from plumbing import distributed
 import lora
-from plumbing import mixed_precision
-import pipelines
-import prompt_sets
-import rewards
-from plumbing import runs
 import sampling
-from plumbing.configurator import at_least, between, positive, require  # the input checks
+from plumbing import compiling, configurator, distributed, lifecycle, mixed_precision
+from plumbing.configurator import at_least, positive, require  # the input checks
 from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
 
 # ------------------------------------------------------------------------------------------------
@@ -192,27 +181,14 @@ def replay(unet, scheduler, data, timesteps, eta, batch_size, weights=None):
     return log_probs
 
 
-def finite_mean(values):
-    """The mean of the finite values, NaN if there are none (an epoch's log after skipped updates)."""
-    values = [v for v in values if math.isfinite(v)]
-    return sum(values) / len(values) if values else float("nan")
-
-
-def main(check_only=False):
+def main(check_only=False, observer=None):
     # ---- checks first: bad input costs nothing -------------------------------------------------
-    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on, before running anything)
-    global out
-    require(reward in rewards.REWARDS, f"unknown reward {reward!r}; known rewards: {', '.join(rewards.REWARDS)}")
-    at_least(1, num_steps=num_steps, epochs=epochs, prompts_per_epoch=prompts_per_epoch,
-             sample_batch_size=sample_batch_size, train_batch_size=train_batch_size,
-             updates_per_epoch=updates_per_epoch, lora_rank=lora_rank, eval_every=eval_every,
-             eval_prompts=eval_prompts, eval_seeds=eval_seeds, eval_batch_size=eval_batch_size, max_skips=max_skips,
-             weight_max=weight_max)
+    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on)
+    prompt_list = lifecycle.check(config)  # the checks every trainer shares (plumbing/lifecycle.py)
+    at_least(1, prompts_per_epoch=prompts_per_epoch, sample_batch_size=sample_batch_size,
+             train_batch_size=train_batch_size, updates_per_epoch=updates_per_epoch)
     at_least(2, images_per_prompt=images_per_prompt)  # PRDP learns from pairs of images of one prompt
-    at_least(0, guidance=guidance, w_low=w_low, t_thres=t_thres, weight_decay=weight_decay, stop_after=stop_after)
-    positive(beta=beta, clip_eps=clip_eps, lr=lr, max_grad_norm=max_grad_norm)  # beta: the targets are (r_i - r_j) / beta
-    between(0, 1, explore_frac=explore_frac)
-    between(0, 2**32 - 1, seed=seed)
+    positive(beta=beta, clip_eps=clip_eps)  # beta: the targets are (r_i - r_j) / beta
     require(0 < eta <= 1, f"--eta must be in (0, 1], got {eta}: with eta=0 DDIM is deterministic and a step has no "
                           "likelihood to take a log-ratio of, above 1 its variance outgrows the step (NaN samples); "
                           "PRDP samples with DDPM, i.e. eta=1.0")
@@ -221,40 +197,14 @@ def main(check_only=False):
             f"--sample_batch_size={sample_batch_size} must be a multiple of images_per_prompt={images_per_prompt} "
             f"(a sampling call draws whole prompt groups) and divide prompts_per_epoch*images_per_prompt = "
             f"{samples_per_epoch}")
-    distributed.check_device(device)
-    mixed_precision.check(precision)
-    compiling.check(compile)
-    dashboards.check(wandb_log=wandb_log, tensorboard=tensorboard)  # their packages are installed
-    reward_kwargs = configurator.parse_options(reward_options)
-    prompt_list = prompt_sets.load_prompts(prompts)  # malformed phrase marks fail here, not mid-run
     if check_only:
         return
-    out = out or f"out/prdp-{reward}{'-explore' if explore else ''}-s{seed}"
-    config["out"] = out
-    runs.check_run(out, config)
 
-    # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
-    ddp, rank, world, dev = distributed.setup(device)
-    master = rank == 0
-    ck = runs.load_checkpoint(out)  # a resume: read it now, so a changed process count costs nothing
-    if ck and ck.get("world_size", world) != world:
-        raise SystemExit(f"error: {out} was trained with {ck['world_size']} processes and this run has {world}; the "
-                         f"global batch and the random streams depend on it: resume with {ck['world_size']} "
-                         "(torchrun --nproc_per_node=N), or pass --out=<new folder>")
-    try:
-        pipelines.check_model(model, revision or None)  # a typo in --model fails at once, not after the reward has loaded
-        reward_fn = rewards.load(reward, device=dev, **reward_kwargs)
-        pipe = pipelines.load_pipeline(model, device=dev, precision=precision, revision=revision or None,
-                                       variant=variant or None)
-    except (ValueError, TypeError, rewards.RewardUnavailable) as e:
-        raise SystemExit(f"error: {e}")
+    # ---- the run: folder, processes, model and reward, dashboards, fail-safe (plumbing/lifecycle.py) --
+    run = lifecycle.start("prdp", config, prompt_list, observer)
+    ddp, rank, world, dev, master = run.ddp, run.rank, run.world, run.dev, run.master
+    pipe, reward_fn, skips = run.pipe, run.reward_fn, run.skips
     unet, scheduler = pipe.unet, pipe.scheduler
-    T = scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps
-    require(num_steps <= T, f"--num_steps must be <= the model's {T} training timesteps, got {num_steps}")
-    require(t_thres < T, f"--t_thres must be below the model's {T} training timesteps, got {t_thres}")
-    if master:  # only now: a bad reward, model or prompt set leaves nothing on disk
-        runs.prepare_run(out, config)
-    dash = dashboards.Dashboards(out, config, enabled=master)  # wandb / TensorBoard, if asked (log.jsonl always)
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)  # B = 0: theta starts as p_ref (Algorithm 1, line 1)
     compiling.unet(unet, compile, dev, replays=True)  # after the LoRA layers are in: they are part of the graph
@@ -264,30 +214,11 @@ def main(check_only=False):
     timesteps = scheduler.timesteps
     num_batches = samples_per_epoch // sample_batch_size
     uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
+    if run.checkpoint:  # resume
+        lora.load_state_dict(unet, run.checkpoint["lora"])
+        optimizer.load_state_dict(run.checkpoint["optimizer"])
 
-    # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
-    start_epoch, queries, history = 0, 0, []
-    if ck:
-        lora.load_state_dict(unet, ck["lora"])
-        optimizer.load_state_dict(ck["optimizer"])
-        start_epoch, queries, history = ck["epoch"] + 1, ck["reward_queries"], ck["history"]
-        if master:
-            print(f"resuming {out} from epoch {start_epoch}")
-
-    # evaluation: plain sampling (no exploration), fixed prompts and noise, the same in every run
-    eval_list = prompt_sets.spread_subset(prompt_list, eval_prompts)  # every colour, shape, ... once at least
-    skips = runs.Skips(max_skips, out, verbose=master)  # the fail-safe for NaN and inf (plumbing/runs.py)
-
-    for epoch in range(start_epoch, epochs):
-        if stop_after and epoch - start_epoch >= stop_after:
-            break
-        # Evaluation runs on rank 0 alone (it holds no collective; the other ranks wait at the next one)
-        if epoch == 0 and master:  # where the evaluation curve starts: the model before any update
-            eval_before = sampling.evaluate(pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
-                                            os.path.join(out, "eval_base.png"),
-                                            f"before training: plain sampling, guidance {guidance:g}", eval_batch_size)
-            print(f"evaluation reward before training: {eval_before:.4f}")
-        t0 = time.time()
+    for epoch in run.epochs():  # (the evaluation before any update, at epoch 0)
         exploring = explore and explore_active(epoch, epochs, explore_frac)
 
         # ---- 1. sample: N prompts x B images from theta_old, the model as it is now (Alg. 1, l. 3-7)
@@ -348,7 +279,7 @@ def main(check_only=False):
             all_idx = distributed.gather(data["idx"].to(dev)).cpu()
             all_old = distributed.gather(old).cpu()
         all_prompts = [prompt_list[i] for i in all_idx]
-        queries += len(all_r)
+        run.queries += len(all_r)
         good = torch.isfinite(all_r) & (all_ok > 0) & torch.isfinite(all_old).all(1)
         samples_ok, skipped = bool(good.all()), 0
         if not samples_ok:  # the fail-safe: no update from these samples (every process sees the same)
@@ -404,42 +335,18 @@ def main(check_only=False):
             stats["clipfrac"] = [(~inside).float().mean().item()]  # at the last update: how far the K updates went
             stats["kl_ref"] = [all_old.mean().item()]
 
-        # ---- log, evaluate, checkpoint --------------------------------------------------------------
+        # ---- log, evaluate, checkpoint (plumbing/lifecycle.py) -------------------------------------
         # pred_corr / pred_ratio: how well theta_old's R_i - R_j predicts the fresh samples' reward
         # differences / how big it is next to the targets; kl_ref: mean per-step log p_theta_old/p_ref
         # on theta_old's own samples, an estimate of their KL (per step and latent dimension).
-        r_good = all_r[good]  # a skipped sample's reward is NaN, or the score of a NaN image
-        rec = dict(epoch=epoch, explore=exploring, reward_mean=r_good.mean().item(),
-                   reward_std=r_good.std().item() if len(r_good) > 1 else float("nan"), reward_queries=queries,
-                   **{k: finite_mean(stats[k]) for k in ("ratio_dev", "pred_corr", "pred_ratio", "loss", "grad_norm",
-                                                         "clipfrac", "kl_ref")},
-                   skipped_updates=skipped, seconds=0.0)
-        if epoch == 0 and master:
-            rec["eval_before"] = eval_before
-        if master and ((epoch + 1) % eval_every == 0 or epoch == epochs - 1):
-            rec["eval_reward"] = sampling.evaluate(pipe, reward_fn, eval_list, guidance, num_steps, eta, eval_seeds,
-                                                   os.path.join(out, f"eval_{epoch:04d}.png"),
-                                                   f"epoch {epoch}: plain sampling, guidance {guidance:g}", eval_batch_size)
-        rec["seconds"] = round(time.time() - t0, 2)
-        history.append(rec)
-        if master:
-            runs.save_checkpoint(out, dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict(), epoch=epoch,
-                                           reward_queries=queries, history=history, config=config, world_size=world))
-            runs.write_log(out, history)
-            dash.log(rec)
-            print(f"epoch {epoch:3d} | reward {rec['reward_mean']:.4f} +- {rec['reward_std']:.4f} | "
-                  f"queries {queries} | loss {rec['loss']:.3e} | pred corr {rec['pred_corr']:+.2f} "
-                  f"ratio {rec['pred_ratio']:.2e} | kl_ref {rec['kl_ref']:.1e} | clipfrac {rec['clipfrac']:.3f} | "
-                  f"ratio-1 {rec['ratio_dev']:.1e} | {'explore | ' if exploring else ''}"
-                  + (f"skipped {skipped} updates | " if skipped else "")
-                  + (f"eval {rec['eval_reward']:.4f} | " if "eval_reward" in rec else "")
-                  + f"{rec['seconds']:.1f}s")
+        d = {k: lifecycle.finite_mean(stats[k])
+             for k in ("ratio_dev", "pred_corr", "pred_ratio", "loss", "grad_norm", "clipfrac", "kl_ref")}
+        run.end_epoch(epoch, exploring, all_r[good], skipped, d,  # a skipped sample's reward: NaN
+                      f"loss {d['loss']:.3e} | pred corr {d['pred_corr']:+.2f} ratio {d['pred_ratio']:.2e} | "
+                      f"kl_ref {d['kl_ref']:.1e} | clipfrac {d['clipfrac']:.3f} | ratio-1 {d['ratio_dev']:.1e}",
+                      checkpoint=dict(lora=lora.state_dict(unet), optimizer=optimizer.state_dict()))
 
-    if master:
-        lora.save(unet, os.path.join(out, "lora"))
-        print(f"done: {out} (LoRA weights in {out}/lora, log in {out}/log.jsonl, plot {out}/reward.png)")
-    dash.close()
-    distributed.teardown(ddp)
+    run.finish(lambda folder: lora.save(unet, folder))
 
 
 if __name__ == "__main__":

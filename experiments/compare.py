@@ -130,12 +130,13 @@ def trainer_config(argv):
     before anything runs."""
     module = importlib.reload(importlib.import_module(TRAINERS[trainer]))  # fresh defaults
     try:
-        module.config = configurator.configure(vars(module), argv)
-        module.prompts = prompts  # the held-out split's training file is written later: check the set it comes from
+        config = configurator.configure(vars(module), argv)
+        # the held-out split's training file is written later: check the set it comes from
+        module.config = dict(config, prompts=prompts)
         module.main(check_only=True)
     except SystemExit as e:
         raise SystemExit(f"error: in --args ({TRAINERS[trainer]}.py): {str(e).removeprefix('error: ')}")
-    return module.config
+    return config
 
 
 def plan():
