@@ -310,6 +310,30 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
                       timesteps=timesteps, guidance=scales, cond=cond, uncond=uncond, images=images, eta=eta)
 
 
+def replay(unet, scheduler, data, timesteps, eta, batch_size, weights=None):
+    """The log-prob [n, T] of every recorded step x_t -> x_{t-1} under the UNet as it is now,
+    recomputed with the guidance scale and the prompt embedding that drew it (rollout records both;
+    `data`: the recorded latents, log_probs, cond, uncond and scale [n, T]). PRDP scores its samples
+    with it under the reference model and under theta. With `weights` [n, T], also back-propagate
+    sum(weights * log-probs) into the LoRA weights' .grad, one step of one micro-batch at a time:
+    only that small graph is ever held, never the T steps of all trajectories (as train_ddpo.py
+    trains)."""
+    n, T = data["log_probs"].shape
+    log_probs = torch.empty_like(data["log_probs"])
+    for a in range(0, n, batch_size):
+        i = slice(a, a + batch_size)
+        for s in range(T):
+            with torch.set_grad_enabled(weights is not None):
+                x_t, x_prev = data["latents"][i, s], data["latents"][i, s + 1]
+                cond, uncond = index(data["cond"], i), index(data["uncond"], i)
+                eps = guided_eps(unet, x_t, timesteps[s], cond, uncond, data["scale"][i, s])
+                _, lp = ddim_step(scheduler, eps, timesteps[s], x_t, eta, prev_sample=x_prev)
+                if weights is not None:
+                    (weights[i, s] * lp).sum().backward()
+            log_probs[i, s] = lp.detach()
+    return log_probs
+
+
 def seeded_generator(seed, *keys):
     """A CPU generator seeded from a run seed and a few integers (epoch, batch, rank, ...): the same
     keys give the same numbers whatever the process count, and after a resume."""

@@ -158,10 +158,9 @@ def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_
     return reward_fn(images, clean), clean
 
 
-def main(check_only=False, observer=None):
-    # ---- checks first: bad input costs nothing -------------------------------------------------
-    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on)
-    prompt_list = lifecycle.check(config)  # the checks every trainer shares (plumbing/lifecycle.py)
+def check_options():
+    """This trainer's own input checks, one line each on failure (lifecycle.check has the ones
+    every trainer shares)."""
     try:
         rewards.require_differentiable(reward)  # before anything is loaded: suggest DDPO instead
     except ValueError as e:
@@ -178,12 +177,19 @@ def main(check_only=False, observer=None):
                                                f"(K=1), so it cannot take --truncation={truncation}; drop one of them")
     require(configurator.switch(checkpointing) is not None,
             f"--checkpointing must be auto, true or false, got {checkpointing!r}")
+
+
+def main(check_only=False, observer=None):
+    # ---- checks first: bad input costs nothing -------------------------------------------------
+    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on)
+    prompt_list = lifecycle.check(config)  # the checks every trainer shares (plumbing/lifecycle.py)
+    check_options()  # and this one's own
     if check_only:
         return
 
     # ---- the run: folder, processes, model and reward, dashboards, fail-safe (plumbing/lifecycle.py) --
     run = lifecycle.start("alignprop", config, prompt_list, observer)
-    ddp, rank, world, dev, master = run.ddp, run.rank, run.world, run.dev, run.master
+    rank, world, dev, master = run.rank, run.world, run.dev, run.master
     pipe, reward_fn, skips = run.pipe, run.reward_fn, run.skips
     unet = pipe.unet
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
@@ -223,13 +229,10 @@ def main(check_only=False, observer=None):
                 step_rewards.append(r.detach().float().cpu())  # with DRaFT-LV, n queries per image
                 step_prompts += clean
                 stats["loss"].append(loss.item())
-            if ddp:  # average the LoRA gradients over processes (what DDP would do)
-                distributed.average_gradients(params)
+            distributed.average_gradients(params)  # over the processes, what DDP would do (alone: nothing)
             scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
             gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
-            r_all = torch.cat(step_rewards)
-            if ddp:
-                r_all = distributed.gather(r_all.to(dev)).cpu()
+            r_all = distributed.gather(torch.cat(step_rewards).to(dev)).cpu()
             run.queries += len(r_all)
             if torch.isfinite(r_all).all() and torch.isfinite(gn):  # the same on every process
                 scaler.step(optimizer)

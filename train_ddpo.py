@@ -130,10 +130,9 @@ def ppo_loss(log_prob, old_log_prob, adv, clip_range):
     return loss, approx_kl.detach(), clipfrac.detach(), ratio.detach()
 
 
-def main(check_only=False, observer=None):
-    # ---- checks first: bad input costs nothing -------------------------------------------------
-    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on)
-    prompt_list = lifecycle.check(config)  # the checks every trainer shares (plumbing/lifecycle.py)
+def check_options():
+    """This trainer's own input checks, one line each on failure (lifecycle.check has the ones
+    every trainer shares)."""
     at_least(1, sample_batch_size=sample_batch_size, num_batches=num_batches, samples_per_prompt=samples_per_prompt,
              train_batch_size=train_batch_size, grad_accum=grad_accum, inner_epochs=inner_epochs,
              stat_buffer=stat_buffer)
@@ -153,12 +152,19 @@ def main(check_only=False, observer=None):
     require(2 <= stat_min_count <= stat_buffer, f"--stat_min_count must be between 2 and --stat_buffer={stat_buffer}, "
                                                 f"got {stat_min_count}: the std of one reward is 0, and a prompt's "
                                                 "buffer never holds more than stat_buffer")
+
+
+def main(check_only=False, observer=None):
+    # ---- checks first: bad input costs nothing -------------------------------------------------
+    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on)
+    prompt_list = lifecycle.check(config)  # the checks every trainer shares (plumbing/lifecycle.py)
+    check_options()  # and this one's own
     if check_only:
         return
 
     # ---- the run: folder, processes, model and reward, dashboards, fail-safe (plumbing/lifecycle.py) --
     run = lifecycle.start("ddpo", config, prompt_list, observer)
-    ddp, rank, world, dev, master = run.ddp, run.rank, run.world, run.dev, run.master
+    rank, world, dev, master = run.rank, run.world, run.dev, run.master
     pipe, reward_fn, skips = run.pipe, run.reward_fn, run.skips
     unet, scheduler = pipe.unet, pipe.scheduler
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
@@ -221,21 +227,12 @@ def main(check_only=False, observer=None):
         n_updates = inner_epochs * n_local // (train_batch_size * grad_accum)  # optimizer steps per epoch
 
         # gather every process's rewards and prompts: statistics are over the global batch
-        all_r, all_ok, all_idx = local["rewards"], local["chain_ok"], local["idx"]
-        if ddp:
-            all_r = distributed.gather(local["rewards"].to(dev)).cpu()
-            all_ok = distributed.gather(local["chain_ok"].to(dev)).cpu()
-            all_idx = distributed.gather(local["idx"].to(dev)).cpu()
+        all_r, all_ok, all_idx = (distributed.gather(local[k].to(dev)).cpu() for k in ("rewards", "chain_ok", "idx"))
         all_prompts = [prompt_list[i] for i in all_idx]
         run.queries += len(all_r)
-        good = torch.isfinite(all_r) & (all_ok > 0)
-        samples_ok, skipped = bool(good.all()), 0
-        if not samples_ok:  # the fail-safe: no update from these samples (every process sees the same)
-            i = int((~good).nonzero()[0])
-            skipped += n_updates
-            skips.skip((f"reward {reward} returned {all_r[i].item()}" if all_ok[i] else
-                        f"sampling gave non-finite latents or log-probs (eta {eta:g}, guidance {guidance:g})")
-                       + f" in epoch {epoch}", prompts=[all_prompts[i]])
+        good = run.good_samples(all_r, all_ok > 0, all_prompts, epoch)  # the fail-safe: NaN or inf, no update
+        samples_ok = bool(good.all())
+        skipped = 0 if samples_ok else n_updates
 
         # ---- 3. advantages -------------------------------------------------------------------------
         # keyed by the unweighted prompt text: exploration changes the embedding, not the task
@@ -281,8 +278,7 @@ def main(check_only=False, observer=None):
                     if first_step:
                         stats["ratio_dev"].append((ratio - 1).abs().max().item())
                 if (m + 1) % grad_accum == 0:
-                    if ddp:  # average the LoRA gradients over processes (what DDP would do)
-                        distributed.average_gradients(params)
+                    distributed.average_gradients(params)  # over the processes, what DDP would do (alone: nothing)
                     scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
                     gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
                     if torch.isfinite(gn):  # the same on every process: the gradients are averaged

@@ -159,32 +159,9 @@ def step_weights(new, old, r, groups, beta, clip_eps):
     return w, loss.item(), corr, size, inside
 
 
-def replay(unet, scheduler, data, timesteps, eta, batch_size, weights=None):
-    """The log-prob [n, T] of every recorded step x_t -> x_{t-1} under the UNet as it is now,
-    recomputed with the guidance scale and the prompt embedding that drew it (sampling.rollout
-    records both). With `weights` [n, T], also back-propagate sum(weights * log-probs) into the LoRA
-    weights' .grad, one step of one micro-batch at a time: only that small graph is ever held, never
-    the T steps of all trajectories (as train_ddpo.py trains)."""
-    n, T = data["log_probs"].shape
-    log_probs = torch.empty_like(data["log_probs"])
-    for a in range(0, n, batch_size):
-        i = slice(a, a + batch_size)
-        for s in range(T):
-            with torch.set_grad_enabled(weights is not None):
-                x_t, x_prev = data["latents"][i, s], data["latents"][i, s + 1]
-                cond, uncond = sampling.index(data["cond"], i), sampling.index(data["uncond"], i)
-                eps = sampling.guided_eps(unet, x_t, timesteps[s], cond, uncond, data["scale"][i, s])
-                _, lp = sampling.ddim_step(scheduler, eps, timesteps[s], x_t, eta, prev_sample=x_prev)
-                if weights is not None:
-                    (weights[i, s] * lp).sum().backward()
-            log_probs[i, s] = lp.detach()
-    return log_probs
-
-
-def main(check_only=False, observer=None):
-    # ---- checks first: bad input costs nothing -------------------------------------------------
-    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on)
-    prompt_list = lifecycle.check(config)  # the checks every trainer shares (plumbing/lifecycle.py)
+def check_options():
+    """This trainer's own input checks, one line each on failure (lifecycle.check has the ones
+    every trainer shares)."""
     at_least(1, prompts_per_epoch=prompts_per_epoch, sample_batch_size=sample_batch_size,
              train_batch_size=train_batch_size, updates_per_epoch=updates_per_epoch)
     at_least(2, images_per_prompt=images_per_prompt)  # PRDP learns from pairs of images of one prompt
@@ -197,12 +174,19 @@ def main(check_only=False, observer=None):
             f"--sample_batch_size={sample_batch_size} must be a multiple of images_per_prompt={images_per_prompt} "
             f"(a sampling call draws whole prompt groups) and divide prompts_per_epoch*images_per_prompt = "
             f"{samples_per_epoch}")
+
+
+def main(check_only=False, observer=None):
+    # ---- checks first: bad input costs nothing -------------------------------------------------
+    # (check_only: experiments/compare.py and experiments/bench.py check the options they pass on)
+    prompt_list = lifecycle.check(config)  # the checks every trainer shares (plumbing/lifecycle.py)
+    check_options()  # and this one's own
     if check_only:
         return
 
     # ---- the run: folder, processes, model and reward, dashboards, fail-safe (plumbing/lifecycle.py) --
     run = lifecycle.start("prdp", config, prompt_list, observer)
-    ddp, rank, world, dev, master = run.ddp, run.rank, run.world, run.dev, run.master
+    rank, world, dev, master = run.rank, run.world, run.dev, run.master
     pipe, reward_fn, skips = run.pipe, run.reward_fn, run.skips
     unet, scheduler = pipe.unet, pipe.scheduler
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
@@ -212,7 +196,7 @@ def main(check_only=False, observer=None):
     scaler = mixed_precision.grad_scaler(unet)  # fp16 only: loss scaling; with bf16 and fp32 it does nothing
     scheduler.set_timesteps(num_steps, device=dev)
     timesteps = scheduler.timesteps
-    num_batches = samples_per_epoch // sample_batch_size
+    num_batches = prompts_per_epoch * images_per_prompt // sample_batch_size  # sampling calls per epoch
     uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
     if run.checkpoint:  # resume
         lora.load_state_dict(unet, run.checkpoint["lora"])
@@ -267,28 +251,19 @@ def main(check_only=False, observer=None):
         # approximation: the prompt weights differ between the B images of a prompt, so log Z of
         # eq. 8 cancels in a pair only up to the small difference that w ~ U(1, 1.2) makes.
         with lora.disabled(unet):
-            lp_ref = replay(unet, scheduler, data, timesteps, eta, train_batch_size)
+            lp_ref = sampling.replay(unet, scheduler, data, timesteps, eta, train_batch_size)
         # the sampling model's per-step log-ratio log p_theta_old/p_ref: fixed for the epoch (eq. 20)
         old = data["log_probs"] - lp_ref
 
         # gather every process's rewards, prompts and log-ratios: the loss is over the global batch
-        all_r, all_ok, all_idx, all_old = data["rewards"], data["chain_ok"], data["idx"], old.cpu()
-        if ddp:
-            all_r = distributed.gather(data["rewards"].to(dev)).cpu()
-            all_ok = distributed.gather(data["chain_ok"].to(dev)).cpu()
-            all_idx = distributed.gather(data["idx"].to(dev)).cpu()
-            all_old = distributed.gather(old).cpu()
+        all_r, all_ok, all_idx = (distributed.gather(data[k].to(dev)).cpu() for k in ("rewards", "chain_ok", "idx"))
+        all_old = distributed.gather(old).cpu()
         all_prompts = [prompt_list[i] for i in all_idx]
         run.queries += len(all_r)
-        good = torch.isfinite(all_r) & (all_ok > 0) & torch.isfinite(all_old).all(1)
-        samples_ok, skipped = bool(good.all()), 0
-        if not samples_ok:  # the fail-safe: no update from these samples (every process sees the same)
-            i = int((~good).nonzero()[0])
-            skipped += updates_per_epoch
-            finite_chain = bool(all_ok[i]) and bool(torch.isfinite(all_old[i]).all())
-            skips.skip((f"reward {reward} returned {all_r[i].item()}" if finite_chain else "sampling or the reference "
-                        f"model gave non-finite latents or log-probs (eta {eta:g}, guidance {guidance:g})")
-                       + f" in epoch {epoch}", prompts=[all_prompts[i]])
+        good = run.good_samples(all_r, (all_ok > 0) & torch.isfinite(all_old).all(1), all_prompts, epoch,
+                                "sampling or the reference model")  # the fail-safe: NaN or inf, no update
+        samples_ok = bool(good.all())
+        skipped = 0 if samples_ok else updates_per_epoch
         # every sampling call holds whole groups, and gather keeps rank order: group = index // B
         groups = torch.arange(len(all_r)) // images_per_prompt
         mine = slice(rank * n_local, (rank + 1) * n_local)  # this process's trajectories
@@ -296,27 +271,26 @@ def main(check_only=False, observer=None):
         # ---- 4. train: K full-batch updates of the pairwise regression (Alg. 1, lines 9-12) -------
         # Never the graphs of all T steps of all trajectories at once: each update (a) computes every
         # step's log-ratio under theta without gradient, (b) turns the loss into per-step weights
-        # (step_weights), (c) back-propagates them one step and micro-batch at a time (replay).
+        # (step_weights), (c) back-propagates them one step and micro-batch at a time (sampling.replay).
         unet.train()
         stats = defaultdict(list)
         for k in range(updates_per_epoch if samples_ok else 0):
             # (a) theta's log-ratios. First update: theta is still theta_old, they are `old` (free).
             all_new = all_old
             if k > 0:
-                new = replay(unet, scheduler, data, timesteps, eta, train_batch_size) - lp_ref
-                all_new = distributed.gather(new).cpu() if ddp else new.cpu()
+                new = sampling.replay(unet, scheduler, data, timesteps, eta, train_batch_size) - lp_ref
+                all_new = distributed.gather(new).cpu()
             # (b) the loss over every process's pairs and its per-step weights, the same on every rank
             w, loss, corr, size, inside = step_weights(all_new, all_old, all_r, groups, beta, clip_eps)
             # (c) back-propagate this process's share. x world: average_gradients divides the sum by it.
             # fp16: the weights carry the loss scale (scaler.scale), so small gradients survive fp16
-            lp = replay(unet, scheduler, data, timesteps, eta, train_batch_size,
+            lp = sampling.replay(unet, scheduler, data, timesteps, eta, train_batch_size,
                         weights=scaler.scale(w[mine].to(dev) * world))
             if k == 0:  # on-policy check: theta_old recomputes the very log-probs it sampled with
                 stats["ratio_dev"].append((lp - data["log_probs"]).exp().sub(1).abs().max().item())
                 stats["pred_corr"].append(corr)
                 stats["pred_ratio"].append(size)
-            if ddp:  # average the LoRA gradients over processes (what DDP would do)
-                distributed.average_gradients(params)
+            distributed.average_gradients(params)  # over the processes, what DDP would do (alone: nothing)
             scaler.unscale_(optimizer)  # fp16: the true gradients, before clipping
             gn = torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
             if torch.isfinite(gn):  # the same on every process: the gradients are averaged

@@ -429,7 +429,6 @@ def ratio_noise_table(batch=16):
     """|ratio - 1| of every step of `batch` chains (eta 1, the model's prompts) between the log-probs
     recorded while sampling and their recomputation: bf16 at batch and batch/4 samples per UNet call,
     and fp32 against bf16 either way."""
-    import train_prdp  # its replay of recorded steps
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     pipes = {p: pipelines.load_pipeline(model, device=dev, precision=p) for p in ("fp32", "bf16")}
     prompts = prompt_sets.load_prompts("shapes" if model == "shapes" else "animals")
@@ -445,7 +444,7 @@ def ratio_noise_table(batch=16):
         data = dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond, uncond=traj.uncond,
                     scale=traj.guidance.expand(batch, -1))
         with torch.no_grad():  # the recorded steps, replayed as PRDP's training replays them
-            lp = train_prdp.replay(pipes[b].unet, pipes[b].scheduler, data, traj.timesteps, 1.0, kb)
+            lp = sampling.replay(pipes[b].unet, pipes[b].scheduler, data, traj.timesteps, 1.0, kb)
         gap = (lp - traj.log_probs).exp().sub(1).abs()
         rows.append(dict(recorded=f"{a}, {ka} per UNet call", recomputed=f"{b}, {kb} per UNet call",
                          max=gap.max().item(), median=gap.median().item()))

@@ -60,7 +60,10 @@ def setup(device="auto"):
 
 
 def gather(x):
-    """Every rank's tensor `x` (same shape on each), concatenated in rank order."""
+    """Every rank's tensor `x` (same shape on each), concatenated in rank order; `x` itself in a run
+    of one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
     return torch.cat(parts)
@@ -68,7 +71,9 @@ def gather(x):
 
 def average_gradients(params):
     """Average the gradients of `params` over the ranks: what DistributedDataParallel would do, done
-    by hand because only the small LoRA weights train."""
+    by hand because only the small LoRA weights train. Nothing to do in a run of one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
     world = dist.get_world_size()
     for p in params:
         dist.all_reduce(p.grad)

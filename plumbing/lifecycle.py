@@ -22,6 +22,8 @@ import math
 import os
 import time
 
+import torch
+
 import pipelines
 import prompt_sets
 import rewards
@@ -100,6 +102,19 @@ class Run:
         self.skips = runs.Skips(c["max_skips"], self.out, verbose=self.master)  # the fail-safe for NaN and inf
         if observer:
             observer.loaded(self)
+
+    def good_samples(self, rewards, chain_ok, prompts, epoch, what="sampling"):
+        """The fail-safe before an update: which of the epoch's samples (every process's, so every
+        rank answers the same) have a finite reward and a finite chain (`chain_ok`: latents and
+        log-probs; a chain that went NaN can still score a finite reward, e.g. a JPEG's size). If any
+        has not, the first one is named to the fail-safe (Skips), and the trainer skips the update."""
+        good = torch.isfinite(rewards) & chain_ok
+        if not good.all():
+            i, c = int((~good).nonzero()[0]), self.config
+            self.skips.skip((f"reward {c['reward']} returned {rewards[i].item()}" if chain_ok[i] else
+                             f"{what} gave non-finite latents or log-probs (eta {c['eta']:g}, guidance {c['guidance']:g})")
+                            + f" in epoch {epoch}", prompts=[prompts[i]])
+        return good
 
     def evaluate(self, path, title):
         """The mean reward of plain sampling on the evaluation prompts and seeds (sampling.evaluate)."""
