@@ -266,7 +266,7 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
     unet_batch: at most this many samples per UNet call (without gradient). DDPO and PRDP pass their
     training micro-batch: a GPU may pick another kernel, rounding otherwise, for another batch size,
     and the log-probs recorded here must be the ones training recomputes (a bf16 rounding difference
-    is far above DDPO's clip range: README, "DDPO's first ratio under bf16").
+    is far above DDPO's clip range: docs/gpu.md, "DDPO's first ratio under bf16").
 
     Everything needed to recompute the same log-probs later is recorded (latents, timesteps, the
     scales and embeddings actually used), so DDPO's first PPO ratio is exactly 1 with exploration
@@ -370,7 +370,7 @@ def evaluate(pipe, reward_fn, prompts, guidance, num_steps, eta, per_prompt, pat
 
     The images are sampled, decoded and scored `batch_size` at a time, so the memory is one
     micro-batch's whatever the number of images (SD 1.5's VAE decode alone takes about 0.6 GB an
-    image in bf16: README, GPU memory). All the noise is drawn first, in the order one batch of all the images would draw it, so
+    image in bf16: docs/gpu.md, GPU memory). All the noise is drawn first, in the order one batch of all the images would draw it, so
     the numbers do not depend on batch_size beyond the kernels' rounding."""
     todo = [p for p in prompts for _ in range(per_prompt)]
     clean = [explore.parse_phrases(p)[0] for p in todo]

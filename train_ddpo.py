@@ -21,7 +21,7 @@ phrase of each prompt.
 
     python train_ddpo.py --explore                      # shapes world, CPU, minutes
     python train_ddpo.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --reward=aesthetic \\
-        --prompts=animals ...                           # the paper's setting (see README)
+        --prompts=animals ...                           # the paper's setting (docs/gpu.md)
     torchrun --nproc_per_node=2 train_ddpo.py ...       # several processes (DDP)
 """
 from collections import defaultdict

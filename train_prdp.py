@@ -30,7 +30,7 @@ exactly as in train_ddpo.py.
 
     python train_prdp.py --explore                      # shapes world, CPU
     python train_prdp.py --model=stable-diffusion-v1-5/stable-diffusion-v1-5 --reward=aesthetic \\
-        --prompts=animals ...                           # the paper's setting (see README)
+        --prompts=animals ...                           # the paper's setting (docs/gpu.md)
     torchrun --nproc_per_node=2 train_prdp.py ...       # several processes (DDP)
 """
 from collections import defaultdict
@@ -86,7 +86,7 @@ clip_eps = 1e-3              # per-step clip: each step's log-ratio within +-cli
 # (r_i - r_j) / beta at ~0.005-0.01: within reach after some 5-10 epochs, so the regression can be
 # met and its pull back towards the pretrained model (the KL term) acts within the run. The paper's
 # 3e-5 would put them at ~3e4, out of reach: PRDP is then a pairwise policy gradient bounded by
-# clip_eps, with no KL effect (README, the caveat under the GPU recipes). The log's pred_ratio says
+# clip_eps, with no KL effect (docs/gpu.md, the caveat under the GPU recipes). The log's pred_ratio says
 # which regime a run is in.
 # optimisation (PRDP: AdamW, weight decay 1e-4, grad-norm clip 1.0)
 lr = 3e-3                    # AdamW learning rate on the LoRA weights (as train_ddpo.py; SD 1.5 LoRA: 3e-4)

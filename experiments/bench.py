@@ -5,16 +5,20 @@
     python -m experiments.bench --trainers=prdp --batch_sizes=    # PRDP's epoch alone
 
 1. Each trainer runs for real (its own main(), in this process, in a temporary folder) for `warmup`
-   + `epochs` epochs. Its functions are wrapped with timers (time.perf_counter) before it starts:
+   + `epochs` epochs, watched through the observer its run takes (plumbing/lifecycle.py: told when
+   the model and reward are loaded and when each epoch's files are written). Before it starts, the
+   library's and torch's functions it calls are wrapped with timers (time.perf_counter):
    sampling.rollout and encode_prompts (sampling), guided_eps and ddim_step (sampling without
-   gradient, training forward with it; DDPO's ppo_loss and PRDP's rdp_loss too; PRDP's replay of the
-   recorded steps is training forward even without gradient: the reference model's log-probs and
-   the recomputation before each update after the first), decode_latents (decoding), the reward,
-   torch.autograd.backward (training backward), clip_grad_norm_ and optimizer.step (optimizer).
-   A section's time excludes the sections nested in it (rollout's decode counts as decoding), so
-   the sections never overlap and overhead = epoch wall time - their sum. The epoch wall time is
-   the time between the ends of two consecutive epochs, so it includes writing the checkpoint, the
-   log and its plot (timed too, and shown as the part of the overhead it is). On a GPU a section's
+   gradient, training forward with it), sampling.replay (PRDP's replay of the recorded steps:
+   training forward even without gradient, the reference model's log-probs and the recomputation
+   before each update after the first), decode_latents (decoding), the reward (the run's reward
+   function, wrapped once loaded), torch.autograd.backward (training backward), clip_grad_norm_ and
+   optimizer.step (optimizer). The trainers' own code is not touched: their losses (DDPO's
+   ppo_loss, PRDP's rdp_loss: a few tensor ops) fall into the overhead. A section's time excludes
+   the sections nested in it (rollout's decode counts as decoding), so the sections never overlap
+   and overhead = epoch wall time - their sum. The epoch wall time is the time between the ends of
+   two consecutive epochs, so it includes writing the checkpoint, the log and its plot (the seconds
+   the run reports for that, shown as the part of the overhead they are). On a GPU a section's
    boundaries are CUDA events recorded in the stream and read once per epoch: synchronising at
    every boundary would make the CPU wait for the GPU there, serialising the very launches and
    kernels being timed. A section is then the GPU stream's time between its boundaries, and the
@@ -29,7 +33,7 @@
    with and without gradient checkpointing. Each setting is a separate train_alignprop.py process,
    so its peak memory is its own: resident memory (VmHWM) on a CPU, torch.cuda.max_memory_allocated
    on a GPU, each read by the process itself as it exits.
-5. --sd_memory, --sdxl_memory: an estimate of the GPU memory the README's SD 1.5 and SDXL recipes
+5. --sd_memory, --sdxl_memory: an estimate of the GPU memory the SD 1.5 and SDXL recipes (docs/gpu.md)
    need with --precision=bf16, measured on the CPU by experiments/gpu_memory.py.
 6. --ratio_noise: how far DDPO's first PPO ratio is from 1 when the log-probs recorded while
    sampling and their recomputation in training come from UNet calls that round differently:
@@ -39,31 +43,28 @@
    (--compile=on, plumbing/compiling.py): the seconds per section and the speed-up over eager, and the time to
    the end of the first epoch with an empty compiler cache and with the cache that run filled.
 
-Prints markdown tables (and writes them as JSON with --json_out).
+Prints markdown tables (and writes them as JSON with --json_out). 4., 6. and the tables are in
+experiments/bench_parts.py; 1.-3. and 7., here.
 """
+import contextlib
 import functools
 import importlib
 import json
 import os
-import platform
 import shlex
 import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from collections import Counter, defaultdict
+from unittest import mock
 
 import torch
 
-from plumbing import configurator
-from experiments import gpu_memory
 import pipelines
-import prompt_sets
-import rewards
-from plumbing import runs
 import sampling
+from experiments import bench_parts, gpu_memory
+from plumbing import configurator
 from plumbing.configurator import at_least, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
@@ -170,74 +171,82 @@ def model_args():
     return [f"--model={model}", f"--revision={revision}", f"--variant={variant}"]
 
 
+@contextlib.contextmanager
+def library_timed():
+    """The library's and torch's functions a trainer calls (by their module's name:
+    sampling.rollout, torch.autograd.backward, ...) and optimizer.step, timed within the block; the
+    originals are back after it, and the timers' books empty."""
+    sections = [(sampling, "rollout", "sampling"), (sampling, "encode_prompts", "sampling"),
+                (sampling, "guided_eps", by_grad), (sampling, "ddim_step", by_grad),
+                (sampling, "decode_latents", "decoding"), (sampling, "replay", "train forward"),
+                (torch.autograd, "backward", "train backward"), (torch.nn.utils, "clip_grad_norm_", "optimizer")]
+    optim = importlib.import_module("torch.optim.optimizer")
+    with contextlib.ExitStack() as undo:  # undone in reverse order: the books are emptied last
+        for books in (_times, _stack, _closed):
+            undo.callback(books.clear)
+        for obj, attr, section in sections:
+            undo.enter_context(mock.patch.object(obj, attr, timed(section, getattr(obj, attr))))
+        undo.callback(optim.register_optimizer_step_pre_hook(lambda *a: _enter("optimizer")).remove)
+        undo.callback(optim.register_optimizer_step_post_hook(lambda *a: _leave()).remove)
+        _times.clear()
+        yield
+
+
+class Watcher:
+    """What watches a trainer's run (its observer, plumbing/lifecycle.py): once the model and reward
+    are loaded it counts the UNet's calls (with `count_calls`: a hook would be traced into a
+    compiled graph, so the eager run counts them) and times the reward; at the end of each epoch it
+    closes the epoch's books into `marks`."""
+
+    def __init__(self, count_calls):
+        self.count_calls, self.calls, self.marks, self.pipe, self.hook = count_calls, [], [], None, None
+
+    def loaded(self, run):
+        self.pipe = run.pipe
+        if self.count_calls:
+            self.hook = run.pipe.unet.register_forward_pre_hook(self.count_unet_call, with_kwargs=True)
+        run.reward_fn = timed("reward", run.reward_fn)  # the trainer reads run.reward_fn after this
+
+    def count_unet_call(self, unet, args, kwargs):
+        x, emb = args[0] if args else kwargs["sample"], kwargs["encoder_hidden_states"]
+        self.calls.append((tuple(x.shape), tuple(emb.shape), torch.is_grad_enabled()))
+
+    def epoch_end(self, rec, writing):
+        """The epoch's sections (with `writing`, the seconds its checkpoint and log took), UNet
+        calls, logged seconds and reward queries (`rec`, its log record) and peak GPU memory."""
+        settle()
+        _times["writing"] += writing
+        self.marks.append(dict(t=time.perf_counter(), times=dict(_times), calls=Counter(self.calls),
+                               logged=rec["seconds"], queries=rec["reward_queries"],
+                               gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if _cuda() else None))
+        if _cuda():
+            torch.cuda.reset_peak_memory_stats()  # the next epoch's peak is its own
+        _times.clear()
+        self.calls.clear()
+
+
 def time_trainer(name, extra, compiled=False):
-    """Run trainer `name` (ddpo or alignprop) for warmup + epochs epochs with its functions timed.
-    Returns the timed epochs' sections, wall times and UNet calls, the pipeline, and the config, and
-    the time from the start to the end of the first epoch (loading, the evaluation before training,
-    and with `compiled`, the compilation of every graph the epoch needs)."""
+    """Run trainer `name` for warmup + epochs epochs, timed. Returns the timed epochs' sections,
+    wall times and UNet calls, the pipeline, and the config, and the time from the start to the end
+    of the first epoch (loading, the evaluation before training, and with `compiled`, the
+    compilation of every graph the epoch needs)."""
     module = importlib.reload(importlib.import_module(TRAINER_MODULES[name]))
     out = tempfile.mkdtemp(prefix=f"bench-{name}-")
     argv = [*model_args(), *extra, f"--out={out}", "--epochs=1000000",  # no last-epoch evaluation
             f"--stop_after={warmup + epochs}", "--eval_every=1000000", f"--compile={'on' if compiled else 'off'}"]
-    calls, marks, state = [], [], {}
-
-    def count_unet_call(unet, args, kwargs):
-        x, emb = args[0] if args else kwargs["sample"], kwargs["encoder_hidden_states"]
-        calls.append((tuple(x.shape), tuple(emb.shape), torch.is_grad_enabled()))
-
-    def load_pipeline(*a, **k):
-        state["pipe"] = pipe = real["load_pipeline"](*a, **k)
-        if not compiled:  # (a hook would be traced into the compiled graph; the eager run counts the calls)
-            state["hook"] = pipe.unet.register_forward_pre_hook(count_unet_call, with_kwargs=True)
-        return pipe
-
-    def write_log(*a, **k):  # the end of an epoch: close its books
-        timed("writing", real["write_log"])(*a, **k)
-        settle()
-        marks.append(dict(t=time.perf_counter(), times=dict(_times), calls=Counter(calls),
-                          logged=a[1][-1]["seconds"], queries=a[1][-1]["reward_queries"],
-                          gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if _cuda() else None))
-        if _cuda():
-            torch.cuda.reset_peak_memory_stats()  # the next epoch's peak is its own
-        _times.clear()
-        calls.clear()
-
-    patches = [(pipelines, "load_pipeline", load_pipeline), (runs, "write_log", write_log),
-               (runs, "atomic_write", timed("writing", runs.atomic_write)),  # checkpoint
-               (sampling, "rollout", timed("sampling", sampling.rollout)),
-               (sampling, "encode_prompts", timed("sampling", sampling.encode_prompts)),
-               (sampling, "guided_eps", timed(by_grad, sampling.guided_eps)),
-               (sampling, "ddim_step", timed(by_grad, sampling.ddim_step)),
-               (sampling, "decode_latents", timed("decoding", sampling.decode_latents)),
-               (rewards, "load", lambda *a, **k: timed("reward", real["load"](*a, **k))),
-               (torch.autograd, "backward", timed("train backward", torch.autograd.backward)),
-               (torch.nn.utils, "clip_grad_norm_", timed("optimizer", torch.nn.utils.clip_grad_norm_))]
-    for loss_or_replay in ("ppo_loss", "rdp_loss", "replay"):  # the trainer's own training functions
-        if hasattr(module, loss_or_replay):
-            patches.append((module, loss_or_replay, timed("train forward", getattr(module, loss_or_replay))))
-    real = {attr: getattr(obj, attr) for obj, attr, _ in patches}
-    optim = importlib.import_module("torch.optim.optimizer")
-    hooks = [optim.register_optimizer_step_pre_hook(lambda *a: _enter("optimizer")),
-             optim.register_optimizer_step_post_hook(lambda *a: _leave())]
+    watcher = Watcher(count_calls=not compiled)
     try:
-        for obj, attr, new in patches:
-            setattr(obj, attr, new)
-        _times.clear()
-        module.config = configurator.configure(vars(module), argv)
-        start = time.perf_counter()
-        module.main()
+        with library_timed():
+            module.config = configurator.configure(vars(module), argv)
+            start = time.perf_counter()
+            module.main(observer=watcher)
     finally:
-        for obj, attr, _ in patches:
-            setattr(obj, attr, real[attr])
-        for h in hooks + ([state["hook"]] if "hook" in state else []):
-            h.remove()
-        _times.clear()
-        _stack.clear()
-        _closed.clear()
+        if watcher.hook:
+            watcher.hook.remove()
         shutil.rmtree(out, ignore_errors=True)
-    timed_marks = marks[warmup:]
+    marks, timed_marks = watcher.marks, watcher.marks[warmup:]
     walls = [m["t"] - prev["t"] for prev, m in zip(marks[warmup - 1:], timed_marks)]
-    return dict(marks=timed_marks, walls=walls, pipe=state["pipe"], config=dict(module.config),
+    return dict(marks=timed_marks, walls=walls, pipe=watcher.pipe, config=dict(module.config),
                 queries=timed_marks[0]["queries"] - marks[warmup - 1]["queries"], first=marks[0]["t"] - start)
 
 
@@ -307,20 +316,15 @@ def bench_compiled(name, extra):
     first run on a machine) and again, after Dynamo's in-memory caches are dropped, with the on-disk
     cache that the first run filled (what every later run pays: experiments/compare.py's runs after its first).
     Returns the second run's seconds per section and both runs' time to the end of the first epoch."""
-    cache, before = tempfile.mkdtemp(prefix="bench-inductor-"), os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    cache, firsts = tempfile.mkdtemp(prefix="bench-inductor-"), []
     try:
-        firsts = []
-        for _ in range(2):
-            torch._dynamo.reset()
-            r = time_trainer(name, extra, compiled=True)
-            firsts.append(r["first"])
+        with mock.patch.dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache):  # the variable as it was, after
+            for _ in range(2):
+                torch._dynamo.reset()
+                r = time_trainer(name, extra, compiled=True)
+                firsts.append(r["first"])
     finally:
         torch._dynamo.reset()
-        if before is None:
-            os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
-        else:
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = before
         shutil.rmtree(cache, ignore_errors=True)
     wall, seconds, _ = per_epoch(r)
     return dict(wall=wall, seconds=seconds, first_cold=firsts[0], first_warm=firsts[1])
@@ -344,197 +348,21 @@ def throughput(pipe, batch, batched):
     """Images per second of sampling.rollout (DDIM with CFG, then VAE decode) at this batch size."""
     cond = sampling.encode_prompts(pipe, ["a red circle on a dark background"] * batch)
     uncond = sampling.unconditional(pipe)
-    real = sampling.guided_eps
-    sampling.guided_eps = real if batched else two_call_eps  # the name rollout calls
-    try:
-        with torch.no_grad():
-            run = lambda: sampling.rollout(pipe, cond, uncond, guidance, num_steps=num_steps, eta=0.0,
-                                         generator=torch.Generator().manual_seed(0))
-            run()  # warm-up
-            _sync()
-            t0 = time.perf_counter()
-            for _ in range(repeats):
-                run()
-            _sync()
-            return batch * repeats / (time.perf_counter() - t0)
-    finally:
-        sampling.guided_eps = real
+    guided_eps = sampling.guided_eps if batched else two_call_eps
+    with mock.patch.object(sampling, "guided_eps", guided_eps), torch.no_grad():  # the name rollout calls
+        run = lambda: sampling.rollout(pipe, cond, uncond, guidance, num_steps=num_steps, eta=0.0,
+                                       generator=torch.Generator().manual_seed(0))
+        run()  # warm-up
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            run()
+        _sync()
+        return batch * repeats / (time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------------------
-# 4. AlignProp's truncation: memory and time per K, with and without gradient checkpointing
-
-# A child Python that runs a script and then reports its peak resident memory. VmHWM is the
-# high-water mark of the process's own address space, which exec starts afresh; the rusage
-# ru_maxrss would also count the parent's memory at the fork (the pytest or bench process).
-PEAK_WRAPPER = """
-import runpy, sys
-sys.argv = sys.argv[1:]
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-finally:
-    with open("/proc/self/status") as f:
-        kb = next(line.split()[1] for line in f if line.startswith("VmHWM:"))
-    print(f"bench-peak-kb {kb}", flush=True)
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_initialized():  # on a GPU, its memory is the one that counts
-        print(f"bench-peak-gpu-kb {torch.cuda.max_memory_allocated() // 1024}", flush=True)
-"""
-
-
-def run_child(script_argv, log_path):
-    """Run `python <script> <args>` to completion, output to `log_path`; return (exit code, its
-    peak memory in MB, or None if it could not report it): its GPU's if it used one, else resident."""
-    with open(log_path, "w") as log:
-        code = subprocess.run([sys.executable, "-c", PEAK_WRAPPER, *script_argv], stdout=log,
-                              stderr=subprocess.STDOUT).returncode
-    with open(log_path) as f:
-        lines = f.read().splitlines()
-    peaks = [l.split()[1] for l in lines if l.startswith("bench-peak-gpu-kb ")] or \
-        [l.split()[1] for l in lines if l.startswith("bench-peak-kb ")]
-    return code, int(peaks[-1]) / 1024 if peaks else None
-
-
-def truncation_table(ks, extra):
-    """For each K and checkpointing off/on: a 4-epoch train_alignprop.py run in its own process;
-    seconds per update = the median of epochs 1-2 (epoch 0 warms up, the last one evaluates)."""
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "train_alignprop.py")
-    rows = []
-    for k in ks:
-        for ckpt in (False, True):
-            out = tempfile.mkdtemp(prefix="bench-k-")
-            cmd = [script, *model_args(), *extra, f"--truncation={k}",
-                   f"--checkpointing={str(ckpt).lower()}", "--epochs=4", "--eval_every=1000000", f"--out={out}/run"]
-            print(f"AlignProp K={k}, checkpointing {'on' if ckpt else 'off'} ...", flush=True)
-            code, peak_mb = run_child(cmd, os.path.join(out, "output.txt"))
-            if code != 0:
-                with open(os.path.join(out, "output.txt")) as f:
-                    tail = f.read()[-2000:]
-                raise SystemExit(f"error: train_alignprop.py failed with K={k}, checkpointing={ckpt}:\n{tail}")
-            with open(os.path.join(out, "run", "log.jsonl")) as f:
-                log = [json.loads(line) for line in f]
-            with open(os.path.join(out, "run", "config.json")) as f:
-                steps = json.load(f)["steps_per_epoch"]
-            rows.append(dict(k=k, checkpointing=ckpt, peak_mb=peak_mb,
-                             seconds_per_step=statistics.median(r["seconds"] for r in log[1:3]) / steps))
-            shutil.rmtree(out, ignore_errors=True)
-    return rows
-
-
-
-# ------------------------------------------------------------------------------------------------
-# 6. DDPO's first ratio when sampling and training round differently
-
-def ratio_noise_table(batch=16):
-    """|ratio - 1| of every step of `batch` chains (eta 1, the model's prompts) between the log-probs
-    recorded while sampling and their recomputation: bf16 at batch and batch/4 samples per UNet call,
-    and fp32 against bf16 either way."""
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
-    pipes = {p: pipelines.load_pipeline(model, device=dev, precision=p) for p in ("fp32", "bf16")}
-    prompts = prompt_sets.load_prompts("shapes" if model == "shapes" else "animals")
-    prompts = [prompts[i % len(prompts)] for i in range(batch)]
-    cond, uncond = sampling.encode_prompts(pipes["fp32"], prompts), sampling.encode_prompts(pipes["fp32"], [""])
-    rows = []
-    for (a, ka), (b, kb) in ((("bf16", batch), ("bf16", batch // 4)), (("fp32", batch), ("bf16", batch)),
-                             (("bf16", batch), ("fp32", batch))):
-        print(f"ratio noise: recorded in {a}, recomputed in {b} ...", flush=True)
-        with torch.no_grad():
-            traj = sampling.rollout(pipes[a], cond, uncond, guidance, num_steps=num_steps, eta=1.0, decode=False,
-                                    generator=torch.Generator().manual_seed(0), unet_batch=ka)
-        data = dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond, uncond=traj.uncond,
-                    scale=traj.guidance.expand(batch, -1))
-        with torch.no_grad():  # the recorded steps, replayed as PRDP's training replays them
-            lp = sampling.replay(pipes[b].unet, pipes[b].scheduler, data, traj.timesteps, 1.0, kb)
-        gap = (lp - traj.log_probs).exp().sub(1).abs()
-        rows.append(dict(recorded=f"{a}, {ka} per UNet call", recomputed=f"{b}, {kb} per UNet call",
-                         max=gap.max().item(), median=gap.median().item()))
-    return rows
-
-
-# ------------------------------------------------------------------------------------------------
-# Tables
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
-    return f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__} with {torch.get_num_threads()} threads"
-
-
-def describe(b):
-    c = b["config"]
-    if b["trainer"] == "ddpo":
-        return (f"DDPO: {c['num_batches']} x {c['sample_batch_size']} samples, {c['num_steps']} steps, "
-                f"train batch {c['train_batch_size']}, timestep fraction {c['timestep_fraction']:g}")
-    if b["trainer"] == "prdp":
-        return (f"PRDP: {c['prompts_per_epoch']} prompts x {c['images_per_prompt']} images, {c['num_steps']} steps, "
-                f"{c['updates_per_epoch']} updates per epoch, train batch {c['train_batch_size']}")
-    return (f"AlignProp: {c['steps_per_epoch']} steps x {c['grad_accum']} x {c['batch_size']} samples, "
-            f"{c['num_steps']} steps, truncation K={c['truncation']}")
-
-
-def markdown(results, speeds, ktable=(), sdmem=None, sdxlmem=None, noise=()):
-    cols = results
-    lines = [f"Machine: {machine()}; model `{model}`.", ""]
-    for b in cols:
-        lines.append(f"- {describe(b)}; {b['queries']} reward queries per epoch" + (f"; options `{b['args']}`" if b["args"] else ""))
-    if cols:
-        comp = all("compiled" in b for b in cols)  # two more columns per trainer: compiled seconds, speed-up
-        pad = " | |" if comp else ""  # those columns in rows that only the eager run has
-
-        def row(label, cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-
-        head = (lambda b: f"{b['trainer']} s | {b['trainer']} share" + (f" | {b['trainer']} compiled s | speed-up" if comp else ""))
-        lines += ["", "| one epoch | " + " | ".join(head(b) for b in cols) + " |",
-                  "|---|" + ("---:|---:|" * (2 if comp else 1)) * len(cols)]
-        speed = lambda a, c: f"{a / c:.2f}x" if c > 1e-4 else ""
-
-        def seconds(b, s):
-            cell = f"{b['seconds'][s]:.3f} | {b['fractions'][s]:.1%}"
-            return cell + (f" | {b['compiled']['seconds'][s]:.3f} | {speed(b['seconds'][s], b['compiled']['seconds'][s])}"
-                           if comp else "")
-        for s in SECTIONS:
-            row(s, [seconds(b, s) for b in cols])
-        row("(overhead: of which writing checkpoint, log, plot)", [f"({b['writing']:.3f}) | ({b['writing'] / b['wall']:.1%})" + pad for b in cols])
-        row("**wall time**", [f"**{b['wall']:.3f}** | 100%" + (f" | **{b['compiled']['wall']:.3f}** | "
-                                                                 f"**{speed(b['wall'], b['compiled']['wall'])}**" if comp else "") for b in cols])
-        if comp:
-            row("start to the end of the first epoch (loading, evaluation before training, compiling: cold / warm compiler cache)",
-                [f"{b['first']:.1f} | | {b['compiled']['first_cold']:.1f} / {b['compiled']['first_warm']:.1f} |" for b in cols])
-        calls = lambda b: " + ".join(f"{k['count']:g} x {'fwd+bwd' if k['grad'] else 'fwd'} [{k['x'][0]}]" for k in b["unet_calls"])
-        row("UNet calls [batch]", [f"{calls(b)} | " + pad for b in cols])
-        row("pure UNet time (eager)", [f"{b['unet_seconds']:.3f} | " + pad for b in cols])
-        row("**overhead ratio** (wall / pure UNet, eager)", [f"**{b['overhead_ratio']:.2f}** | " + pad for b in cols])
-        if any(b["peak_gpu_mb"] is not None for b in cols):
-            row("peak GPU memory (MB, max_memory_allocated)", [f"{b['peak_gpu_mb'] or 0:.0f} | " + pad for b in cols])
-    if speeds:
-        lines += ["", f"Sampling throughput, images/s ({num_steps} DDIM steps, guidance {guidance:g}, VAE decode included):", "",
-                  "| batch | CFG batched (one UNet call on 2B) | unbatched (two calls on B) | speed-up |", "|---:|---:|---:|---:|"]
-        for s in speeds:
-            lines.append(f"| {s['batch']} | {s['batched']:.2f} | {s['unbatched']:.2f} | {s['batched'] / s['unbatched']:.2f}x |")
-    if ktable:
-        lines += ["", "AlignProp truncation (each row its own process; peak memory: on a GPU torch's max_memory_allocated, "
-                  "on a CPU the resident memory, which includes the process's Python, torch and models):", "",
-                  "| K steps with gradient | checkpointing | peak memory (MB) | seconds per update |", "|---|---|---:|---:|"]
-        for r in ktable:
-            lines.append(f"| {r['k']} | {'on' if r['checkpointing'] else 'off'} | {r['peak_mb']:.0f} | {r['seconds_per_step']:.2f} |")
-    if sdmem:
-        lines += [""] + gpu_memory.markdown(sdmem)
-    if sdxlmem:
-        lines += [""] + gpu_memory.markdown(sdxlmem, "SDXL")
-    if noise:
-        lines += ["", f"DDPO's first-step |ratio - 1| when sampling and training round differently ({num_steps} steps, "
-                  "eta 1; every step of every chain):", "",
-                  "| log-probs recorded in | recomputed in | max | median |", "|---|---|---:|---:|"]
-        for r in noise:
-            lines.append(f"| {r['recorded']} | {r['recomputed']} | {r['max']:.1e} | {r['median']:.1e} |")
-    return "\n".join(lines) + "\n"
-
+# Checks and the run
 
 def check_trainer(name, extra):
     """The trainer's own checks (its main(check_only=True)) on the options bench passes it: a bad
@@ -597,14 +425,15 @@ def main():
         for b in sizes:
             print(f"sampling throughput, batch {b} ...", flush=True)
             speeds.append(dict(batch=b, batched=throughput(pipe, b, True), unbatched=throughput(pipe, b, False)))
-    ktable = truncation_table(ks, shlex.split(alignprop_args))
+    ktable = bench_parts.truncation_table(ks, [*model_args(), *shlex.split(alignprop_args)])
     sdmem = gpu_memory.sd_memory_table() if sd_memory else None
     sdxlmem = gpu_memory.sdxl_memory_table() if sdxl_memory else None
-    noise = ratio_noise_table() if ratio_noise else []
-    text = markdown(results, speeds, ktable, sdmem, sdxlmem, noise)
+    noise = bench_parts.ratio_noise_table(model, guidance, num_steps) if ratio_noise else []
+    text = bench_parts.markdown(results, speeds, ktable, sdmem, sdxlmem, noise, sections=SECTIONS, model=model,
+                                num_steps=num_steps, guidance=guidance)
     print("\n" + text)
     if json_out:
-        data = dict(machine=machine(), model=model, trainers=results, throughput=speeds, truncation=ktable,
+        data = dict(machine=bench_parts.machine(), model=model, trainers=results, throughput=speeds, truncation=ktable,
                     sd_memory=sdmem, sdxl_memory=sdxlmem, ratio_noise=noise)
         with open(json_out, "w") as f:
             json.dump(data, f, indent=2)

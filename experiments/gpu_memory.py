@@ -1,4 +1,4 @@
-"""GPU memory of the README's Stable Diffusion 1.5 and SDXL recipes, estimated on a machine with no GPU.
+"""GPU memory of the Stable Diffusion 1.5 and SDXL recipes (docs/gpu.md), estimated on a machine with no GPU.
 
 Random-weight modules of the models' exact shapes (the UNet with a rank-4 LoRA, the VAE decoder, and
 the rewards' CLIP ViT-L/14 and ViT-H/14 image towers) run on the CPU in the dtypes the trainers use
@@ -206,7 +206,7 @@ def text_encoder_params(config, projection=False):
 
 
 def recipes(parts, unet, text_params, batches):
-    """The README recipes' memory per process from the measured parts: weights as the trainers hold
+    """The GPU recipes' memory per process from the measured parts: weights as the trainers hold
     them with --precision=bf16 (mixed_precision.pipeline_dtypes: UNet, VAE and text encoders bf16;
     the LoRA fp32 with its gradient and AdamW's two moments, 16 bytes a weight; the reward's whole
     CLIP model fp32) + images per micro-batch x activations per image; the largest training
@@ -222,10 +222,10 @@ def recipes(parts, unet, text_params, batches):
         w = (gb(parts[unet]["params"] - n_lora + parts["vae"]["params"] + text_params, 2) + gb(n_lora, 16)
              + gb(parts[tower]["params"], 4))
         # DDPO: sampling and the reward run without gradient; training holds one UNet call's
-        # activations per image of the micro-batch (README recipe: --train_batch_size)
+        # activations per image of the micro-batch (the recipe's --train_batch_size)
         # AlignProp with checkpointing: one UNet call's activations at a time (recomputed in the backward
         # pass), plus the VAE decode's and the reward's, counted together (an upper bound: the reward's
-        # are freed before the UNet's are rebuilt); README recipe: --batch_size
+        # are freed before the UNet's are rebuilt); the recipe's --batch_size
         for trainer, per_image in (("DDPO", act[unet]), ("AlignProp", act[unet] + act["vae"] + act[tower])):
             batch = batches[trainer]
             rows.append(dict(recipe=f"{trainer}, {reward}", weights_gb=w, per_image_gb=per_image, batch=batch,
@@ -235,12 +235,12 @@ def recipes(parts, unet, text_params, batches):
 
 
 def sd_recipes(parts):
-    """SD 1.5's recipes (README: --train_batch_size=4 for DDPO, --batch_size=8 for AlignProp)."""
+    """SD 1.5's recipes (docs/gpu.md: --train_batch_size=4 for DDPO, --batch_size=8 for AlignProp)."""
     return recipes(parts, "unet", text_encoder_params(SD15_TEXT_ENCODER), batches=dict(DDPO=4, AlignProp=8))
 
 
 def sdxl_recipes(parts):
-    """SDXL's recipes (README: --train_batch_size=2 for DDPO, --batch_size=1 for AlignProp), with its
+    """SDXL's recipes (docs/gpu.md: --train_batch_size=2 for DDPO, --batch_size=1 for AlignProp), with its
     two text encoders. Its VAE is bf16 too: force_upcast asks only that it not be fp16, which
     mixed_precision never makes it."""
     text = text_encoder_params(SD15_TEXT_ENCODER) + text_encoder_params(SDXL_TEXT_ENCODER_2, projection=True)
@@ -264,7 +264,7 @@ def markdown(mem, model="SD 1.5"):
             measured = " / ".join(f"{gb:.2f}" for gb in v["measured_gb"].values()) if "measured_gb" in v else "-"
             miss = f"{v['fit_error']:.1%}" if "fit_error" in v else "-"
             lines.append(f"| {SDXL_PARTS[p]} | {v['params']:,} | {measured} | {miss} | {v['activation_gb']:.2f} |")
-    lines += ["", f"Estimated GPU memory per process for the README's {model} recipes, --precision=bf16 "
+    lines += ["", f"Estimated GPU memory per process for the {model} recipes of docs/gpu.md, --precision=bf16 "
               "(weights + images x activations):", "",
               "| recipe | weights (GB) | per image (GB) | images per micro-batch | training total (GB) | "
               f"evaluation, {EVAL_BATCH} images at a time (GB) | largest micro-batch in 24 / 40 / 80 GB |",

@@ -18,7 +18,7 @@ eager and compiled, and the time to the end of the first epoch with a cold and a
     --compile=auto   on where it pays and changes nothing that matters:
                      - with CUDA (long runs of a large UNet: the compile is minutes against hours);
                        on the CPU only in experiments/compare.py, whose runs share the cache, so only the first
-                       pays (one shapes-world run barely pays for a cold compile: README, "Where the
+                       pays (one shapes-world run barely pays for a cold compile: docs/performance.md, "Where the
                        time goes"), and only with a C++ compiler on the PATH, which Inductor needs;
                      - but never for DDPO and PRDP in bf16 or fp16 (CUDA's default precision). They
                        record each step's log-prob while sampling (no gradient) and recompute it in

@@ -10,7 +10,7 @@ models' architectures are in shapes/models.py; this file trains them in stages a
 result; shapes/measure.py measures it.
 
     python -m shapes.build                  # build the default world (cached), print its folder last
-    python -m shapes.measure             # measure it: the README's quality and hard-prompt tables
+    python -m shapes.measure             # measure it: docs/shapes_world.md's quality and hard-prompt tables
 """
 import glob
 import hashlib

@@ -1,7 +1,7 @@
 """Measuring the shapes world: how well its pretrained model draws what its captions ask for. The
-README's tables and grids come from here.
+docs/shapes_world.md's tables and grids come from here.
 
-    python -m shapes.measure                      # the default world: every table, grids in assets/
+    python -m shapes.measure                      # the default world: every table, grids in docs/assets/
 
 1. Quality: every caption at guidance 1, 3, 5 and 7.5, sampled through diffusers' own
    StableDiffusionPipeline (no project code), read by the judge and by the pixel checker, with
@@ -42,7 +42,7 @@ rare_seeds = 8  # hard-prompt table: samples per rare caption (18) in each setti
 common_seeds = 2  # hard-prompt table: samples per common caption (54) in each setting
 steps = 20  # DDIM steps
 tables = "quality,hard,rewards"  # which tables: quality (and the grids), hard (rare vs. common), rewards (ranges)
-assets = "assets"  # where the grids and the JSON of the tables go
+assets = "docs/assets"  # where the grids and the JSON of the tables go
 compile = "auto"  # torch.compile the UNet: auto (on CUDA, off on the CPU), on, off (plumbing/compiling.py)
 
 # ---------------------------------------------------------------------------------------------
@@ -68,7 +68,7 @@ def measure(images, labels, judge, tok, aesthetic_mlp, per_prompt):
                 aesthetic=round(aes.mean().item(), 3))
 
 
-def evaluate_world(folder, per_prompt=4, steps=20, assets="assets"):
+def evaluate_world(folder, per_prompt=4, steps=20, assets="docs/assets"):
     """Sample every caption at each guidance scale through diffusers' own StableDiffusionPipeline
     (loaded with no project code), judge the samples, write grids. Returns the rows and a markdown table."""
     from diffusers import StableDiffusionPipeline

@@ -1,6 +1,7 @@
-"""experiments/bench.py on the tiny pipeline: the epoch breakdown adds up, the UNet calls it counts are the
-trainers' analytic numbers, the timers leave the patched functions as they were, and bad input;
-gpu_memory's recipe arithmetic, SDXL's published shapes, and its weights that take no memory."""
+"""experiments/bench.py (and experiments/bench_parts.py) on the tiny pipeline: the epoch breakdown adds up,
+the UNet calls it counts are the trainers' analytic numbers, what it books where (the observer's reward and
+writing, sampling.replay as training), the timers leave the library's functions as they were, and bad
+input; gpu_memory's recipe arithmetic, SDXL's published shapes, and its weights that take no memory."""
 import importlib
 import os
 import subprocess
@@ -10,8 +11,8 @@ import pytest
 import torch
 
 from plumbing import configurator
-from experiments import gpu_memory
-import rewards
+from experiments import bench_parts, gpu_memory
+import lora
 import sampling
 
 
@@ -53,6 +54,8 @@ def test_ddpo_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file, cap
                        "--num_steps=2", "--epochs=2", "--no-compiled",  # Inductor would cost minutes: see below
                        f"--ddpo_args=--reward=jpeg_incompressibility --prompts={prompt_file} --num_steps=3 "
                        "--sample_batch_size=2 --samples_per_prompt=2 --num_batches=2 --train_batch_size=4")
+    timed = (sampling.guided_eps, sampling.replay, sampling.rollout, torch.autograd.backward,
+             torch.nn.utils.clip_grad_norm_)  # what bench wraps while the trainer runs
     (b,), speeds = bench.main()
     check_breakdown(b)
     assert b["queries"] == 4  # 2 batches x 2 samples per epoch
@@ -69,13 +72,15 @@ def test_ddpo_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file, cap
     # with Inductor, cold and warm, would cost minutes of the suite)
     b["compiled"] = dict(wall=b["wall"] / 2, seconds={s: v / 2 for s, v in b["seconds"].items()},
                          first_cold=100.0, first_warm=b["first"])
-    lines = bench.markdown([b], []).splitlines()
+    lines = bench_parts.markdown([b], [], sections=bench.SECTIONS, model=bench.model, num_steps=bench.num_steps,
+                                 guidance=bench.guidance).splitlines()
     assert "| one epoch | ddpo s | ddpo share | ddpo compiled s | speed-up |" in lines
     assert any(l.startswith("| **wall time** |") and l.endswith(f"| **{b['wall'] / 2:.3f}** | **2.00x** |") for l in lines)
     assert any("cold / warm compiler cache" in l and f"| 100.0 / {b['first']:.1f} |" in l for l in lines)
     # the timers are gone: the functions the trainers call are the originals again
     assert sampling.guided_eps.__module__ == "sampling" and not hasattr(sampling.guided_eps, "__wrapped__")
-    assert not hasattr(torch.autograd.backward, "__wrapped__") and not hasattr(rewards.load, "__wrapped__")
+    assert (sampling.guided_eps, sampling.replay, sampling.rollout, torch.autograd.backward,
+            torch.nn.utils.clip_grad_norm_) == timed
 
 
 @pytest.mark.slow
@@ -106,18 +111,60 @@ def test_prdp_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file):
     assert calls == {(4, False): 9, (4, True): 6}
 
 
-def test_unet_calls_without_gradient_inside_a_training_section_are_training():
-    """PRDP's replays without gradient (reference model, recomputation) book as train forward."""
+def test_replay_of_recorded_steps_is_training_with_or_without_gradient(pipe):
+    """Under bench's timers, sampling.replay (PRDP's reference model and recomputation without
+    gradient, its update with) books as train forward and its backward as train backward, while
+    rollout's UNet calls without gradient book as sampling; after the block, the originals are back."""
     bench = configured()
-    with torch.no_grad():
-        assert bench.by_grad() == "sampling"
-        bench._enter("train forward")
-        try:
-            assert bench.by_grad() == "train forward"
-        finally:
-            bench._leave()
-    assert bench.by_grad() == "train forward"  # with gradient, anywhere
-    bench._times.clear()
+    params = lora.inject(pipe.unet, rank=2)
+    cond, uncond = sampling.encode_prompts(pipe, ["a red circle"] * 2), sampling.encode_prompts(pipe, [""])
+    with bench.library_timed():
+        with torch.no_grad():
+            traj = sampling.rollout(pipe, cond, uncond, 5.0, num_steps=2, decode=False,
+                                    generator=torch.Generator().manual_seed(0))
+        data = dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond, uncond=traj.uncond,
+                    scale=traj.guidance.expand(2, -1))
+        bench.settle()
+        assert set(bench._times) == {"sampling"}
+        bench._times.clear()
+        with torch.no_grad():
+            sampling.replay(pipe.unet, pipe.scheduler, data, traj.timesteps, 1.0, 2)
+        bench.settle()
+        assert set(bench._times) == {"train forward"}
+        bench._times.clear()
+        sampling.replay(pipe.unet, pipe.scheduler, data, traj.timesteps, 1.0, 1, weights=torch.ones(2, 2))
+        bench.settle()
+        assert set(bench._times) == {"train forward", "train backward"} and all(p.grad is not None for p in params)
+    assert not bench._times and not hasattr(sampling.replay, "__wrapped__")
+    assert not hasattr(torch.autograd.backward, "__wrapped__") and not hasattr(sampling.rollout, "__wrapped__")
+
+
+def test_the_observer_times_the_reward_and_closes_each_epoch_with_the_runs_writing_seconds(pipe):
+    """loaded(run) hooks the UNet (eager runs) and replaces run.reward_fn with a timed one (the same
+    reward: its result and attributes); epoch_end(rec, writing) closes the epoch's books: its
+    sections, `writing` booked as writing, the log record's seconds and queries, the UNet calls."""
+    import types
+    bench = configured()
+    reward = lambda images, prompts: torch.ones(len(images))
+    reward.name, reward.differentiable = "ones", False
+    run = types.SimpleNamespace(pipe=pipe, reward_fn=reward, config={})
+    watcher = bench.Watcher(count_calls=True)
+    watcher.loaded(run)
+    try:
+        assert run.reward_fn is not reward and run.reward_fn.__wrapped__ is reward
+        assert run.reward_fn.name == "ones" and not run.reward_fn.differentiable
+        assert run.reward_fn(torch.zeros(3, 3, 8, 8), ["a"] * 3).tolist() == [1, 1, 1]
+        cond = sampling.encode_prompts(pipe, ["a red circle"] * 2)
+        with torch.no_grad():
+            sampling.guided_eps(pipe.unet, torch.randn(2, 4, 8, 8), 500, cond, sampling.encode_prompts(pipe, [""]), 5.0)
+        watcher.epoch_end(dict(seconds=1.5, reward_queries=3), 0.25)
+    finally:
+        watcher.hook.remove()
+    (mark,) = watcher.marks
+    assert set(mark["times"]) == {"reward", "writing"} and mark["times"]["writing"] == 0.25
+    assert 0 < mark["times"]["reward"] < 1 and mark["logged"] == 1.5 and mark["queries"] == 3
+    assert mark["calls"] == {((4, 4, 8, 8), (4, 16, 16), False): 1}  # one CFG-batched call on 2 x 2 latents
+    assert not bench._times and not watcher.calls  # the next epoch starts with empty books
 
 
 def test_section_timers_exclude_nested_sections():
@@ -155,28 +202,28 @@ def test_bad_input_is_a_one_line_error(argv, message):
 def test_run_child_reports_each_childs_own_peak_memory(tmp_path):
     """A child that touches 300 MB peaks >= 250 MB above one that does nothing, and neither carries
     the parent's (this pytest process's) memory; a failing child still reports."""
-    bench = configured()
+    run_child = bench_parts.run_child
     (tmp_path / "big.py").write_text("b = bytearray(300 * 2**20)\nb[::4096] = b'x' * len(b[::4096])\n")
     (tmp_path / "small.py").write_text("pass\n")
     (tmp_path / "fail.py").write_text("raise SystemExit(3)\n")
-    code_big, peak_big = bench.run_child([tmp_path / "big.py"], tmp_path / "big.txt")
-    code_small, peak_small = bench.run_child([tmp_path / "small.py"], tmp_path / "small.txt")
+    code_big, peak_big = run_child([tmp_path / "big.py"], tmp_path / "big.txt")
+    code_small, peak_small = run_child([tmp_path / "small.py"], tmp_path / "small.txt")
     assert code_big == code_small == 0 and peak_big - peak_small >= 250
     assert peak_small < 100  # a bare Python, not the parent's hundreds of MB
-    code, peak = bench.run_child([tmp_path / "fail.py"], tmp_path / "fail.txt")
+    code, peak = run_child([tmp_path / "fail.py"], tmp_path / "fail.txt")
     assert code == 3 and 0 < peak < 100
 
 
 @pytest.mark.slow
 def test_truncation_table_rows_and_a_failing_setting(tiny_pipeline_dir, prompt_file):
-    args = (f"--model={tiny_pipeline_dir}", f"--alignprop_args=--prompts={prompt_file} --reward=shapes_appeal "
-            "--num_steps=3 --batch_size=2 --steps_per_epoch=1 --eval_prompts=1 --eval_seeds=1")
-    bench = configured(*args)
-    rows = bench.truncation_table(["1", "all"], bench.shlex.split(bench.alignprop_args))
+    bench = configured(f"--model={tiny_pipeline_dir}")
+    args = [*bench.model_args(), f"--prompts={prompt_file}", "--reward=shapes_appeal", "--num_steps=3",
+            "--batch_size=2", "--steps_per_epoch=1", "--eval_prompts=1", "--eval_seeds=1"]
+    rows = bench_parts.truncation_table(["1", "all"], args)
     assert [(r["k"], r["checkpointing"]) for r in rows] == [("1", False), ("1", True), ("all", False), ("all", True)]
     assert all(r["peak_mb"] > 50 and r["seconds_per_step"] > 0 for r in rows)  # a Python + torch process
     with pytest.raises(SystemExit, match="K=4"):  # more steps with gradient than the chain has
-        bench.truncation_table(["4"], bench.shlex.split(bench.alignprop_args))
+        bench_parts.truncation_table(["4"], args)
 
 
 def test_rise_mb_measures_a_known_allocation():
@@ -231,7 +278,8 @@ def test_sdxl_shapes_are_the_published_models():
 
 
 BROADCAST_CHECK = """
-import sys, torch, gpu_memory, lora, sampling
+import sys, torch, lora, sampling
+from experiments import gpu_memory
 from diffusers import UNet2DConditionModel
 config = dict(sample_size=64, block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=4)
@@ -260,7 +308,7 @@ def test_broadcast_weights_keep_the_activation_memory_of_real_weights():
     got = {}
     for kind in ("real", "broadcast"):
         r = subprocess.run([sys.executable, "-c", BROADCAST_CHECK, kind], capture_output=True, text=True, env=env,
-                           cwd=os.path.dirname(gpu_memory.__file__))
+                           cwd=os.path.dirname(os.path.dirname(gpu_memory.__file__)))  # the repository
         _, mb, finite, nbytes = r.stdout.split("\n")[-2].split()
         got[kind] = float(mb), finite == "True", int(nbytes)
     assert got["broadcast"][1] and got["real"][1]  # finite activations either way

@@ -49,7 +49,7 @@ def test_compiled_unet_matches_eager():
     """Sampling (no gradient), training (the LoRA's gradient) and the pretrained model (lora.disabled,
     PRDP's reference: another graph) through the compiled UNet, against the same UNet run eagerly.
     Compiled by Dynamo and AOTAutograd, as --compile does, but without Inductor's code generation
-    (100 s for these three graphs on 2 cores); Inductor's kernels on the shapes world: README, "Where
+    (100 s for these three graphs on 2 cores); Inductor's kernels on the shapes world: docs/performance.md, "Where
     the time goes" (the same first-epoch reward and clip fraction as eager, ratio_dev 2.4e-7)."""
     pipe = tiny_pipeline()
     lora.inject(pipe.unet, rank=2)

@@ -4,7 +4,7 @@ these tests were written against the CPU runs of the same code and have not been
     python -m pytest -q tests/test_cuda.py
 
 Each trainer runs one epoch on the tiny random SD-shaped folder on the GPU with the default precision
-there (bf16), at the README recipe's batch shapes, and must show: the UNet in bf16 on the GPU asked
+there (bf16), at the GPU recipe's batch shapes (docs/gpu.md), and must show: the UNet in bf16 on the GPU asked
 for; DDPO's and PRDP's first ratio within DDPO's SD 1.5 clip range (1e-4: the recorded log-probs and
 their recomputation agree, i.e. sampling and training round alike); finite gradients; a peak GPU
 memory a tiny model stays far below. Then experiments/bench.py's CUDA-event timers and its peak memory, and,

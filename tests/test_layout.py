@@ -12,11 +12,14 @@ FOLDERS = ("plumbing", "experiments", "shapes")  # the packages beside the top-l
 # The layers, top to bottom; a module may import its own layer or lower.
 LAYERS = {
     "scripts": ["train_ddpo", "train_alignprop", "train_prdp", "sample", "experiments.evaluate",
-                "experiments.compare", "experiments.bench", "shapes.measure"],
+                "experiments.compare", "experiments.bench", "experiments.bench_parts", "shapes.measure"],
+    # the run lifecycle around every trainer: it loads models and rewards and evaluates with the sampling
+    # loop, so it sits above the library although it lives with the plumbing
+    "lifecycle": ["plumbing.lifecycle"],
     "library": ["sampling", "explore", "lora", "rewards", "prompt_sets", "experiments.gpu_memory",
                 "experiments.compare_stats"],
     "models": ["pipelines", "shapes.build", "shapes.models", "shapes.world"],
-    "plumbing": ["plumbing.configurator", "plumbing.runs", "plumbing.lifecycle", "plumbing.dashboards",
+    "plumbing": ["plumbing.configurator", "plumbing.runs", "plumbing.dashboards",
                  "plumbing.distributed", "plumbing.grids", "plumbing.hub", "plumbing.mixed_precision",
                  "plumbing.compiling"],
 }

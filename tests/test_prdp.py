@@ -87,11 +87,11 @@ def test_step_by_step_gradient_equals_autograd_on_the_whole_graph(pipe):
                 scale=traj.guidance.expand(len(prompts), -1))
     unet, scheduler, timesteps = pipe.unet, pipe.scheduler, traj.timesteps
     with lora.disabled(unet):
-        lp_ref = train_prdp.replay(unet, scheduler, data, timesteps, eta, 4)
+        lp_ref = sampling.replay(unet, scheduler, data, timesteps, eta, 4)
     with torch.no_grad():  # move theta away from the sampling model, as after an update
         for p in params:
             p.add_(torch.randn_like(p) * 0.05)
-    new = train_prdp.replay(unet, scheduler, data, timesteps, eta, 4) - lp_ref
+    new = sampling.replay(unet, scheduler, data, timesteps, eta, 4) - lp_ref
     # an `old` that puts about half of the steps outside the clip band
     old = new + eps * torch.tensor([0.5, 1.5, -0.5, -1.5]).repeat(5)[:new.numel()].reshape(new.shape)
     r = torch.tensor([1.0, 2.0, 1.0, 0.3, 0.9, 0.1])  # a tie in the first group
@@ -116,7 +116,7 @@ def test_step_by_step_gradient_equals_autograd_on_the_whole_graph(pipe):
     w, loss2, _, _, inside = train_prdp.step_weights(new, old, r, groups, beta, eps)
     assert 0 < inside.float().mean() < 1  # both sides of the clip band are exercised
     assert loss2 == pytest.approx(loss.item(), rel=1e-5)
-    lp = train_prdp.replay(unet, scheduler, data, timesteps, eta, 4, weights=w)
+    lp = sampling.replay(unet, scheduler, data, timesteps, eta, 4, weights=w)
     torch.testing.assert_close(lp - lp_ref, new, rtol=0, atol=1e-12)
     assert sum(p.grad.abs().sum() for p in params) > 0
     for a, b in zip(full, [p.grad for p in params]):

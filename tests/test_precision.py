@@ -1,6 +1,6 @@
 """Mixed precision (plumbing/mixed_precision.py) on the CPU, whose autocast supports bf16 and fp16: each part's
 dtype, the UNet computing in bf16 while the latents, DDIM step and log-probs stay fp32, DDPO's first
-PPO ratio within the clip range under bf16 with the README recipe's batch shapes, and AlignProp's
+PPO ratio within the clip range under bf16 with the GPU recipe's batch shapes (docs/gpu.md), and AlignProp's
 gradient through the bf16 VAE finite and pointing where the fp32 one points (fp16: with the loss
 scaler), all on the tiny random SD-shaped folder."""
 import pytest
@@ -60,7 +60,7 @@ def test_bf16_unet_computes_in_bf16_and_the_chain_stays_fp32(tiny_pipeline_dir):
 
 
 def test_a_bf16_ddpo_epoch_keeps_the_first_ratio_within_the_clip_range(tiny_pipeline_dir, prompt_file, tmp_path):
-    """The README recipe's shapes (8 images per sampling call, 4 per training micro-batch) and its clip
+    """The GPU recipe's shapes (8 images per sampling call, 4 per training micro-batch) and its clip
     range 1e-4: the recorded log-probs and their recomputation must agree to well within it."""
     out = tmp_path / "run"
     mod = run_trainer("train_ddpo", f"--model={tiny_pipeline_dir}", "--reward=jpeg_incompressibility",

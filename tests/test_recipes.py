@@ -1,6 +1,6 @@
-"""The README's GPU recipes for Stable Diffusion 1.5 and SDXL, and its evaluation commands, run on a CPU.
+"""The GPU recipes (docs/gpu.md) for Stable Diffusion 1.5 and SDXL, and its evaluation commands, run on a CPU.
 
-Every command in the README's SD 1.5 recipe block and its evaluation block, and the aesthetic SDXL
+Every command in the GPU page's SD 1.5 recipe block and its evaluation block, and the aesthetic SDXL
 recipe of each trainer, runs here as written, except that the model becomes a tiny random SD-shaped
 (or SDXL-shaped) folder, the reward's weights become tiny random ones, and the run is cut to one
 epoch (AlignProp: one update; PRDP: two updates; evaluation: one seed of one prompt per category).
@@ -21,8 +21,9 @@ SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
 def readme_recipes(marker):
-    """(script, {flag: value}) for each command between the README's `marker` comments."""
-    with open(os.path.join(ROOT, "README.md")) as f:
+    """(module, {flag: value}) for each command between the GPU page's `marker` comments
+    (`python train_ddpo.py` -> train_ddpo, `python -m experiments.evaluate` -> experiments.evaluate)."""
+    with open(os.path.join(ROOT, "docs", "gpu.md")) as f:
         text = f.read()
     block = re.search(rf"<!-- {marker} -->(.*?)<!-- /{marker} -->", text, re.S).group(1)
     commands = [c.strip() for c in block.replace("\\\n", " ").splitlines()
@@ -30,10 +31,10 @@ def readme_recipes(marker):
     recipes = []
     for c in commands:
         words = shlex.split(c)
-        script = next(w for w in words if w.endswith(".py"))
+        script = words[words.index("-m") + 1] if "-m" in words else next(w for w in words if w.endswith(".py"))
         flags = words[words.index(script) + 1:]
         assert all(f.startswith("--") for f in flags), c
-        recipes.append((script[:-3], dict(f[2:].split("=", 1) if "=" in f else (f[2:], "true") for f in flags)))
+        recipes.append((script.removesuffix(".py"), dict(f[2:].split("=", 1) if "=" in f else (f[2:], "true") for f in flags)))
     return recipes
 
 
@@ -96,7 +97,7 @@ def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_
     (rec,) = read_log(tmp_path / "run")
     with open(tmp_path / "run" / "config.json") as f:
         config = json.load(f)
-    for k, v in flags.items():  # every recipe flag reached the run as the README wrote it
+    for k, v in flags.items():  # every recipe flag reached the run as docs/gpu.md writes it
         if k not in swapped:
             assert same(config[k], v), (k, config[k], v)
     if script == "train_ddpo":
@@ -116,8 +117,8 @@ def test_the_readme_evaluates_drawbench_and_the_unseen_animals_against_the_base_
     import importlib
     from plumbing import configurator
     assert [(s, f["prompts"], "lora" in f) for s, f in EVALS] == [
-        ("evaluate", "drawbench", False), ("evaluate", "drawbench", True),
-        ("evaluate", "unseen_animals", False), ("evaluate", "unseen_animals", True)]
+        ("experiments.evaluate", "drawbench", False), ("experiments.evaluate", "drawbench", True),
+        ("experiments.evaluate", "unseen_animals", False), ("experiments.evaluate", "unseen_animals", True)]
     for base, run in (EVALS[0:2], EVALS[2:4]):
         ev = importlib.reload(importlib.import_module("experiments.evaluate"))
         ev.config = configurator.configure(vars(ev), [f"--{k}={v}" for k, v in base[1].items()])
