@@ -38,6 +38,7 @@ from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  #
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python train_alignprop.py --help` lists them)
+# (the model, run, logging and hardware knobs repeat in each trainer, deliberately: each file shows all it takes)
 # what to train
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
 revision = ""                # hub --model only: a branch, tag or commit to pin its weights to ("" = main)

@@ -37,6 +37,7 @@ from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  #
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python train_ddpo.py --help` lists them)
+# (the model, run, logging and hardware knobs repeat in each trainer, deliberately: each file shows all it takes)
 # what to train
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
 revision = ""                # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
@@ -191,7 +192,7 @@ def main(check_only=False, observer=None):
             # and weighted prompts, a lower baseline than plain sampling earns. Start them afresh.
             buffers.clear()
 
-        # ---- 1. sample ---------------------------------------------------------------------------
+        # ---- 1. sample (as train_prdp.py's step 1, deliberately: DiffExp enters each trainer here) --
         unet.eval()
         batches = []
         for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not master, leave=False):

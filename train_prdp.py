@@ -46,6 +46,7 @@ from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  #
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python train_prdp.py --help` lists them)
+# (the model, run, logging and hardware knobs repeat in each trainer, deliberately: each file shows all it takes)
 # what to train
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
 revision = ""                # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
@@ -206,6 +207,7 @@ def main(check_only=False, observer=None):
         exploring = explore and explore_active(epoch, epochs, explore_frac)
 
         # ---- 1. sample: N prompts x B images from theta_old, the model as it is now (Alg. 1, l. 3-7)
+        # (as train_ddpo.py's step 1, deliberately: DiffExp enters each trainer here)
         unet.eval()
         batches = []
         for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not master, leave=False):

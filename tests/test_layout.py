@@ -138,3 +138,13 @@ def test_every_file_opens_with_a_docstring_and_the_readme_map_names_every_file()
     table = readme.split("## What is where", 1)[1].split("\n## ", 1)[0]
     named = set(re.findall(r"`((?:\w+/)?\w+)\.py`", table))
     assert named == {m.replace(".", "/") for m in modules()}, named ^ {m.replace(".", "/") for m in modules()}
+
+
+def test_the_house_stays_readable():
+    # a trainer reads top to bottom in one sitting; the README fits on a few screens
+    for trainer in ("train_ddpo", "train_alignprop", "train_prdp"):
+        source = open(path(trainer)).read()
+        main = next(n for n in ast.parse(source).body if isinstance(n, ast.FunctionDef) and n.name == "main")
+        assert len(source.splitlines()) <= 330 and main.end_lineno - main.lineno < 150, trainer
+    assert len(open(path("experiments.bench")).read().splitlines()) <= 450
+    assert len(open(os.path.join(ROOT, "README.md")).read().splitlines()) <= 250

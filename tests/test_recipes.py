@@ -41,10 +41,12 @@ def readme_recipes(marker):
 SD15_RECIPES, SDXL_RECIPES = readme_recipes("gpu-recipes"), readme_recipes("sdxl-recipes")
 EVALS = readme_recipes("gpu-eval")
 MICRO_BATCHES = {"train_batch_size", "grad_accum", "batch_size"}  # what memory asks SDXL to change
-# The SDXL recipes that run below: one per trainer. Their PickScore twins differ from them exactly as
-# SD 1.5's PickScore recipes (which run) differ from SD 1.5's aesthetic ones (checked below), and
-# running all six would add minutes to the suite.
-RUN = SD15_RECIPES + [(s, f) for s, f in SDXL_RECIPES if f["reward"] == "aesthetic"]
+# The recipes that run below: each trainer's aesthetic recipe on SD 1.5 and on SDXL, and AlignProp's
+# PickScore one (its gradient goes through the reward). The other PickScore twins differ from their
+# aesthetic recipe only in --reward and --prompts (checked below), and DDPO and PRDP use a reward as a
+# score alone: running them again would test the same code twice (the reward itself: test_rewards.py).
+RUN = [(s, f) for s, f in SD15_RECIPES if f["reward"] == "aesthetic" or s == "train_alignprop"]
+RUN += [(s, f) for s, f in SDXL_RECIPES if f["reward"] == "aesthetic"]
 
 
 def same(value, text):
@@ -86,12 +88,17 @@ def test_recipe_runs_on_a_tiny_sd_folder(script, flags, tiny_pipeline_dir, tiny_
                     "pickscore": f"model={tiny_pickscore[2]},processor={tiny_pickscore[3]}"}
     swapped = dict(model={SD15: tiny_pipeline_dir, SDXL: tiny_sdxl_dir}[flags["model"]], reward_options=tiny_weights[flags["reward"]], out=str(tmp_path / "run"),
                    epochs="1", eval_prompts="2", eval_seeds="1")
-    if script == "train_alignprop":
-        swapped["steps_per_epoch"] = "1"
-    if script == "train_prdp":  # 2 of the 10 updates: the second replays every step and clips;
-        # train_batch_size only sets how many trajectories share a UNet call (PRDP asks nothing of
-        # it): all 64 in one instead of 4 makes 16x fewer calls, 10 s instead of 70 here
-        swapped.update(updates_per_epoch="2", train_batch_size="64")
+    # One epoch, and in it the fewest repeats that still take every path of the recipe: the same
+    # sampling and training micro-batches, but one optimizer step's worth of them
+    if script == "train_ddpo":  # one update: the samples of train_batch_size x grad_accum
+        swapped["num_batches"] = str(int(flags["train_batch_size"]) * int(flags["grad_accum"])
+                                     // int(flags["sample_batch_size"]))
+    if script == "train_alignprop":  # one update of two accumulated micro-batches
+        swapped.update(steps_per_epoch="1", grad_accum="2")
+    if script == "train_prdp":  # one prompt's group; 2 of the 10 updates: the second replays every step
+        # and clips; train_batch_size only sets how many trajectories share a UNet call (PRDP asks
+        # nothing of it): all of them in one call makes fewer calls
+        swapped.update(prompts_per_epoch="1", updates_per_epoch="2", train_batch_size="64")
     argv = [f"--{k}={v}" for k, v in {**flags, **swapped}.items()]
     mod = run_trainer(script, *argv)
     (rec,) = read_log(tmp_path / "run")
