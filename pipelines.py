@@ -1,12 +1,11 @@
-"""Where the text-to-image model comes from: the offline shapes world (built on first use), a local
+"""Where the text-to-image model comes from: the offline shapes world (shipped in shapes/pretrained/), a local
 diffusers folder, or a Hugging Face hub id; returned as a `StableDiffusionPipeline`, or a
 `StableDiffusionXLPipeline` when the model's `model_index.json` names one, with a DDIM scheduler,
 ready for sampling.py.
 """
 import os
 
-from plumbing import hub
-from plumbing import mixed_precision
+from plumbing import hub, mixed_precision
 DEFAULT_HUB_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_HUB_MODEL = "stabilityai/stable-diffusion-xl-base-1.0"
 
@@ -43,7 +42,7 @@ def check_model(model, revision=None):
 
 def load_pipeline(model="shapes", device="cpu", precision="auto", revision=None, variant=None):
     """A StableDiffusionPipeline (or StableDiffusionXLPipeline, if the model is one) with a DDIM
-    scheduler, from "shapes" (the offline world, built on first use), a hub id (e.g.
+    scheduler, from "shapes" (the offline world shipped in the repository), a hub id (e.g.
     DEFAULT_HUB_MODEL, or SDXL_HUB_MODEL) at `revision` (None = main) or a local diffusers folder;
     `variant` picks weight files such as *.fp16.safetensors (None = the plain ones). Its parts are in
     the dtypes of `precision` (plumbing/mixed_precision.py: auto is bf16 on CUDA, fp32 on the CPU; the VAE never
@@ -52,8 +51,8 @@ def load_pipeline(model="shapes", device="cpu", precision="auto", revision=None,
     fp32 weights. sampling.guided_eps runs the UNet under autocast in its weights' dtype."""
     path = check_model(model, revision)
     if path == "shapes":
-        from shapes import build as shapes_build  # the world's build code: imported only when it is the model
-        path = shapes_build.ensure_world()
+        from shapes import build as shapes_build  # imported only when the world is the model
+        path = shapes_build.check_shipped()  # the world in the repository, checked file by file
     # after the checks: importing takes seconds
     from diffusers import DDIMScheduler, DiffusionPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
     dtypes = mixed_precision.pipeline_dtypes(precision, device)

@@ -296,8 +296,8 @@ def load_shapes(name, device="cpu", path=None, judge=None, head=None):
         return _named(correct, name, False)
     if judge is None or (head is None and name == "shapes_aesthetic"):
         if path is None:
-            from shapes import build as shapes_build  # builds the world on first use
-            path = shapes_build.ensure_world()
+            from shapes import build as shapes_build
+            path = shapes_build.check_shipped()  # the world in the repository, checked file by file
     judge = _frozen(judge if judge is not None else shapes_models.load_judge(path, device), device)
 
     def image_embeds(images):  # no no_grad: the reward's gradient flows back to the images

@@ -9,16 +9,12 @@ import os
 
 import torch
 
-from plumbing import compiling
-from plumbing import configurator
-from plumbing import distributed
-from plumbing import grids
-from plumbing import mixed_precision
 import pipelines
 import prompt_sets
 import sampling
-from plumbing.configurator import at_least, between, require  # the input checks
+from plumbing import compiling, configurator, distributed, grids, mixed_precision
 from lora import FILE_NAME, load as load_lora, weights_file  # `lora` is this script's --lora option
+from plumbing.configurator import at_least, between, require  # the input checks
 
 # defaults (override with --key=value; `python sample.py --help` lists them)
 model = "shapes"  # "shapes" (the offline world), a hub id, or a local diffusers folder

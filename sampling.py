@@ -17,8 +17,7 @@ from dataclasses import dataclass
 import torch
 
 import explore
-from plumbing import grids
-from plumbing import mixed_precision
+from plumbing import grids, mixed_precision
 # --------------------------------------------------------------------------------------------
 # The conditioning record: everything the UNet is conditioned on, one row per sample
 #

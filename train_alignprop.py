@@ -33,8 +33,8 @@ import lora
 import rewards
 import sampling
 from plumbing import compiling, configurator, distributed, lifecycle, mixed_precision
-from plumbing.configurator import at_least, between, positive, require  # the input checks
 from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
+from plumbing.configurator import at_least, between, positive, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python train_alignprop.py --help` lists them)

@@ -41,8 +41,8 @@ from tqdm import tqdm
 import lora
 import sampling
 from plumbing import compiling, configurator, distributed, lifecycle, mixed_precision
-from plumbing.configurator import at_least, positive, require  # the input checks
 from explore import cfg_schedule, draw_weights, explore_active, parse_phrases  # DiffExp (explore.py)
+from plumbing.configurator import at_least, positive, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python train_prdp.py --help` lists them)

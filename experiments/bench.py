@@ -63,8 +63,8 @@ import torch
 
 import pipelines
 import sampling
-from experiments import bench_parts, gpu_memory
 from plumbing import configurator
+from experiments import bench_parts, gpu_memory
 from plumbing.configurator import at_least, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------

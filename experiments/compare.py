@@ -27,7 +27,7 @@ the unconditional model on the noisy steps instead of the unguided conditional o
 --baseline_only runs the baseline arm alone (with --versus: one trainer's plain runs against another's).
 
 --versus=<another compare folder> sets each arm against the same arm of another comparison on the
-same model (the same build: both untrained models must score alike), reward and prompts, e.g.
+same model (for a shapes world, the same weights: its manifest hash), reward and prompts, e.g.
 PRDP's against DDPO's: unpaired differences with Welch's interval, which hold for any two trainers
 (DDPO's and PRDP's runs of one seed happen to draw the same prompts and noise, so for them it is
 conservative; AlignProp's batches draw differently).
@@ -39,7 +39,6 @@ with --explore_args, their names end in the arms' suffix (reward-t_thres900.png,
 import concurrent.futures
 import importlib
 import json
-import math
 import os
 import shlex
 import subprocess
@@ -49,19 +48,16 @@ import time
 
 import torch
 
-from plumbing import compiling
-from plumbing import configurator
 import explore
-from plumbing import grids
 import lora
-from plumbing import mixed_precision
 import pipelines
 import prompt_sets
 import rewards
-from plumbing import runs
 import sampling
+from plumbing import compiling, configurator, grids, mixed_precision, runs
 from experiments.compare_stats import arm_differences, plot_curves, read_log, summarise, table_markdown
 from plumbing.configurator import at_least, require  # the input checks
+from shapes import build as shapes_build
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python -m experiments.compare --help` lists them)
@@ -224,25 +220,25 @@ def other_table(held, sampling_settings):
         raise SystemExit(f"error: --versus={versus} holds no table.json; run that comparison to its end first")
     with open(path) as f:
         other = json.load(f)
-    if "heldout_sampling" not in other:
-        raise SystemExit(f"error: --versus={versus}: its table.json predates the record of how its held-out images "
-                         "were sampled; re-run that comparison's command (it resumes and only rewrites its table)")
-    for key, mine in (("model", model), ("reward", reward), ("prompts", prompts), ("heldout", held),
-                      ("heldout_sampling", sampling_settings)):
+    for key, what in (("heldout_sampling", "how its held-out images were sampled"), ("world", "its model's weights")):
+        if key not in other:
+            raise SystemExit(f"error: --versus={versus}: its table.json predates the record of {what}; re-run that "
+                             "comparison's command (it resumes and only rewrites its table)")
+    for key, mine in (("model", model), ("world", world_id(model)), ("reward", reward), ("prompts", prompts),
+                      ("heldout", held), ("heldout_sampling", sampling_settings)):
         if other.get(key) != mine:
             raise SystemExit(f"error: --versus={versus} was run with another {key} ({other.get(key)!r}, here {mine!r}); "
                              "its numbers are not comparable with this comparison's")
     return other
 
 
-def check_same_build(other, untrained_reward):
-    """The last of other_table's checks, once this comparison has scored its untrained model: the two
-    untrained models must score alike on the held-out prompts. Same name, other weights: a shapes world
-    built on another machine grows into another model."""
-    if not math.isclose(other["pretrained"]["reward"], untrained_reward, rel_tol=1e-4, abs_tol=1e-4):
-        raise SystemExit(f"error: --versus={versus}: its untrained model scores {other['pretrained']['reward']:.4f} on "
-                         f"the held-out prompts, this one {untrained_reward:.4f}: another build of "
-                         f"--model={model}; re-run that comparison here (this one's runs are kept)")
+def world_id(model):
+    """Which weights `model` names, for pooling and --versus: a shapes world's manifest hash (the
+    shipped world's for "shapes"; two builds of one configuration on two machines are two worlds),
+    None for a hub id or a plain diffusers folder."""
+    if model == "shapes":
+        return shapes_build.manifest_hash(shapes_build.SHIPPED)
+    return shapes_build.manifest_hash(model) if os.path.isdir(model) else None
 
 
 def finished(run):
@@ -398,9 +394,7 @@ def main():
     print(f"training: {ran} runs ran, {len(run_list) - ran} finished earlier", flush=True)
     trained = prompt_sets.spread_subset(train_list, heldout_prompts)
     evals, trained_evals = evaluate_all(folder, run_list, held, trained)
-    if other:
-        check_same_build(other, evals["pretrained"]["reward"])
-    summary = dict(trainer=trainer, model=model, reward=reward, prompts=prompts, args=args,
+    summary = dict(trainer=trainer, model=model, world=world_id(model), reward=reward, prompts=prompts, args=args,
                    seeds=seeds, reward_queries=read_log(run_list[0]["dir"])[-1]["reward_queries"],
                    heldout=held, heldout_seeds=heldout_seeds, heldout_sampling=heldout_sampling(run_list),
                    pretrained={k: evals["pretrained"][k] for k in ("reward", "metrics", "diversity")},

@@ -27,19 +27,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import compiling
-from plumbing import configurator
-from plumbing import distributed
-from plumbing import grids
 import pipelines
 import prompt_sets
 import rewards
-from plumbing import runs
 import sampling
+from plumbing import compiling, configurator, distributed, grids, runs
 from experiments.compare_stats import mean_interval, paired_difference
-from plumbing.configurator import at_least, between, require  # the input checks
 from explore import parse_phrases
 from lora import load as load_lora, weights_file  # `lora` is this script's --lora option
+from plumbing.configurator import at_least, between, require  # the input checks
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python -m experiments.evaluate --help` lists them)

@@ -25,8 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from plumbing import configurator
-from plumbing import runs
+from plumbing import configurator, runs
 from shapes.models import (MAX_TOKENS, attribute_accuracy, clip_tokenizer, judge_image_features, judge_logits,
                            judge_read, judge_text_features, make_readable_by_transformers4, new_aesthetic, new_judge,
                            new_scheduler, new_text_encoder, new_unet, new_vae, save_pipeline, tokenize,
@@ -37,8 +36,9 @@ from shapes.world import CAPTIONS, RARE_CAPTIONS, appeal, make_batch
 # Build configuration: `python -m shapes.build --key=value` overrides these; ensure_world(**overrides)
 # does the same from code. Each distinct configuration is built into its own cache folder.
 seed = 0  # the whole build is deterministic given this seed (and the number of threads)
-cache = ""  # folder of built worlds (default: $SHAPES_CACHE, else .cache/shapes next to this file)
+cache = ""  # folder of built worlds (default: $SHAPES_CACHE, else .cache/shapes in the repository)
 micro = False  # a seconds-long build of the same code, for the tests (quality meaningless)
+ship = False  # then write the built world into shapes/pretrained/, the world the project ships (see ship_world)
 vae_steps = 1200  # autoencoder training steps
 vae_batch = 16  # autoencoder batch size
 judge_steps = 1000  # CLIP judge training steps
@@ -335,6 +335,86 @@ def ensure_world(**overrides):
     return folder
 
 
+# ---------------------------------------------------------------------------------------------
+# The shipped world: the default world is not built on the user's machine but read from the
+# repository, as a model release's weights are, so every machine trains on the same world (builds
+# differ from CPU to CPU in the last digits, and 1,500 training steps grow those digits into another
+# world). `python -m shapes.build --ship` regenerates it from a build (ship_world); it stores nothing twice.
+SHIPPED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+SHIPPED_LEFT_OUT = ("tokenizer/tokenizer.json",)  # transformers rebuilds it from vocab.json and merges.txt
+
+
+def manifest_hash(folder):
+    """The world's identity: the SHA-256 of its manifest's file list (every file's own SHA-256), the
+    same on every machine for the same weights; None if `folder` is not a shapes world."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def check_shipped(folder=None):
+    """The shipped world's folder, once every file its manifest lists is there with its SHA-256 and
+    nothing else is; otherwise a ValueError of one line naming the first bad file and how to
+    restore it (a Git LFS pointer or a partial checkout shows up here, before anything is written).
+    `folder`: SHIPPED by default."""
+    folder = folder or SHIPPED
+    restore = (f"restore it with `git checkout -- {os.path.relpath(folder)}` (with Git LFS: `git lfs pull`), or "
+               "clone the repository again")
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = json.load(f)["files"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"the shipped shapes world has no readable {MANIFEST} in {folder} ({type(e).__name__}); {restore}")
+    for rel, sha in sorted(files.items()):
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            raise ValueError(f"the shipped shapes world is missing {os.path.relpath(path)}; {restore}")
+        if _sha256(path) != sha:
+            raise ValueError(f"the shipped shapes world's {os.path.relpath(path)} is not the file its manifest "
+                             f"lists ({os.path.getsize(path)} bytes; changed, truncated or a Git LFS pointer); {restore}")
+    if extra := sorted(set(_files(folder)) - set(files)):
+        raise ValueError(f"the shipped shapes world holds a file its manifest does not list: "
+                         f"{os.path.relpath(os.path.join(folder, extra[0]))}; remove it, or {restore}")
+    return folder
+
+
+def ship_world(source, dest=None):
+    """Write built world `source` into `dest` in the shipped form: every file but SHIPPED_LEFT_OUT,
+    and the judge without its text tower, which is the pipeline's text encoder (the denoiser is
+    conditioned on the judge's text tower, frozen: train_unet), so it is stored once and
+    shapes_models.load_judge puts it back. Its world.json keeps the build's configuration and
+    measured quality, adds the commit that built it, and lists the shipped files' SHA-256."""
+    import subprocess
+    from safetensors.torch import load_file, save_file
+    dest = dest or SHIPPED
+    with open(os.path.join(source, MANIFEST)) as f:
+        manifest = json.load(f)
+    tmp = f"{dest}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(source, tmp, ignore=shutil.ignore_patterns(MANIFEST))
+    for rel in SHIPPED_LEFT_OUT:
+        os.remove(os.path.join(tmp, rel))
+    judge_file = os.path.join(tmp, "judge", "model.safetensors")
+    judge, text = load_file(judge_file), load_file(os.path.join(tmp, "text_encoder", "model.safetensors"))
+    tower = {k: v for k, v in judge.items() if k.startswith("text_model.")}
+    if tower.keys() != text.keys() or any(not torch.equal(v, text[k]) for k, v in tower.items()):
+        raise SystemExit(f"error: {source}: the judge's text tower is not the text encoder; cannot store it once")
+    save_file({k: v for k, v in judge.items() if k not in tower}, judge_file, metadata={"format": "pt"})
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True).stdout.strip()
+    manifest.update(built_from=os.path.basename(source), commit=git("rev-parse", "HEAD") or "unknown",
+                    commit_dirty=bool(git("status", "--porcelain", "--untracked-files=no")),
+                    files={p: _sha256(os.path.join(tmp, p)) for p in _files(tmp)})
+    with open(os.path.join(tmp, MANIFEST), "w") as f:
+        json.dump(manifest, f, indent=1)
+    shutil.rmtree(dest, ignore_errors=True)
+    os.rename(tmp, dest)
+    return dest
+
+
 def build(folder, cfg):
     """Train every part of the world and save it into `folder` (see ensure_world for the cache)."""
     from diffusers import StableDiffusionPipeline
@@ -379,8 +459,13 @@ if __name__ == "__main__":
         build_config(**overrides)  # checks first: a bad option costs nothing
     except ValueError as e:
         raise SystemExit(f"error: {e}")
+    configurator.require(not (ship and micro), "--ship writes the world the project ships: not a --micro one")
     world = ensure_world(**overrides)
     with open(os.path.join(world, MANIFEST)) as f:
         seconds = json.load(f)["seconds"]
     print("stage seconds (when built): " + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))
+    if ship:
+        world = ship_world(world)
+        print(f"shipped: {os.path.relpath(world)} ({sum(os.path.getsize(os.path.join(world, p)) for p in _files(world)) / 1e6:.1f} MB, "
+              f"world {manifest_hash(world)[:12]})")
     print(world)

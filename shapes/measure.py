@@ -23,14 +23,12 @@ import time
 import torch
 from tqdm import tqdm
 
-from plumbing import compiling
-from plumbing import configurator
 import explore
-from plumbing import grids
 import pipelines
 import sampling
-from shapes import build as shapes_build
+from plumbing import compiling, configurator, grids
 from plumbing.configurator import at_least, between, require  # the input checks
+from shapes import build as shapes_build
 from shapes.models import (MAX_TOKENS, aesthetic_score, attribute_accuracy, clip_tokenizer, judge_read, load_aesthetic,
                            load_judge, new_scheduler)
 from shapes.world import CAPTIONS, LABELS, appeal, caption, check, is_rare, prompts, render, sample_scenes
@@ -189,7 +187,7 @@ def reward_ranges(folder):
 
 
 def main():
-    # checks first: bad input costs nothing (and the default world takes minutes to build)
+    # checks first: bad input costs nothing
     at_least(2, per_prompt=per_prompt)  # diversity and the centroid spread compare a caption's samples
     at_least(1, rare_seeds=rare_seeds, common_seeds=common_seeds)
     compiling.check(compile)
@@ -200,7 +198,10 @@ def main():
     which = [t.strip() for t in tables.split(",") if t.strip()]
     if not which or set(which) - {"quality", "hard", "rewards"}:
         raise SystemExit(f"error: --tables takes quality, hard and/or rewards (comma-separated), got {tables!r}")
-    folder = world or shapes_build.ensure_world()
+    try:
+        folder = world or shapes_build.check_shipped()
+    except ValueError as e:
+        raise SystemExit(f"error: {e}")
     results, text = dict(folder=os.path.basename(folder), steps=steps), []
     if "quality" in which:
         results["quality"], md = evaluate_world(folder, per_prompt=per_prompt, steps=steps, assets=assets)

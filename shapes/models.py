@@ -232,8 +232,17 @@ def attribute_accuracy(read, labels):
 # built world folder (shapes_build.ensure_world()): frozen weights.
 
 def load_judge(folder, device="cpu"):
-    from transformers import CLIPModel
-    return CLIPModel.from_pretrained(os.path.join(folder, "judge")).to(device).eval().requires_grad_(False)
+    """The world's judge. The shipped world stores its text tower once, as the pipeline's text encoder
+    (shapes/build.py, ship_world): then the judge's own file has none, and it is put back from there."""
+    from safetensors.torch import load_file
+    from transformers import CLIPConfig, CLIPModel
+    weights = load_file(os.path.join(folder, "judge", "model.safetensors"))
+    if not any(k.startswith(TEXT_MODEL_PREFIX) for k in weights):
+        weights.update(load_file(os.path.join(folder, "text_encoder", "model.safetensors")))
+    with torch.random.fork_rng(devices=[]):  # its random initialisation leaves the caller's random stream alone
+        judge = CLIPModel(CLIPConfig.from_pretrained(os.path.join(folder, "judge")))
+    judge.load_state_dict(weights)  # strict: every weight from the files, none left as initialised
+    return judge.to(device).eval().requires_grad_(False)
 
 
 def load_aesthetic(folder, device="cpu"):

@@ -103,6 +103,7 @@ def test_in_process(script, args, message, tmp_path, tiny_pipeline_dir, prompt_f
         monkeypatch.setattr(module, name, boom)
     monkeypatch.setattr(sys, "argv", [script, *command(script, args, tmp_path, tiny_pipeline_dir, prompt_file)])
     with pytest.raises(SystemExit) as e:
+        monkeypatch.delitem(sys.modules, script, raising=False)  # run as `python -m` runs it: not imported yet
         runpy.run_module(script, run_name="__main__", alter_sys=True)
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg and message in msg, msg

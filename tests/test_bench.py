@@ -10,10 +10,10 @@ import sys
 import pytest
 import torch
 
-from plumbing import configurator
-from experiments import bench_parts, gpu_memory
 import lora
 import sampling
+from plumbing import configurator
+from experiments import bench_parts, gpu_memory
 
 
 @pytest.fixture(autouse=True)

@@ -14,9 +14,9 @@ import sys
 import pytest
 import torch
 
-from experiments import compare_stats
-from plumbing import configurator
 import prompt_sets
+from plumbing import configurator
+from experiments import compare_stats
 from conftest import read_log, run_trainer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -207,17 +207,20 @@ def test_prdp_compare_and_versus_ddpos(compared, tiny_pipeline_dir, nine_prompts
     assert summary["versus"]["trainer"] == "ddpo" and summary["versus"]["reward_queries"] == compared["summary"]["reward_queries"]
     assert summary["reward_queries"] == 2 and (out / "reward.png").exists()
     assert f"**prdp** minus **ddpo** (`{compared['out']}`)" in (out / "table.md").read_text()
-    # the same comparison against DDPO's table from another build of the model (its untrained model scores
-    # otherwise): refused once the untrained model has been scored here, before anything is rewritten
-    other = tmp_path / "other-build"
-    other.mkdir()
-    table = json.loads((compared["out"] / "table.json").read_text())
-    table["pretrained"]["reward"] += 0.01
-    (other / "table.json").write_text(json.dumps(table))
+    # the same comparison against DDPO's table from another world (same name, other weights: its manifest
+    # hash differs), or from before the world was recorded: refused before any training or rewriting
     before = (out / "table.json").read_text()
-    with pytest.raises(SystemExit, match=r"^error: --versus=.*: its untrained model scores .* another build of --model="):
-        configured(*argv, f"--versus={other}").main()
+    for change, message in ((lambda t: t.update(world="0" * 64), r"was run with another world"),
+                            (lambda t: t.pop("world"), r"predates the record of its model's weights")):
+        other = tmp_path / f"other-{message[:10]}"
+        other.mkdir()
+        table = json.loads((compared["out"] / "table.json").read_text())
+        change(table)
+        (other / "table.json").write_text(json.dumps(table))
+        with pytest.raises(SystemExit, match=rf"^error: --versus=.*: .*{message}"):
+            configured(*argv, f"--versus={other}").main()
     assert (out / "table.json").read_text() == before
+    assert summary["world"] == compared["summary"]["world"] == configured().world_id(compared["summary"]["model"])
 
 
 def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_reward():
@@ -228,7 +231,6 @@ def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_r
 
 
 def test_queries_to_reach_interpolates_the_first_crossing():
-    from experiments import compare
     assert compare_stats.queries_to_reach([10, 20, 30], [0.0, 1.0, 3.0], 2.0) == pytest.approx(25.0)
     assert compare_stats.queries_to_reach([10, 20, 30], [0.0, 2.5, 1.0], 2.0) == pytest.approx(18.0)  # first, not last
     assert compare_stats.queries_to_reach([10, 20], [5.0, 6.0], 2.0) == 10.0

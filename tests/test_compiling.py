@@ -4,10 +4,9 @@ import copy
 import pytest
 import torch
 
-from plumbing import compiling
-from plumbing import configurator
 import lora
 import sampling
+from plumbing import compiling, configurator
 from conftest import tiny_pipeline
 
 

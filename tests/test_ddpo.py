@@ -8,9 +8,8 @@ import sys
 import pytest
 import torch
 
-from conftest import lora_weights, read_log, record_sampling, run_trainer, torchrun
-
 import train_ddpo
+from conftest import lora_weights, read_log, record_sampling, run_trainer, torchrun
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

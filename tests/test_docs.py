@@ -78,6 +78,7 @@ def test_each_command_runs_its_help(page, target, flags, line, monkeypatch, caps
             assert os.path.exists(os.path.join(ROOT, target)), f"{page}: no {target} ({line})"
             runpy.run_path(os.path.join(ROOT, target), run_name="__main__")
         else:
+            monkeypatch.delitem(sys.modules, target, raising=False)  # as `python -m` runs it: not imported yet
             runpy.run_module(target, run_name="__main__", alter_sys=True)
     assert e.value.code in (0, None), f"{page}: `{line}` -> {e.value}"
     assert "options" in capsys.readouterr().out

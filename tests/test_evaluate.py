@@ -7,11 +7,11 @@ import os
 import pytest
 import torch
 
-from experiments import compare
 import lora
 import pipelines
 import prompt_sets
 import rewards
+from experiments import compare
 from conftest import run_trainer
 
 FAST = ["--num_seeds=2", "--num_steps=3", "--grid_seeds=2"]

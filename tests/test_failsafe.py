@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import lora
-from plumbing import runs
 import sampling
+from plumbing import runs
 from conftest import lora_weights, read_log, run_trainer
 
 

@@ -7,11 +7,10 @@ import os
 import pytest
 import torch
 
-from conftest import lora_weights, read_log, run_trainer, torchrun
-
 import lora
 import sampling
 import train_prdp
+from conftest import lora_weights, read_log, run_trainer, torchrun
 
 
 def small(tiny_pipeline_dir, prompt_file, out, *extra):

@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import lora
-from plumbing import mixed_precision
 import pipelines
 import rewards
 import sampling
+from plumbing import mixed_precision
 from conftest import read_log, run_trainer
 
 PROMPTS = ["a (red) (circle)", "a (blue) (square) on a (dark) background"]

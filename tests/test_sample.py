@@ -8,10 +8,10 @@ import torch
 from diffusers import DDIMScheduler
 
 import explore
-from plumbing import grids
 import pipelines
 import sample
 import sampling
+from plumbing import grids
 from conftest import tiny_pipeline
 
 SCHEDULERS = {  # SD 1.5's DDIM config, and the shapes world's kind (trailing spacing, cosine betas)
