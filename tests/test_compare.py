@@ -308,11 +308,12 @@ def test_versus_refuses_a_folder_without_a_table_or_of_another_experiment(tiny_p
         configured(*argv).main()
     held = [PROMPTS[0], PROMPTS[7]]  # the auto hold-out of the nine prompts
     same = dict(model=str(tiny_pipeline_dir), reward="jpeg_incompressibility", prompts=nine_prompts, heldout=held,
-                heldout_sampling=dict(guidance=5.0, num_steps=3, eta=1.0))  # the runs' own settings: TRAINER_ARGS
+                heldout_sampling=dict(guidance=5.0, num_steps=3, eta=1.0),  # the runs' own settings: TRAINER_ARGS
+                world=None)  # a plain diffusers folder: no shapes world's manifest
     for change, message in ((dict(reward="jpeg_compressibility"), r"was run with another reward \('jpeg_compressibility'"),
                             (dict(heldout_sampling=dict(guidance=5.0, num_steps=3, eta=0.0)), "was run with another heldout_sampling"),
                             (dict(heldout_sampling=None), "predates the record of how its held-out images were sampled")):
-        table = {k: v for k, v in dict(same, **change).items() if v is not None}
+        table = {k: v for k, v in dict(same, **change).items() if v is not None or k == "world"}
         (other / "table.json").write_text(json.dumps(table))
         with pytest.raises(SystemExit, match=rf"^error: --versus=.*{message}"):
             configured(*argv).main()
