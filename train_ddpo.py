@@ -259,9 +259,9 @@ def main(check_only=False, observer=None):
         for inner in range(inner_epochs if samples_ok else 0):
             g = sampling.seeded_generator(seed, epoch, 10_000 + inner, rank)
             perm = torch.randperm(n_local, generator=g)
-            # each sample visits its own random order of steps (DDPO shuffles timesteps per sample)
-            step_order = torch.stack([torch.randperm(num_steps, generator=g) for _ in range(n_local)])
-            step_order = step_order[:, :num_train_steps]
+            # each sample's own random steps (as DDPO shuffles them), keyed by its place in the global batch
+            step_order = torch.stack([torch.randperm(num_steps, generator=sampling.seeded_generator(
+                seed, epoch, 20_000 + inner, rank * n_local + k)) for k in range(n_local)])[:, :num_train_steps]
             n_micro = n_local // train_batch_size
             pbar = tqdm(range(n_micro), desc=f"epoch {epoch} training", disable=not master, leave=False)
             for m in pbar:

@@ -4,13 +4,13 @@ A trainer's main() reads, with this module doing the parts that are not the algo
 
     prompt_list = lifecycle.check(config)          # the common input checks (bad input costs nothing)
     ... the trainer's own checks ...
-    run = lifecycle.start("ddpo", config, prompt_list)  # run folder, processes, resume checkpoint, model and
-                                                   # reward (one-line errors), dashboards, fail-safe
+    run = lifecycle.start("ddpo", config, prompt_list)  # run folder, processes, resume checkpoint,
+                                                   # model and reward (one-line errors), dashboards, fail-safe
     ... LoRA, optimizer; resume from run.checkpoint ...
     for epoch in run.epochs():                     # stop_after; the evaluation before any update
         ... the algorithm's numbered steps ...
         run.end_epoch(epoch, exploring, ...)       # evaluation, checkpoint, log, dashboards, the printed line
-    run.finish()
+    run.finish(save_lora)                          # the LoRA weights, dashboards closed, processes parted
 
 It sits just below the scripts (it loads models and rewards and evaluates with the sampling loop),
 above the library and the rest of the plumbing. An `observer` (experiments/bench.py's timers) may

@@ -53,7 +53,8 @@ def test_ddpo_epoch_breakdown_and_unet_calls(tiny_pipeline_dir, prompt_file, cap
     bench = configured(f"--model={tiny_pipeline_dir}", "--trainers=ddpo", "--batch_sizes=1,2", "--repeats=1",
                        "--num_steps=2", "--epochs=2", "--no-compiled",  # Inductor would cost minutes: see below
                        f"--ddpo_args=--reward=jpeg_incompressibility --prompts={prompt_file} --num_steps=3 "
-                       "--sample_batch_size=2 --samples_per_prompt=2 --num_batches=2 --train_batch_size=4")
+                       "--sample_batch_size=2 --samples_per_prompt=2 --num_batches=2 --train_batch_size=4 "
+                       "--timestep_fraction=1")  # every step trained: the counts below
     timed = (sampling.guided_eps, sampling.replay, sampling.rollout, torch.autograd.backward,
              torch.nn.utils.clip_grad_norm_)  # what bench wraps while the trainer runs
     (b,), speeds = bench.main()

@@ -212,12 +212,12 @@ def test_prdp_compare_and_versus_ddpos(compared, tiny_pipeline_dir, nine_prompts
     before = (out / "table.json").read_text()
     for change, message in ((lambda t: t.update(world="0" * 64), r"was run with another world"),
                             (lambda t: t.pop("world"), r"predates the record of its model's weights")):
-        other = tmp_path / f"other-{message[:10]}"
+        other = tmp_path / f"other-{len(message)}"
         other.mkdir()
         table = json.loads((compared["out"] / "table.json").read_text())
         change(table)
         (other / "table.json").write_text(json.dumps(table))
-        with pytest.raises(SystemExit, match=rf"^error: --versus=.*: .*{message}"):
+        with pytest.raises(SystemExit, match=rf"^error: --versus=.*{message}"):
             configured(*argv, f"--versus={other}").main()
     assert (out / "table.json").read_text() == before
     assert summary["world"] == compared["summary"]["world"] == configured().world_id(compared["summary"]["model"])

@@ -148,7 +148,8 @@ def test_kill_9_mid_run_then_resume(tiny_pipeline_dir, prompt_file, tmp_path):
 @pytest.mark.slow
 def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_dir, prompt_file, tmp_path):
     # one process: 2 sampling batches, one optimizer step over both; two processes: 1 batch each,
-    # gradients averaged across processes. Same samples, same advantages, same update.
+    # gradients averaged across processes. Same samples, same advantages, the same steps of each chain
+    # trained (the default trains half of them, chosen by the sample's place in the global batch), same update.
     common = small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1")
     run_trainer("train_ddpo", *common, "--num_batches=2", "--grad_accum=2")
     two = small(tiny_pipeline_dir, prompt_file, tmp_path / "two", "--epochs=1", "--num_batches=1", "--grad_accum=1")

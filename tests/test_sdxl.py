@@ -238,7 +238,8 @@ def test_bench_on_sdxl(tiny_sdxl_dir, prompt_file):
     from test_bench import configured
     bench = configured(f"--model={tiny_sdxl_dir}", "--trainers=ddpo", "--batch_sizes=2", "--repeats=1", "--no-compiled",
                        "--num_steps=2", f"--ddpo_args=--reward=jpeg_incompressibility --prompts={prompt_file} "
-                       "--num_steps=3 --sample_batch_size=2 --samples_per_prompt=2 --num_batches=2 --train_batch_size=4")
+                       "--num_steps=3 --sample_batch_size=2 --samples_per_prompt=2 --num_batches=2 --train_batch_size=4 "
+                       "--timestep_fraction=1")  # every step trained: the counts below
     (b,), (speed,) = bench.main()
     calls = {(tuple(k["x"]), tuple(k["emb"]), k["grad"]): k["count"] for k in b["unet_calls"]}
     assert calls == {((4, 4, 8, 8), (4, 16, 40), False): 6, ((8, 4, 8, 8), (8, 16, 40), True): 3}
