@@ -275,17 +275,36 @@ def _files(folder):
                   if f != MANIFEST)
 
 
+def mismatch(folder):
+    """What in `folder` differs from its manifest, in words naming the first bad file; None if every
+    file the manifest lists is there with its SHA-256 and no other file is."""
+    try:
+        with open(os.path.join(folder, MANIFEST)) as f:
+            files = dict(json.load(f)["files"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        return f"has no readable {MANIFEST} in {folder} ({type(e).__name__})"
+    for rel, sha in sorted(files.items()):
+        path = os.path.join(folder, rel)
+        if not os.path.isfile(path):
+            return f"is missing {os.path.relpath(path)}"
+        if _sha256(path) != sha:
+            return (f"has {os.path.relpath(path)}, not the file its manifest lists ({os.path.getsize(path)} bytes; "
+                    "changed, truncated or a Git LFS pointer)")
+    if extra := sorted(set(_files(folder)) - set(files)):
+        return f"holds a file its manifest does not list: {os.path.relpath(os.path.join(folder, extra[0]))} (remove it)"
+    return None
+
+
 def is_complete(folder):
     """True if `folder` holds a finished build in today's save format: a manifest whose file list
     and hashes all match."""
     try:
         with open(os.path.join(folder, MANIFEST)) as f:
-            manifest = json.load(f)
-        files = manifest["files"]
-        return (manifest.get("save_format", 1) == SAVE_FORMAT and sorted(files) == _files(folder)
-                and all(_sha256(os.path.join(folder, p)) == h for p, h in files.items()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            if json.load(f).get("save_format", 1) != SAVE_FORMAT:
+                return False
+    except (OSError, ValueError, AttributeError):
         return False
+    return mismatch(folder) is None
 
 
 def migrate(folder):
@@ -361,23 +380,9 @@ def check_shipped(folder=None):
     restore it (a Git LFS pointer or a partial checkout shows up here, before anything is written).
     `folder`: SHIPPED by default."""
     folder = folder or SHIPPED
-    restore = (f"restore it with `git checkout -- {os.path.relpath(folder)}` (with Git LFS: `git lfs pull`), or "
-               "clone the repository again")
-    try:
-        with open(os.path.join(folder, MANIFEST)) as f:
-            files = json.load(f)["files"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"the shipped shapes world has no readable {MANIFEST} in {folder} ({type(e).__name__}); {restore}")
-    for rel, sha in sorted(files.items()):
-        path = os.path.join(folder, rel)
-        if not os.path.isfile(path):
-            raise ValueError(f"the shipped shapes world is missing {os.path.relpath(path)}; {restore}")
-        if _sha256(path) != sha:
-            raise ValueError(f"the shipped shapes world's {os.path.relpath(path)} is not the file its manifest "
-                             f"lists ({os.path.getsize(path)} bytes; changed, truncated or a Git LFS pointer); {restore}")
-    if extra := sorted(set(_files(folder)) - set(files)):
-        raise ValueError(f"the shipped shapes world holds a file its manifest does not list: "
-                         f"{os.path.relpath(os.path.join(folder, extra[0]))}; remove it, or {restore}")
+    if problem := mismatch(folder):
+        raise ValueError(f"the shipped shapes world {problem}; restore it with `git checkout -- "
+                         f"{os.path.relpath(folder)}` (with Git LFS: `git lfs pull`), or clone the repository again")
     return folder
 
 
