@@ -24,7 +24,14 @@ images `python sample.py --lora=<run> ...` draws) and is scored with the same re
 (cfg_only), the prompt weighting only (weights_only), and both (explore); and both with w_low = 0,
 the unconditional model on the noisy steps instead of the unguided conditional one (w_low0).
 
---baseline_only runs the baseline arm alone (with --versus: one trainer's plain runs against another's).
+--baseline_only runs the baseline arm alone (with --versus: one trainer's plain runs against another's);
+--arms=baseline,explore,w_low0 runs the arms named.
+
+Adding seeds: re-run with a larger --seeds; the runs already finished are kept (the runs go seed by
+seed, every arm's seed 0 first, so a stopped comparison holds whole pairs). The folder records the
+weights it was run on (world.json: a shapes world's manifest hash) and refuses runs of other weights.
+--pool=<folder>,... pools runs made elsewhere (another machine, another day, another folder): each
+finished run there of the same name, world, training prompts and options is copied in and counted.
 
 --versus=<another compare folder> sets each arm against the same arm of another comparison on the
 same model (for a shapes world, the same weights: its manifest hash), reward and prompts, e.g.
@@ -41,6 +48,7 @@ import importlib
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -70,6 +78,7 @@ prompts = "shapes"           # training prompt set or file (minus the held-out p
 seeds = 3                    # runs per arm, seeds 0..seeds-1
 ablation = False             # also the arms cfg_only (CFG schedule only) and weights_only (prompt weighting only)
 baseline_only = False        # the baseline arm alone: one trainer's plain runs, e.g. against another's with --versus
+arms = ""                    # these arms only, comma-separated (e.g. baseline,explore,w_low0); "" = as the two flags above say
 args = ""                    # other trainer options, one string: --args="--epochs=12 --lr=3e-4"
 explore_args = ""            # trainer options for the exploring arms only, e.g. "--t_thres=900": their arms
                              # are named after them, the baseline's runs stay the same and are reused
@@ -80,9 +89,14 @@ heldout_seeds = 4            # images per held-out prompt (initial-noise seeds 0
 metrics = "auto"             # also score the held-out images with these rewards (comma-separated), to see
                              # over-optimisation; auto: shapes_success,shapes_correct,shapes_appeal on the shapes world
 jobs = 0                     # trainer processes at once; 0 = one per 2 cores (torch threads are split between them)
+threads = 0                  # torch threads per trainer process; 0 = the cores split between the jobs (set 1 to leave
+                             # cores free for other work: oversubscribed torch threads crawl)
 compile = "auto"             # torch.compile every run's UNet: auto (where the machine can, CUDA or a C++ compiler, except
                              # DDPO/PRDP in bf16/fp16), on, off; the runs share the compiler's cache (plumbing/compiling.py)
 out = ""                     # compare folder; default out/compare-<trainer>-<reward>
+pool = ""                    # other compare folders (comma-separated, e.g. copied from another machine) whose finished
+                             # runs join this comparison: the same world, training prompts and resolved options (but
+                             # out and compile); they are copied in, so --seeds can be raised over days and machines
 versus = ""                  # another finished compare folder on the same model, reward and prompts (e.g. the other
                              # trainer's): each arm's final numbers against its same arm, unpaired (Welch's interval)
 # ------------------------------------------------------------------------------------------------
@@ -150,6 +164,12 @@ def plan():
     extra, explore_extra = shlex.split(args), shlex.split(explore_args)
     require(not (baseline_only and (ablation or explore_extra)),
             "--baseline_only runs no exploring arm, so it takes neither --ablation nor --explore_args")
+    at_least(0, threads=threads)
+    chosen = [a.strip() for a in arms.split(",") if a.strip()]
+    known = dict(ARMS, **ABLATION_ARMS)
+    if bad := [a for a in chosen if a not in known]:
+        raise SystemExit(f"error: --arms: unknown arm {bad[0]!r}; the arms are {', '.join(known)}")
+    require(not (chosen and (ablation or baseline_only)), "--arms names the arms itself; drop --ablation and --baseline_only")
     for name, given in (("args", extra), ("explore_args", explore_extra)):
         for a in given:
             key = a[2:].partition("=")[0].replace("-", "_") if a.startswith("--") else ""
@@ -180,14 +200,16 @@ def plan():
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     dtype = mixed_precision.unet_dtype(trainer_config([f"--model={model}", *extra]).get("precision", "auto"), dev)
     run_compile = "on" if compiling.wanted(compile, dev, dtype, replays=trainer in ("ddpo", "prdp"), many_runs=True) else "off"
-    arms = dict(ARMS, **(ABLATION_ARMS if ablation else {}))
+    arm_flags = dict(ARMS, **(ABLATION_ARMS if ablation else {}))
     if baseline_only:
-        arms = {"baseline": ARMS["baseline"]}
+        arm_flags = {"baseline": ARMS["baseline"]}
+    if chosen:
+        arm_flags = {a: known[a] for a in known if a in chosen}  # in the usual order
     if explore_extra:
-        arms = {arm if arm == "baseline" else arm + explore_tag(): flags + ([] if arm == "baseline" else explore_extra)
-                for arm, flags in arms.items()}
+        arm_flags = {arm if arm == "baseline" else arm + explore_tag(): flags + ([] if arm == "baseline" else explore_extra)
+                     for arm, flags in arm_flags.items()}
     run_list = []
-    for arm, flags in arms.items():
+    for arm, flags in arm_flags.items():
         for s in range(seeds):
             name, run_dir = f"{arm}-s{s}", os.path.join(folder, f"{arm}-s{s}")
             argv = [f"--model={model}", f"--revision={revision}", f"--variant={variant}", f"--reward={reward}",
@@ -202,8 +224,10 @@ def plan():
                                  f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
         runs.check_run(r["dir"], r["config"])
+    check_world(folder)
+    pooled = pooled_runs(run_list, train_list) if pool else []
     other = other_table(held, heldout_sampling(run_list)) if versus else None  # checked before any training
-    return folder, run_list, train_list, train_prompts, held, other
+    return folder, run_list, train_list, train_prompts, held, other, pooled
 
 
 def heldout_sampling(run_list):
@@ -241,6 +265,73 @@ def world_id(model):
     return shapes_build.manifest_hash(model) if os.path.isdir(model) else None
 
 
+def check_world(folder):
+    """A compare folder's runs are all of one model's weights (world.json, written by its first
+    invocation): a shapes world rebuilt or changed since would otherwise mix its runs with the old
+    world's in one table. Refused in one line before anything runs."""
+    path = os.path.join(folder, "world.json")
+    if os.path.exists(path):
+        with open(path) as f:
+            before = json.load(f).get("world")
+        if before != world_id(model):
+            raise SystemExit(f"error: {folder} holds runs of other weights (world {before}, --model={model} is now "
+                             f"{world_id(model)}); their numbers cannot be pooled with new runs: pass --out=<new folder>")
+
+
+def differing(a, b):
+    """The options in which two resolved trainer configs differ as runs, wherever their folders are:
+    every option but the folders (out, and the training prompts' file, whose contents are checked apart)
+    and those a resume may change (runs.MAY_CHANGE: compile and the like)."""
+    skip = set(runs.MAY_CHANGE) | {"out", "prompts"}
+    return [k for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)]
+
+
+def pooled_runs(run_list, train_list):
+    """[(run, folder in a --pool folder)] for each of this comparison's unfinished runs that a --pool folder
+    has finished, after checking that folder measured the same thing: the same world (its world.json),
+    the same training prompts, and for each run the same resolved options. Refused in one line otherwise."""
+    found = []
+    for other in [p.strip() for p in pool.split(",") if p.strip()]:
+        where = f"--pool={other}"
+        if not os.path.exists(os.path.join(other, "world.json")):
+            raise SystemExit(f"error: {where} holds no world.json (not a compare folder, or one from before it was "
+                             "recorded); pool only folders written by this command")
+        with open(os.path.join(other, "world.json")) as f:
+            theirs = json.load(f).get("world")
+        if theirs != world_id(model):
+            raise SystemExit(f"error: {where} was trained on other weights (world {theirs}, here {world_id(model)}); "
+                             "runs of two worlds cannot be pooled")
+        prompts_file = os.path.join(other, "train_prompts.txt")
+        if os.path.exists(prompts_file) and open(prompts_file).read() != "".join(p + "\n" for p in train_list):
+            raise SystemExit(f"error: {where} trained on other prompts ({prompts_file}); its runs cannot be pooled")
+        for r in run_list:
+            d = os.path.join(other, r["name"])
+            if finished(r) or any(r is q for q, _ in found) or not os.path.exists(os.path.join(d, "config.json")):
+                continue
+            with open(os.path.join(d, "config.json")) as f:
+                config = json.load(f)
+            if diff := differing(config, r["config"]):
+                k = diff[0]
+                raise SystemExit(f"error: {where}: run {r['name']} was run with other options ({k}: {config.get(k)!r}, "
+                                 f"here {r['config'].get(k)!r}); pass the same --args, or leave that folder out")
+            if finished(dict(r, dir=d)):
+                found.append((r, d))
+    return found
+
+
+def copy_pooled(pooled):
+    """Copy the pooled runs into this comparison's folder (without their resume checkpoints), their
+    config.json rewritten with this folder's paths, so the folder holds every run its table counts."""
+    for r, d in pooled:
+        tmp = r["dir"] + ".pooling"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(d, tmp, ignore=shutil.ignore_patterns("ckpt.pt", "*.pt"))
+        runs.write_text(os.path.join(tmp, "config.json"), json.dumps(r["config"], indent=2) + "\n")
+        shutil.rmtree(r["dir"], ignore_errors=True)  # an unfinished local run of the same seed gives way
+        os.replace(tmp, r["dir"])
+        print(f"{r['name']}: pooled from {d}", flush=True)
+
+
 def finished(run):
     return (len(read_log(run["dir"])) >= run["config"]["epochs"]
             and os.path.exists(os.path.join(run["dir"], "lora", "pytorch_lora_weights.safetensors")))
@@ -250,17 +341,18 @@ def train_all(folder, run_list):
     """Run every unfinished run's trainer command, `jobs` at a time; return how many ran. Each run's
     output goes to logs/<run>.txt; here, one line per finished epoch (read from its log.jsonl). On a
     failure or Ctrl-C the runs under way are stopped (each resumes from its last checkpoint)."""
-    todo = [r for r in run_list if not finished(r)]
+    # seed by seed (every arm's seed 0, then seed 1, ...): stopped part-way, the finished runs are whole pairs
+    todo = sorted((r for r in run_list if not finished(r)), key=lambda r: r["seed"])
     for r in run_list:
         if r not in todo:
             print(f"{r['name']}: finished earlier, skipped", flush=True)
     n_jobs = min(jobs or max(1, (os.cpu_count() or 1) // 2), max(1, len(todo)))
-    threads = max(1, (os.cpu_count() or 1) // n_jobs)  # share the cores: oversubscribed torch threads crawl
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    n_threads = threads or max(1, (os.cpu_count() or 1) // n_jobs)  # share the cores: oversubscribed torch threads crawl
+    env = dict(os.environ, OMP_NUM_THREADS=str(n_threads), MKL_NUM_THREADS=str(n_threads))
     os.makedirs(os.path.join(folder, "logs"), exist_ok=True)
     script = os.path.join(ROOT, TRAINERS[trainer] + ".py")
     if todo:
-        print(f"running {len(todo)} of {len(run_list)} runs, {n_jobs} at a time ({threads} torch threads each); "
+        print(f"running {len(todo)} of {len(run_list)} runs, {n_jobs} at a time ({n_threads} torch threads each); "
               f"each is: python {TRAINERS[trainer]}.py {shlex.join(todo[0]['argv'])}", flush=True)
     running, stop = set(), threading.Event()  # processes under way; set: start no more
 
@@ -383,13 +475,15 @@ def evaluate_all(folder, run_list, held, trained):
 
 def main():
     t0 = time.time()
-    folder, run_list, train_list, train_prompts, held, other = plan()
+    folder, run_list, train_list, train_prompts, held, other, pooled = plan()
     os.makedirs(folder, exist_ok=True)
+    runs.write_text(os.path.join(folder, "world.json"), json.dumps(dict(model=model, world=world_id(model))) + "\n")
     if train_prompts != prompts:  # the auto hold-out: the runs train on the rest of the set
         text = "".join(p + "\n" for p in train_list)
         runs.write_text(train_prompts, text)
     with open(os.path.join(folder, "heldout_prompts.txt"), "w") as f:  # for `sample.py --prompts=`
         f.write("".join(p + "\n" for p in held))
+    copy_pooled(pooled)
     ran = train_all(folder, run_list)
     print(f"training: {ran} runs ran, {len(run_list) - ran} finished earlier", flush=True)
     trained = prompt_sets.spread_subset(train_list, heldout_prompts)

@@ -363,3 +363,57 @@ def test_unpaired_difference_against_a_hand_computation():
     assert compare_stats.unpaired_difference([1.0, 2.0, 3.0], [1.5, 2.5, 3.5])["verdict"] == "no difference"
     # one run on a side: no interval
     assert compare_stats.unpaired_difference([1.0], [2.0, 3.0])["high"] == float("inf")
+
+
+def test_arms_picks_arms_and_refuses_unknown_ones(tiny_pipeline_dir, nine_prompts, tmp_path):
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, tmp_path / "c")
+    planned = configured(*argv, "--arms=w_low0,baseline,explore").plan()[1]
+    assert [r["name"] for r in planned] == [f"{a}-s{s}" for a in ("baseline", "explore", "w_low0") for s in (0, 1)]
+    assert {r["arm"]: r["config"]["w_low"] for r in planned} == {"baseline": 1.0, "explore": 1.0, "w_low0": 0.0}
+    for extra, message in (("--arms=baseline,explor", "--arms: unknown arm 'explor'"),
+                           ("--arms=baseline --ablation", "--arms names the arms itself")):
+        with pytest.raises(SystemExit, match=f"^error: {message}"):
+            configured(*argv, *extra.split()).main()
+    assert not (tmp_path / "c").exists()
+
+
+def test_a_folder_of_another_world_is_refused_and_pooling_checks_world_prompts_and_options(
+        tiny_pipeline_dir, nine_prompts, tmp_path):
+    """Runs of other weights never mix into a folder's table; --pool copies in only finished runs of the same
+    world, training prompts and options, and refuses a folder that differs in any of them."""
+    mine, theirs = tmp_path / "mine", tmp_path / "theirs"
+    argv = compare_argv(tiny_pipeline_dir, nine_prompts, mine, "--arms=baseline")
+    mine.mkdir()
+    (mine / "world.json").write_text(json.dumps(dict(model="x", world="0" * 64)))
+    with pytest.raises(SystemExit, match=r"^error: .*mine holds runs of other weights \(world 0000.*--out=<new folder>"):
+        configured(*argv).main()
+    (mine / "world.json").unlink()
+    mine.rmdir()
+    # a finished run elsewhere: a copy of what this comparison would run, made there by the trainer itself
+    mod = configured(*compare_argv(tiny_pipeline_dir, nine_prompts, theirs, "--arms=baseline", "--seeds=1"))
+    folder, planned, train_list, train_prompts, *_ = mod.plan()
+    theirs.mkdir()
+    (theirs / "train_prompts.txt").write_text("".join(p + "\n" for p in train_list))
+    (theirs / "world.json").write_text(json.dumps(dict(model=str(tiny_pipeline_dir), world=None)))
+    run_trainer("train_ddpo", *planned[0]["argv"])
+    pooled = configured(*argv, f"--pool={theirs}").plan()[-1]
+    assert [(r["name"], d) for r, d in pooled] == [("baseline-s0", str(theirs / "baseline-s0"))]  # s1: not there
+    for change, message in (
+            (lambda: (theirs / "world.json").write_text(json.dumps(dict(world="f" * 64))), "was trained on other weights"),
+            (lambda: (theirs / "train_prompts.txt").write_text("a (red circle)\n"), "trained on other prompts"),
+            (lambda: (theirs / "baseline-s0" / "config.json").write_text(json.dumps(
+                dict(planned[0]["config"], lr=1.0))), r"run baseline-s0 was run with other options \(lr: 1.0")):
+        saved = {p: p.read_text() for p in (theirs / "world.json", theirs / "train_prompts.txt",
+                                            theirs / "baseline-s0" / "config.json")}
+        change()
+        with pytest.raises(SystemExit, match=f"^error: --pool=.*{message}"):
+            configured(*argv, f"--pool={theirs}").main()
+        assert not mine.exists()
+        for p, text in saved.items():
+            p.write_text(text)
+    mod = configured(*argv, f"--pool={theirs}")
+    mod.copy_pooled(mod.plan()[-1])
+    copied = mine / "baseline-s0"
+    assert read_log(copied) == read_log(theirs / "baseline-s0") and not (copied / "ckpt.pt").exists()
+    assert json.loads((copied / "config.json").read_text())["out"] == str(mine / "baseline-s0")
+    assert mod.plan()[-1] == []  # finished here now: nothing more to pool
