@@ -390,9 +390,10 @@ def evaluate(pipe, reward_fn, prompts, guidance, num_steps, eta, per_prompt, pat
 
 
 def sample_grid(pipe, prompt_list, seeds, guidance, steps, eta=0.0, exploring=False, w_low=1.0,
-                t_thres=800, seed=0, batch_size=16):
+                t_thres=800, seed=0, batch_size=16, explore_cfg=True, explore_weights=True, weight_max=1.2):
     """Images [P, S, 3, H, W]: every prompt with every seed's initial noise, plainly or exploring
-    (DiffExp's guidance schedule and prompt weights; `seed` seeds the weights and the DDIM noise)."""
+    (DiffExp's guidance schedule and prompt weights, each switchable as the trainers' ablation
+    switches; `seed` seeds the weights and the DDIM noise)."""
     unet = pipe.unet
     size = unet.config.sample_size
     noise = {s: torch.randn(unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(s))
@@ -400,13 +401,14 @@ def sample_grid(pipe, prompt_list, seeds, guidance, steps, eta=0.0, exploring=Fa
     pairs = [(p, s) for p in prompt_list for s in seeds]
     weight_gen, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     pipe.scheduler.set_timesteps(steps)
-    scales = explore.cfg_schedule(pipe.scheduler.timesteps, guidance, w_low, t_thres) if exploring else guidance
+    scales = explore.cfg_schedule(pipe.scheduler.timesteps, guidance, w_low, t_thres) if exploring and explore_cfg else guidance
     uncond = unconditional(pipe)
     images = []
     for i in range(0, len(pairs), batch_size):
         chunk = pairs[i:i + batch_size]
         texts = [p for p, _ in chunk]
-        cond = encode_prompts(pipe, texts, explore.draw_weights(texts, weight_gen) if exploring else None)
+        weights = explore.draw_weights(texts, weight_gen, w_max=weight_max) if exploring and explore_weights else None
+        cond = encode_prompts(pipe, texts, weights)
         traj = rollout(pipe, cond, uncond, scales, num_steps=steps, eta=eta, generator=noise_gen,
                        latents=torch.stack([noise[s] for _, s in chunk]))
         images.append(traj.images.cpu())

@@ -133,6 +133,24 @@ def held_out_split(prompt_list):
     return [p for p in prompt_list if p not in held], held
 
 
+def split_prompts(prompt_set, held_set, folder):
+    """(training prompts, held-out prompts, what the runs' --prompts is) for --prompts=prompt_set and
+    --heldout=held_set: auto holds out unseen_animals for animals, every rare pair's dark-background
+    caption for shapes_rare (the hard task: every rare pair on an unseen background), else every 7th
+    prompt; the runs then train on <folder>/train_prompts.txt, written before they start."""
+    train_list = prompt_sets.load_prompts(prompt_set)
+    if held_set != "auto":
+        return train_list, prompt_sets.load_prompts(held_set), prompt_set
+    if prompt_set == "animals":
+        return train_list, prompt_sets.load_prompts("unseen_animals"), prompt_set
+    if prompt_set == "shapes_rare":
+        held = [p for p in train_list if "(dark)" in p]
+        train_list = [p for p in train_list if p not in held]
+    else:
+        train_list, held = held_out_split(train_list)
+    return train_list, held, os.path.join(folder, "train_prompts.txt")
+
+
 def trainer_config(argv):
     """The trainer's config for `argv`, resolved by the trainer's own defaults and parser, exactly as
     the trainer writes it to config.json, and checked by the trainer's own checks (its
@@ -181,19 +199,7 @@ def plan():
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     folder = out or f"out/compare-{trainer}-{reward}"
-    train_list = prompt_sets.load_prompts(prompts)
-    train_prompts = prompts
-    if heldout == "auto" and prompts == "animals":
-        held = prompt_sets.load_prompts("unseen_animals")
-    elif heldout == "auto" and prompts == "shapes_rare":  # the hard task: every rare pair on an unseen background
-        held = [p for p in train_list if "(dark)" in p]
-        train_list = [p for p in train_list if p not in held]
-        train_prompts = os.path.join(folder, "train_prompts.txt")
-    elif heldout == "auto":
-        train_list, held = held_out_split(train_list)
-        train_prompts = os.path.join(folder, "train_prompts.txt")  # written before the runs start
-    else:
-        held = prompt_sets.load_prompts(heldout)
+    train_list, held, train_prompts = split_prompts(prompts, heldout, folder)
     n = min(heldout_prompts, len(held))
     held = [held[i * len(held) // n] for i in range(n)]  # evenly spaced
     # compiling, decided once for every run (plumbing/compiling.py): the runs' UNet dtype comes from their options
