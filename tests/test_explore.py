@@ -91,6 +91,48 @@ def test_weight_embeddings_on_tiny_text_encoder():
                                                          torch.ones(2)), z)  # w = 1 changes nothing
 
 
+def test_phrase_mask_positions():
+    from shapes.models import clip_tokenizer
+    tok = clip_tokenizer(77)
+    parsed = [explore.parse_spans(p) for p in ["a (dolphin) (riding a bike)"] * 3 + ["a red(dish) circle"]]
+    got = explore.phrase_mask(tok, parsed, torch.tensor([0, 1, -1, 0]), 77)
+    # <|startoftext|> a dolphin riding a bike <|endoftext|>; "reddish" is one BPE token, so a mark
+    # inside it weights the whole token (counting "a red" alone would give two tokens, then none)
+    assert [m.nonzero().flatten().tolist() for m in got] == [[2], [3, 4, 5], [1, 2, 3, 4, 5], [2]]
+    # a prompt truncated to 8 tokens keeps its end token (position 7) unweighted
+    long = [explore.parse_spans("(a b c d e f g h i j)")]
+    assert explore.phrase_mask(tok, long, torch.tensor([0]), 8)[0].nonzero().flatten().tolist() == [1, 2, 3, 4, 5, 6]
+
+
+def overlap_mask(tokenizer, clean, span, length):
+    """The phrase's tokens by the direct rule, which needs a tokenizer that returns character offsets:
+    a token belongs to the phrase if its characters overlap the phrase's (special tokens have none)."""
+    offsets = tokenizer(clean, padding="max_length", max_length=length, truncation=True,
+                        return_offsets_mapping=True).offset_mapping
+    return torch.tensor([e > s and s < span[1] and e > span[0] for s, e in offsets])
+
+
+def all_project_prompts():
+    import prompt_sets
+    return sorted({p for prompts in prompt_sets.prompt_sets().values() for p in prompts})
+
+
+def test_phrase_mask_is_the_tokens_overlapping_the_phrase_on_every_project_prompt():
+    """phrase_mask counts the tokens of pieces of the prompt, so that tokenizers without character
+    offsets (transformers 4.x's slow CLIPTokenizer; tests/test_shapes.py checks it there) weight
+    the same tokens; every phrase choice of every prompt in the project's prompt sets (prompts.txt
+    and the derived ones) gives the tokens the offsets give."""
+    from shapes.models import clip_tokenizer
+    tok = clip_tokenizer(77)
+    prompts = all_project_prompts()
+    assert len(prompts) > 400
+    for p in prompts:
+        clean, spans = explore.parse_spans(p)
+        for k, span in enumerate(spans + [(0, len(clean))]):
+            got = explore.phrase_mask(tok, [(clean, spans)], torch.tensor([k if k < len(spans) else -1]), 77)[0]
+            assert torch.equal(got, overlap_mask(tok, clean, span, 77)), (p, k)
+
+
 def test_explore_active_first_three_quarters():
     assert [explore.explore_active(e, 8) for e in range(8)] == [True] * 6 + [False] * 2
     assert [explore.explore_active(e, 4) for e in range(4)] == [True] * 3 + [False]
