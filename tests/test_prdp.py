@@ -129,8 +129,32 @@ def test_first_update_is_on_policy(tiny_pipeline_dir, prompt_file, tmp_path, exp
     (rec,) = read_log(tmp_path / "run")
     assert rec["explore"] is explore
     assert rec["ratio_dev"] < 1e-6  # theta_old recomputes the very log-probs it sampled with
-    assert rec["kl_ref"] == pytest.approx(0, abs=1e-6)  # B = 0: before any update theta is p_ref
+    assert rec["kl_ref"] == pytest.approx(0, abs=1e-6)  # B = 0: theta is p_ref (whatever p_ref is: the next test)
     assert rec["reward_queries"] == 6 and rec["grad_norm"] > 0 and rec["loss"] > 0
+
+
+def test_kl_ref_is_measured_against_the_pretrained_model(tiny_pipeline_dir, prompt_file, tmp_path, monkeypatch):
+    """kl_ref = 0 before any update (above) holds whatever p_ref is, since the LoRA starts at zero.
+    After an update it must be log p_theta_old - log p_ref with p_ref the PRETRAINED model: here
+    recomputed on epoch 1's samples by a freshly loaded pipeline that has no LoRA at all. Were the
+    LoRA not switched off for the reference, p_ref would be theta_old itself and kl_ref ~ 0."""
+    from diffusers import StableDiffusionPipeline
+    trajs, real_rollout = [], sampling.rollout
+    monkeypatch.setattr(sampling, "rollout", lambda *a, **k: trajs.append(real_rollout(*a, **k)) or trajs[-1])
+    run_trainer("train_prdp", *small(tiny_pipeline_dir, prompt_file, tmp_path / "run", "--lr=0.03"))
+    kl_logged = read_log(tmp_path / "run")[1]["kl_ref"]
+    epoch1 = [t for t in trajs if len(t.latents) == 3][-2:]  # 2 sampling calls of 3 a epoch (evaluation: 4)
+    pretrained = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pretrained.scheduler.set_timesteps(4)
+    gaps = []
+    for t in epoch1:
+        data = dict(latents=t.latents, log_probs=t.log_probs, cond=t.cond, uncond=t.uncond.expand(len(t.latents), -1, -1),
+                    scale=t.guidance.expand(len(t.latents), -1))
+        lp_pretrained = sampling.replay(pretrained.unet, pretrained.scheduler, data, t.timesteps, 1.0, 3)
+        gaps.append(t.log_probs - lp_pretrained)
+    kl = torch.cat(gaps).mean().item()
+    assert abs(kl) > 1e-5  # the update moved theta far enough to tell p_ref from theta_old
+    assert kl_logged == pytest.approx(kl, rel=1e-5), (kl_logged, kl)
 
 
 def test_exploring_run_folder_and_lora_loads_in_diffusers(tiny_pipeline_dir, prompt_file, tmp_path):
