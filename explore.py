@@ -10,7 +10,8 @@ samples while reward fine-tuning, and the switch that turns them off for the las
     z_w = z_empty + w * (z - z_empty) on that phrase's tokens. Phrases are marked with parentheses,
     "a (dolphin) (riding a bike)"; the marks are stripped before anything is encoded or scored.
 
-Pure tensor functions, no model code: sample.py applies them.
+Pure functions, no model code (the phrase's token positions ask the tokenizer only for token
+counts): sampling.py applies them.
 """
 import torch
 
@@ -68,6 +69,48 @@ def draw_weights(prompts, generator=None, w_min=1.0, w_max=1.2):
     phrase = torch.where(counts > 0, (u * counts).long().clamp(max=(counts - 1).clamp(min=0)), -1)
     w = w_min + (w_max - w_min) * torch.rand(len(prompts), generator=generator)
     return phrase, w
+
+
+def _pre_token_kind(ch):
+    r"""Which run of CLIP's pre-tokenizer a character belongs to. The pre-tokenizer splits text into
+    runs of letters, single digits and runs of other symbols, dropping spaces (the regex
+    [\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+ of openai/CLIP's simple_tokenizer.py, which SD's tokenizers
+    keep), and BPE merges characters only inside a run."""
+    return "space" if ch.isspace() else "letter" if ch.isalpha() else "digit" if ch.isnumeric() else "symbol"
+
+
+def _cuts_a_run(text, i):
+    """True where a cut before text[i] splits one pre-token (a run of letters or of symbols)."""
+    return 0 < i < len(text) and _pre_token_kind(text[i - 1]) == _pre_token_kind(text[i]) in ("letter", "symbol")
+
+
+def phrase_mask(tokenizer, parsed, phrase, length):
+    """[B, length] bool: the token positions of each prompt's chosen phrase (-1: the whole prompt).
+    `parsed` holds parse_spans' (clean prompt, spans) per prompt, `length` is the padded length.
+
+    The positions come from token counts alone: the phrase's tokens start after those of the text
+    before it and end where those of the text up to its end do. Character offsets would say the same
+    more directly, but transformers 4.x's slow CLIPTokenizer (the class SD 1.5's and SDXL's folders
+    name) has no `return_offsets_mapping`; counts work with every tokenizer class. Counting a prefix
+    on its own gives the tokens it has inside the whole prompt because BPE never merges across a
+    pre-token boundary (above); a mark inside a word, "(red)dish", is widened to the whole word,
+    whose BPE pieces depend on all of its letters."""
+    mask = torch.zeros(len(parsed), length, dtype=torch.bool)
+
+    def n_tokens(text):
+        # not truncated: a long prompt's count runs past `length` (clipped below); verbose=False
+        # keeps the tokenizer from warning that the count exceeds its model_max_length
+        return len(tokenizer(text, add_special_tokens=False, verbose=False).input_ids)
+
+    for i, (clean, spans) in enumerate(parsed):
+        a, b = spans[int(phrase[i])] if phrase[i] >= 0 else (0, len(clean))
+        while _cuts_a_run(clean, a):
+            a -= 1
+        while _cuts_a_run(clean, b):
+            b += 1
+        # position 0 is CLIP's start token; a prompt truncated to `length` keeps its end token last
+        mask[i, 1 + n_tokens(clean[:a]):min(1 + n_tokens(clean[:b]), length - 1)] = True
+    return mask
 
 
 def weight_embeddings(z, z_empty, token_mask, w):

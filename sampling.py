@@ -75,28 +75,15 @@ def is_sdxl(pipe):
     return getattr(pipe, "text_encoder_2", None) is not None
 
 
-def _token_states(tokenizer, encoder, texts, sdxl, offsets=False):
-    """(per-token states [B, L, D] fp32, the encoder's output, the tokenizer's batch) of `texts`,
-    padded to the tokenizer's max length as SD and SDXL do."""
-    batch = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                      return_tensors="pt", return_offsets_mapping=offsets)
-    out = encoder(batch.input_ids.to(encoder.device), output_hidden_states=sdxl)
+def _token_states(tokenizer, encoder, texts, sdxl):
+    """(per-token states [B, L, D] fp32, the encoder's output) of `texts`, padded to the tokenizer's
+    max length as SD and SDXL do."""
+    ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt").input_ids
+    out = encoder(ids.to(encoder.device), output_hidden_states=sdxl)
     # SD 1.5 conditions on the last layer's (final-layer-normed) states; SDXL on the penultimate
     # layer's, not normed, of both encoders (its pipeline's encode_prompt; Podell et al., Sec. 2.1)
-    return (out.hidden_states[-2] if sdxl else out.last_hidden_state).float(), out, batch
-
-
-def _phrase_mask(parsed, offsets, phrase):
-    """[B, L] bool: the tokens of each prompt's chosen phrase (-1: the whole prompt). A token belongs
-    to the phrase if its character span (offsets into the clean prompt) overlaps the phrase's:
-    robust to BPE splitting words and to marks inside a word; BOS/EOS/padding have empty spans and
-    are never weighted."""
-    mask = torch.zeros(offsets.shape[:2], dtype=torch.bool)
-    for i, (clean, spans) in enumerate(parsed):
-        a, b = spans[int(phrase[i])] if phrase[i] >= 0 else (0, len(clean))
-        for j, (s, e) in enumerate(offsets[i].tolist()):
-            mask[i, j] = e > s and s < b and e > a
-    return mask
+    return (out.hidden_states[-2] if sdxl else out.last_hidden_state).float(), out
 
 
 def add_time_ids(pipe, n):
@@ -119,11 +106,11 @@ def encode_prompts(pipe, prompts, weights=None):
     clean = [c for c, _ in parsed]
     states = []
     for tokenizer, encoder in encoders:
-        z, out, batch = _token_states(tokenizer, encoder, clean, sdxl, offsets=weights is not None)
+        z, out = _token_states(tokenizer, encoder, clean, sdxl)
         if weights is not None:  # z_empty + w (z - z_empty) on the phrase's tokens (explore.py)
             phrase, w = weights
             z_empty = _token_states(tokenizer, encoder, [""], sdxl)[0]
-            mask = _phrase_mask(parsed, batch.offset_mapping, phrase)
+            mask = explore.phrase_mask(tokenizer, parsed, phrase, z.shape[1])
             z = explore.weight_embeddings(z, z_empty, mask, w.to(z.device))
         states.append(z)
     if not sdxl:

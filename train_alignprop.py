@@ -10,7 +10,8 @@ back-propagation, and AlignProp draws K at random every step. Each step:
 
     1. sample     a batch; the first T-K denoising steps without gradient, the last K with it
     2. reward     decode and score the images (one reward query per image)
-    3. update     loss = -mean reward; backward into the LoRA weights; clip; AdamW
+    3. update     loss = -mean reward (DRaFT-LV: summed over its copies); backward into the LoRA
+                  weights; clip; AdamW
 
 Fail-safe: a NaN or infinite reward or gradient skips its update, with a warning; --max_skips in a
 row stop the run, and a checkpoint with a non-finite weight is never written (plumbing/runs.py), so the last
@@ -56,7 +57,7 @@ guidance = 5.0               # classifier-free guidance scale (DiffExp's w_high)
 truncation = "1"             # K steps with gradient: an integer (1 = DRaFT-1), 'all', or 'rand'
 k_min = 1                    # with truncation=rand: K ~ uniform over {k_min, ..., k_max}, drawn every step
 k_max = 10                   # with truncation=rand: largest K
-draft_lv = 0                 # DRaFT-LV: average the last step's gradient over n re-noised copies (0 = off; paper: 2);
+draft_lv = 0                 # DRaFT-LV: sum the last step's gradient over n re-noised copies (0 = off; paper: 2);
                              # its K is 1 by definition, so it refuses another --truncation; --checkpointing applies
 checkpointing = "auto"       # gradient checkpointing of the UNet calls: auto (on with CUDA), true, false
 # DiffExp exploration (Chae et al. 2025, Sec. 3)
@@ -108,9 +109,9 @@ def draw_k(g, truncation, num_steps, k_min, k_max):
 
 def draft_lv_images(pipe, traj, cond, uncond, scale, n, g, use_ckpt=False):
     """DRaFT-LV (Clark et al. 2024, Sec. 4.2): lower-variance gradient for the last step. The final
-    latent x_0 is re-noised to the last timestep n times with fresh noise and denoised again with
-    gradient; the reward gradient is averaged over the n copies. use_ckpt: gradient checkpointing
-    of those n UNet calls."""
+    latent x_0 of a chain sampled without gradient is re-noised to the last timestep n times with
+    fresh noise and denoised again with gradient; returns the n copies' images, copy after copy
+    (reward_loss sums their rewards). use_ckpt: gradient checkpointing of those n UNet calls."""
     sched = pipe.scheduler
     t = sched.timesteps[-1]
     x0 = traj.latents[:, -1].detach()
@@ -126,6 +127,15 @@ def draft_lv_images(pipe, traj, cond, uncond, scale, n, g, use_ckpt=False):
         x_prev, _ = sampling.ddim_step(sched, eps, t, x_t, 0.0)
         images.append(sampling.decode_latents(pipe, x_prev))
     return torch.cat(images)
+
+
+def reward_loss(r, copies=0):
+    """The loss to descend: minus the batch's mean reward. DRaFT-LV's r holds `copies` rewards per
+    image, copy after copy, and its loss SUMS the copies' mean rewards, as its gradient is a sum in
+    Clark et al. (2024, arXiv 2309.17400), Algorithm 2: each of the n inner loops adds
+    grad_theta r(x_0, c) to one accumulator, and the step uses the total. (A mean would divide the
+    gradient by n: the same direction, but a different scale for the gradient-norm clip.)"""
+    return -r.reshape(max(copies, 1), -1).mean(1).sum()
 
 
 def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_size, num_steps, eta, guidance,
@@ -225,7 +235,7 @@ def main(check_only=False, observer=None):
                                             explore_weights=exploring and explore_weights, weight_max=weight_max,
                                             draft_lv=draft_lv, use_ckpt=use_ckpt)
                 # ---- 3. update: ascend the reward (a NaN reward is caught before the step) --------
-                loss = -loss_coef * r.mean()
+                loss = loss_coef * reward_loss(r, draft_lv)
                 scaler.scale(loss / grad_accum).backward()  # fp16: scaled, so small gradients survive
                 step_rewards.append(r.detach().float().cpu())  # with DRaFT-LV, n queries per image
                 step_prompts += clean

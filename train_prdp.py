@@ -113,29 +113,29 @@ compile = "auto"             # torch.compile the UNet: auto (on CUDA, off on the
 
 
 def rdp_loss(R, R_clip, r, groups, beta):
-    """PRDP's loss over the whole batch (eq. 14 with the proximal clip, eq. 16-18; the paper's own
-    code in App. G): for every pair (i, j) of trajectories of the same prompt group with r_i > r_j
-    (ties dropped, so each pair once), the squared error of the predicted reward difference
-    R_i - R_j against the target (r_i - r_j) / beta, the larger of the unclipped and the clipped one,
-    averaged over the pairs (Algorithm 1, line 10).
-
-    R, R_clip [n]: each trajectory's predicted log p_theta/p_ref, unclipped and clipped; r [n] the
-    rewards; groups [n] the prompt group of each. Returns the loss and two diagnostics of the
-    prediction: the correlation of predicted with target differences, and the ratio of their sizes
-    (root mean squares; << 1: the targets are out of reach, beta is small for this reward)."""
-    pairs = (groups[:, None] == groups[None, :]) & (r[:, None] > r[None, :])
-    target = (r[:, None] - r[None, :])[pairs] / beta
-    pred = (R[:, None] - R[None, :])[pairs]
-    pred_clip = (R_clip[:, None] - R_clip[None, :])[pairs]
+    """PRDP's loss (eq. 14 with the proximal clip, eq. 16-18) reduced as the paper's code does (App.
+    G; it is what the authors ran): per prompt group, the squared error of R_i - R_j against the
+    target (r_i - r_j) / beta, the larger of the unclipped and clipped one, averaged over all B x B
+    ordered pairs (i, j), then over the groups. Ties stay (App. G; Algorithm 1 takes every pair too):
+    target 0, they pull two predictions together, and with discrete rewards (shapes_success) most
+    pairs tie. R, R_clip [n]: predicted log p_theta/p_ref, unclipped and clipped; r [n] rewards;
+    groups [n] prompt groups. Also returns the correlation and rms ratio of predicted to target
+    differences on the untied pairs (ratio << 1: the targets are out of reach, beta is small)."""
+    same = groups[:, None] == groups[None, :]
+    target = (r[:, None] - r[None, :]) / beta
+    pred, pred_clip = R[:, None] - R[None, :], R_clip[:, None] - R_clip[None, :]
     # Pessimistic, like PPO's clipped objective: the max is an upper bound of the unclipped loss, and
     # a pair whose clipped error is the larger gets no gradient from steps that left the clip band.
-    loss = torch.maximum((pred - target) ** 2, (pred_clip - target) ** 2).sum() / max(1, len(target))
-    if len(target) == 0:  # every pair tied (e.g. a constant reward): nothing to learn, a zero gradient
+    err = torch.maximum((pred - target) ** 2, (pred_clip - target) ** 2)
+    B = same.sum(1)  # the size of each trajectory's group: 1/B^2 per pair, 1/N per group
+    loss = (same / (B[:, None] * B[None, :] * len(groups.unique())) * err).sum()
+    untied = same & (r[:, None] > r[None, :])  # each untied pair once, for the diagnostics
+    if not untied.any():  # every pair tied (e.g. a constant reward): nothing to correlate
         return loss, 0.0, 0.0
-    p, q = pred.detach() - pred.detach().mean(), target - target.mean()
-    corr = (p * q).sum() / ((p * p).sum() * (q * q).sum()).sqrt().clamp(min=1e-30)
-    size = (pred.detach().pow(2).mean() / target.pow(2).mean()).sqrt()
-    return loss, corr.item(), size.item()
+    p, q = pred.detach()[untied], target[untied]
+    pc, qc = p - p.mean(), q - q.mean()
+    corr = (pc * qc).sum() / ((pc * pc).sum() * (qc * qc).sum()).sqrt().clamp(min=1e-30)
+    return loss, corr.item(), (p.pow(2).mean() / q.pow(2).mean()).sqrt().item()
 
 
 def step_weights(new, old, r, groups, beta, clip_eps):

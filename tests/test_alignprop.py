@@ -115,10 +115,65 @@ def test_run_logs_k_and_rewards(tiny_pipeline_dir, prompt_file, tmp_path):
     assert any(v.abs().sum() > 0 for k, v in lora_weights(out).items() if "lora_B" in k)
 
 
-def test_draft_lv_counts_n_queries_per_image(tiny_pipeline_dir, prompt_file, tmp_path):
+def test_draft_lv_counts_n_queries_per_image_and_sums_the_copies(tiny_pipeline_dir, prompt_file, tmp_path):
     out = tmp_path / "run"
     run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, out, "--draft_lv=2", "--epochs=1"))
-    assert read_log(out)[0]["reward_queries"] == 2 * 2 * 2  # steps x batch x n
+    (rec,) = read_log(out)
+    assert rec["reward_queries"] == 2 * 2 * 2  # steps x batch x n
+    # the loss is minus the sum of the 2 copies' mean rewards (Clark et al., Algorithm 2), not their mean
+    assert rec["loss"] == pytest.approx(-2 * rec["reward_mean"], rel=1e-5)
+
+
+def test_draft_lv_gradient_flows_only_through_the_re_noised_last_steps(pipe):
+    params = lora.inject(pipe.unet)
+    calls = []
+    pipe.unet.register_forward_hook(lambda m, i, o: calls.append(o.sample.requires_grad))
+    r, clean = ta.sample_and_score(pipe, brightness, PROMPTS, sampling.encode_prompts(pipe, [""]), 1,
+                                   sampling.random_streams(0), draft_lv=2, **SETTINGS)
+    # the chain's 4 steps without gradient, then one UNet call per copy with it
+    assert calls == [False] * 4 + [True] * 2 and r.shape == (4,) and len(clean) == 4
+    ta.reward_loss(r, 2).backward()
+    assert any(p.grad.abs().sum() > 0 for p in params)
+
+
+def test_draft_lv_gradient_against_a_hand_built_graph_of_two_copies(pipe):
+    """DRaFT-LV (Clark et al. 2024, arXiv 2309.17400, Sec. 4.2 and Algorithm 2) with n = 2: the final
+    latent x_0, sampled without gradient, is noised to the last timestep t_1 by DDPM's forward
+    process, x_1 = sqrt(abar_1) x_0 + sqrt(1 - abar_1) eps (Ho et al. 2020, eq. 4), each copy is
+    denoised by one guided DDIM step (Song et al. 2021, eq. 12, sigma = 0) with gradient, and the
+    two copies' reward gradients are summed. Written out here with two separate UNet passes for
+    the guidance and autograd on the whole graph."""
+    torch.manual_seed(0)
+    params = lora.inject(pipe.unet, rank=2)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.3)  # B != 0: the gradient reaches A as well
+    prompts, scale = ["a red circle", "a blue square"], torch.full((4,), 5.0)
+    cond, uncond = sampling.encode_prompts(pipe, prompts), sampling.encode_prompts(pipe, [""])
+    pipe.scheduler.set_timesteps(4)
+    with torch.no_grad():
+        traj = sampling.rollout(pipe, cond, uncond, scale, num_steps=4, eta=0.0, decode=False,
+                                generator=torch.Generator().manual_seed(1))
+    images = ta.draft_lv_images(pipe, traj, cond, uncond, scale, 2, torch.Generator().manual_seed(7))
+    ta.reward_loss(brightness(images, prompts * 2), 2).backward()
+    got = [p.grad.clone() for p in params]
+
+    x0, t = traj.latents[:, -1], 1  # SD's "leading" spacing at 4 steps: 751, 501, 251, 1
+    assert pipe.scheduler.timesteps.tolist() == [751, 501, 251, 1]
+    abar, abar_prev = pipe.scheduler.alphas_cumprod[t], pipe.scheduler.final_alpha_cumprod  # t_0: before the first
+    g, loss = torch.Generator().manual_seed(7), 0
+    for _ in range(2):
+        x1 = abar.sqrt() * x0 + (1 - abar).sqrt() * torch.randn(x0.shape, generator=g)
+        e_cond = pipe.unet(x1, t, encoder_hidden_states=cond).sample
+        e_uncond = pipe.unet(x1, t, encoder_hidden_states=uncond.expand(2, -1, -1)).sample
+        eps = e_uncond + 5.0 * (e_cond - e_uncond)
+        x0_pred = (x1 - (1 - abar).sqrt() * eps) / abar.sqrt()
+        x_prev = abar_prev.sqrt() * x0_pred + (1 - abar_prev).sqrt() * eps
+        loss = loss - brightness(sampling.decode_latents(pipe, x_prev), prompts).mean()  # summed over copies
+    want = torch.autograd.grad(loss, params)
+    assert all(w.abs().sum() > 0 for w in want)
+    for a, b in zip(got, want):  # float32, and one batched UNet call for the guidance there, two here
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
 
 
 @pytest.mark.slow

@@ -20,49 +20,48 @@ def small(tiny_pipeline_dir, prompt_file, out, *extra):
             "--eval_prompts=2", "--eval_seeds=2", f"--out={out}", *extra]
 
 
-def test_rdp_loss_against_hand_computation():
-    # two prompt groups: [0, 1, 2] with a tie (r_0 == r_2: no pair) and [3, 4]; no pair across groups
-    r = torch.tensor([1.0, 3.0, 1.0, 2.0, 0.5])
-    groups = torch.tensor([0, 0, 0, 1, 1])
-    R = torch.tensor([0.10, 0.30, -0.20, 0.05, 0.00], requires_grad=True)
-    R_clip = torch.tensor([0.10, 0.12, -0.20, 0.07, 0.00], requires_grad=True)
-    beta = 10.0
-    loss, corr, size = train_prdp.rdp_loss(R, R_clip, r, groups, beta)
-    pairs = [(1, 0), (1, 2), (3, 4)]  # (i, j) with r_i > r_j in one group, each pair once
-    expected, preds, targets, branch = [], [], [], []
-    for i, j in pairs:
-        t = (r[i] - r[j]).item() / beta
-        u = (R[i] - R[j]).item() - t
-        c = (R_clip[i] - R_clip[j]).item() - t
-        expected.append(max(u * u, c * c))  # pessimistic: the larger of the two squared errors
-        branch.append("clipped" if c * c > u * u else "unclipped")
-        preds.append((R[i] - R[j]).item())
-        targets.append(t)
-    assert branch == ["clipped", "unclipped", "unclipped"]  # both branches of the max are exercised
-    assert loss.item() == pytest.approx(sum(expected) / 3, rel=1e-6)
-    p, q = torch.tensor(preds), torch.tensor(targets)
-    assert corr == pytest.approx(torch.corrcoef(torch.stack([p, q]))[0, 1].item(), rel=1e-5)
+def app_g_loss(R, R_clip, r, N, B, beta):
+    """PRDP's loss as the paper's code in App. G (Deng et al. 2024) computes it, transcribed with its
+    shapes: every quantity [N prompts, B images], the pairwise differences [N, B, B] by broadcasting
+    (every ordered pair of a prompt, ties and i == j included), the elementwise max of the unclipped
+    and clipped squared errors, and the mean over all N x B x B entries."""
+    R, R_clip, r = R.reshape(N, B), R_clip.reshape(N, B), r.reshape(N, B)
+    target = (r[:, :, None] - r[:, None, :]) / beta
+    unclipped = (R[:, :, None] - R[:, None, :] - target) ** 2
+    clipped = (R_clip[:, :, None] - R_clip[:, None, :] - target) ** 2
+    return torch.maximum(unclipped, clipped).mean()
+
+
+def test_rdp_loss_is_app_gs_on_a_batch_with_ties():
+    # two prompts of 3 images; discrete rewards as shapes_success gives them, with ties in both groups
+    r = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
+    groups = torch.tensor([0, 0, 0, 1, 1, 1])
+    R = torch.tensor([0.10, 0.30, -0.20, 0.05, 0.00, 0.20], requires_grad=True)
+    R_clip = torch.tensor([0.10, 0.12, -0.20, 0.07, 0.00, 0.20], requires_grad=True)
+    loss, corr, size = train_prdp.rdp_loss(R, R_clip, r, groups, 10.0)
+    want = app_g_loss(R, R_clip, r, 2, 3, 10.0)
+    assert loss.item() == pytest.approx(want.item(), rel=1e-6)
+    got_grads = torch.autograd.grad(loss, (R, R_clip))
+    want_grads = torch.autograd.grad(want, (R, R_clip))
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9)
+    assert got_grads[1].abs().sum() > 0 and got_grads[0].abs().sum() > 0  # both branches of the max act
+    # the diagnostics look at the untied pairs only: (0, 1), (2, 1), (5, 3), (5, 4)
+    x = R.detach()
+    p = torch.stack([x[0] - x[1], x[2] - x[1], x[5] - x[3], x[5] - x[4]])
+    q = torch.full((4,), 0.1)
     assert size == pytest.approx((p.pow(2).mean() / q.pow(2).mean()).sqrt().item(), rel=1e-6)
-    # gradient: pair (1, 0) flows through the clipped branch only, the other two unclipped only
-    loss.backward()
-    (u10, c10), (u12, _), (u34, _) = [((R[i] - R[j]).item() - (r[i] - r[j]).item() / beta,
-                                       (R_clip[i] - R_clip[j]).item() - (r[i] - r[j]).item() / beta) for i, j in pairs]
-    assert R.grad.tolist() == pytest.approx([0.0, 2 * u12 / 3, -2 * u12 / 3, 2 * u34 / 3, -2 * u34 / 3], rel=1e-5)
-    assert R_clip.grad.tolist() == pytest.approx([-2 * c10 / 3, 2 * c10 / 3, 0, 0, 0], rel=1e-5)
-    # R == R_clip (the first update of an epoch): the max's two branches tie and torch.maximum splits
-    # the gradient between them, half each, so the two add up to the unclipped gradient
-    R2, R2c = R.detach().clone().requires_grad_(), R.detach().clone().requires_grad_()
-    train_prdp.rdp_loss(R2, R2c, r, groups, beta)[0].backward()
-    assert torch.allclose(R2.grad, R2c.grad) and R2.grad[3].item() == pytest.approx(u34 / 3, rel=1e-5)
+    assert corr == 0.0  # every untied target is 0.1 here: no variance to correlate with
 
 
-def test_rdp_loss_with_only_ties_is_zero():
+def test_rdp_loss_with_only_ties_pulls_the_predictions_together():
     r = torch.ones(4)
-    R = torch.randn(4, requires_grad=True)
+    R = torch.tensor([0.3, -0.1, 0.2, 0.2], requires_grad=True)
     loss, corr, size = train_prdp.rdp_loss(R, R, r, torch.tensor([0, 0, 1, 1]), 1.0)
-    assert loss.item() == 0 and corr == 0 and size == 0
+    assert loss.item() == pytest.approx(app_g_loss(R, R, r, 2, 2, 1.0).item()) and corr == size == 0
     loss.backward()
-    assert not R.grad.any()
+    # group 0 is pulled together (the higher prediction down, the lower up); group 1 already agrees
+    assert R.grad[0] > 0 > R.grad[1] and R.grad[2] == R.grad[3] == 0
 
 
 def test_step_by_step_gradient_equals_autograd_on_the_whole_graph(pipe):
@@ -129,8 +128,32 @@ def test_first_update_is_on_policy(tiny_pipeline_dir, prompt_file, tmp_path, exp
     (rec,) = read_log(tmp_path / "run")
     assert rec["explore"] is explore
     assert rec["ratio_dev"] < 1e-6  # theta_old recomputes the very log-probs it sampled with
-    assert rec["kl_ref"] == pytest.approx(0, abs=1e-6)  # B = 0: before any update theta is p_ref
+    assert rec["kl_ref"] == pytest.approx(0, abs=1e-6)  # B = 0: theta is p_ref (whatever p_ref is: the next test)
     assert rec["reward_queries"] == 6 and rec["grad_norm"] > 0 and rec["loss"] > 0
+
+
+def test_kl_ref_is_measured_against_the_pretrained_model(tiny_pipeline_dir, prompt_file, tmp_path, monkeypatch):
+    """kl_ref = 0 before any update (above) holds whatever p_ref is, since the LoRA starts at zero.
+    After an update it must be log p_theta_old - log p_ref with p_ref the PRETRAINED model: here
+    recomputed on epoch 1's samples by a freshly loaded pipeline that has no LoRA at all. Were the
+    LoRA not switched off for the reference, p_ref would be theta_old itself and kl_ref ~ 0."""
+    from diffusers import StableDiffusionPipeline
+    trajs, real_rollout = [], sampling.rollout
+    monkeypatch.setattr(sampling, "rollout", lambda *a, **k: trajs.append(real_rollout(*a, **k)) or trajs[-1])
+    run_trainer("train_prdp", *small(tiny_pipeline_dir, prompt_file, tmp_path / "run", "--lr=0.03"))
+    kl_logged = read_log(tmp_path / "run")[1]["kl_ref"]
+    epoch1 = [t for t in trajs if len(t.latents) == 3][-2:]  # 2 sampling calls of 3 a epoch (evaluation: 4)
+    pretrained = StableDiffusionPipeline.from_pretrained(tiny_pipeline_dir)
+    pretrained.scheduler.set_timesteps(4)
+    gaps = []
+    for t in epoch1:
+        data = dict(latents=t.latents, log_probs=t.log_probs, cond=t.cond, uncond=t.uncond.expand(len(t.latents), -1, -1),
+                    scale=t.guidance.expand(len(t.latents), -1))
+        lp_pretrained = sampling.replay(pretrained.unet, pretrained.scheduler, data, t.timesteps, 1.0, 3)
+        gaps.append(t.log_probs - lp_pretrained)
+    kl = torch.cat(gaps).mean().item()
+    assert abs(kl) > 1e-5  # the update moved theta far enough to tell p_ref from theta_old
+    assert kl_logged == pytest.approx(kl, rel=1e-5), (kl_logged, kl)
 
 
 def test_exploring_run_folder_and_lora_loads_in_diffusers(tiny_pipeline_dir, prompt_file, tmp_path):

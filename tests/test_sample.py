@@ -152,13 +152,10 @@ def test_encode_prompts_weights_exactly_the_phrase_tokens(pipe):
     phrase, w = torch.tensor([1, 0, -1, 0]), torch.tensor([1.2, 1.1, 1.15, 1.05])
     got = sampling.encode_prompts(pipe, prompts, (phrase, w))
 
-    def n_tokens(text):  # BPE pieces of a piece of text, tokenized on its own
-        return len(tok(text, add_special_tokens=False).input_ids)
-
-    # expected positions (after BOS at 0) from tokenizing the pieces separately
-    spans = [(1 + n_tokens("a dolphin"), n_tokens("riding a bike")), (1 + n_tokens("a"), n_tokens("dolphin")),
-             (1, n_tokens("a cat on a mat")), (1, n_tokens("reddish"))]
+    # (first position, number of tokens): every word here is one CLIP token, after <|startoftext|> at 0
+    spans = [(3, 3), (2, 1), (1, 5), (1, 1)]
     clean = ["a dolphin riding a bike"] * 2 + ["a cat on a mat", "reddish circle"]
+    assert [len(tok(c).input_ids) for c in clean] == [7, 7, 7, 4]
     ids = tok(clean + [""], padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
     with torch.no_grad():
         z = enc(ids)[0]

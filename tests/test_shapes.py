@@ -9,6 +9,7 @@ import sys
 import pytest
 import torch
 
+import explore
 import prompt_sets
 import rewards
 from shapes import build as shapes_build
@@ -352,29 +353,59 @@ def test_a_migration_cut_short_is_finished_and_a_damaged_old_world_rebuilt(tmp_p
     assert len(rebuilt) == 1
 
 
+MARKED = ["a red (circle) on a (dark) background", "an (orange) cross!", "(Héllo) wörld, ünïcode ✓ 日本"]
+PHRASE, WEIGHT = [1, 0, -1], [1.2, 1.1, 1.15]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("TRANSFORMERS4"), reason="set TRANSFORMERS4 to a folder holding transformers "
                     "4.x (pip install --target <folder> transformers==4.56.2 tokenizers==0.22.1 huggingface_hub==0.35.3 --no-deps)")
-def test_the_world_reads_the_same_in_transformers4(world, tmp_path):
+def test_the_world_reads_and_weights_phrases_the_same_in_transformers4(world, tmp_path):
     """The saved text encoder and tokenizer give the same ids and embeddings under transformers 4.x
-    (from the folder TRANSFORMERS4, first on the path) as under the installed 5.x."""
+    (from the folder TRANSFORMERS4, first on the path) as under the installed 5.x, and so does DiffExp's
+    prompt weighting: 4.x's slow CLIPTokenizer, the class the folder names, has no character offsets,
+    and every tokenizer class finds the same phrase tokens on every prompt of the project's prompt sets."""
+    from test_explore import all_project_prompts
     folder, _ = world
+    prompts = all_project_prompts()
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     script = tmp_path / "read.py"
     script.write_text(
-        "import sys, torch, transformers\n"
-        "from transformers import CLIPTextModel, CLIPTokenizer\n"
+        "import json, sys, types, torch, transformers\n"
+        "from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast\n"
+        "import explore, sampling\n"
         "model, info = CLIPTextModel.from_pretrained(sys.argv[1] + '/text_encoder', output_loading_info=True)\n"
         "assert not any(info.values()), info\n"
         "tok = CLIPTokenizer.from_pretrained(sys.argv[1] + '/tokenizer')\n"
         f"ids = tok({TEXTS!r}, padding='max_length', max_length=16, truncation=True, return_tensors='pt').input_ids\n"
+        "pipe = types.SimpleNamespace(tokenizer=tok, text_encoder=model)\n"
+        f"weighted = sampling.encode_prompts(pipe, {MARKED!r}, (torch.tensor({PHRASE!r}), torch.tensor({WEIGHT!r})))\n"
+        "masks = {}\n"
+        "for cls in (CLIPTokenizer, CLIPTokenizerFast):\n"
+        "    t = cls.from_pretrained(sys.argv[1] + '/tokenizer')\n"
+        "    parsed = [explore.parse_spans(p) for p in json.load(open(sys.argv[3]))]\n"
+        "    masks[type(t).__name__] = [explore.phrase_mask(t, [c], torch.tensor([k]), 77)[0]\n"
+        "                               for c in parsed for k in range(-1, len(c[1]))]\n"
         "with torch.no_grad():\n"
-        "    torch.save(dict(version=transformers.__version__, ids=ids, out=model(ids)[0]), sys.argv[2])\n")
+        "    torch.save(dict(version=transformers.__version__, ids=ids, out=model(ids)[0], weighted=weighted,\n"
+        "                    masks=masks), sys.argv[2])\n")
     results = []
     for path in (os.environ["TRANSFORMERS4"], ""):
-        env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1")
-        done = subprocess.run([sys.executable, str(script), folder, str(tmp_path / f"{len(results)}.pt")], env=env,
-                              capture_output=True, text=True, timeout=300)
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [path, ROOT])), OMP_NUM_THREADS="1")
+        done = subprocess.run([sys.executable, str(script), folder, str(tmp_path / f"{len(results)}.pt"),
+                               str(tmp_path / "prompts.json")], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, done.stderr[-2000:]
         results.append(torch.load(tmp_path / f"{len(results)}.pt"))
-    assert results[0]["version"].startswith("4.") and results[1]["version"].startswith("5.")
-    assert torch.equal(results[0]["ids"], results[1]["ids"]) and torch.equal(results[0]["out"], results[1]["out"])
+    old, new = results
+    assert old["version"].startswith("4.") and new["version"].startswith("5.")
+    assert torch.equal(old["ids"], new["ids"]) and torch.equal(old["out"], new["out"])
+    assert torch.equal(old["weighted"], new["weighted"])
+    assert sorted(old["masks"]) == ["CLIPTokenizer", "CLIPTokenizerFast"]  # 4.x's slow and fast classes
+    # the tokens whose character offsets overlap the phrase (offsets from 5.x's tokenizer)
+    from test_explore import overlap_mask
+    from transformers import CLIPTokenizer
+    tok = CLIPTokenizer.from_pretrained(os.path.join(folder, "tokenizer"))
+    want = [overlap_mask(tok, clean, spans[k] if k >= 0 else (0, len(clean)), 77)
+            for clean, spans in map(explore.parse_spans, prompts) for k in range(-1, len(spans))]
+    for masks in list(old["masks"].values()) + list(new["masks"].values()):
+        assert len(masks) == len(want) and all(torch.equal(m, w) for m, w in zip(masks, want))
