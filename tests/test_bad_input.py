@@ -81,6 +81,13 @@ ROWS = [
     ("experiments.evaluate", ["--revision=v1"], "--revision=v1 pins a hub model's version, but"),
     ("experiments.evaluate", ["--baseline={out}/table.json"], "not a table.json of experiments/evaluate.py"),
     ("experiments.evaluate", ["--model={model}"], "no diffusers folder at"),
+    # prompt files that are not UTF-8 text, have unbalanced phrase marks, or no prompts
+    ("train_ddpo", ["--prompts={bad}/latin1.txt"], "cannot read prompt file"),
+    ("train_alignprop", ["--prompts={bad}/unbalanced.txt"], "unbalanced '(' in prompt 'a (red circle'"),
+    ("train_prdp", ["--prompts={bad}/empty.txt"], "has no prompts"),
+    ("sample", ["--prompts={bad}/latin1.txt"], "cannot read prompt file"),
+    ("experiments.compare", ["--prompts={bad}/unbalanced.txt"], "unbalanced '(' in prompt"),
+    ("experiments.evaluate", ["--prompts={bad}/latin1.txt"], "cannot read prompt file"),
     # an unknown option close to a known one, in another case or with one dash
     ("train_ddpo", ["--LR=1e-4"], "unknown option --LR; did you mean --lr?"),
     ("train_prdp", ["-lr=1e-4"], "unexpected argument '-lr=1e-4'; options look like --key=value; did you mean --lr?"),
