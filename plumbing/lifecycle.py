@@ -70,7 +70,7 @@ class Run:
         # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
         self.ddp, self.rank, self.world, self.dev = distributed.setup(c["device"])
         self.master = self.rank == 0
-        self.checkpoint = ck = runs.load_checkpoint(self.out)  # read now: a changed process count costs nothing
+        self.checkpoint = ck = runs.load_checkpoint(self.out, c)  # read now: a changed process count costs nothing
         if ck and ck.get("world_size", self.world) != self.world:
             raise SystemExit(f"error: {self.out} was trained with {ck['world_size']} processes and this run has "
                              f"{self.world}; the global batch and the random streams depend on it: resume with "

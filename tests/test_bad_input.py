@@ -99,6 +99,18 @@ ROWS = [
     ("train_prdp", ["--beta=-inf"], "--beta expects a finite number, got '-inf'"),
     ("sample", ["--guidance=NaN"], "--guidance expects a finite number, got 'NaN'"),
     ("experiments.compare", ["--args=--eta=nan"], "in --args (train_ddpo.py): --eta expects a finite number, got 'nan'"),
+    # somewhere that cannot be written: a file in the way
+    ("train_ddpo", ["--out={bad}/a_file/run"], "is a file); pass --out=<somewhere you can write to>"),
+    ("train_alignprop", ["--out={bad}/a_file/run"], "is a file); pass --out=<somewhere you can write to>"),
+    ("train_prdp", ["--out={bad}/a_file"], "is a file); pass --out=<somewhere you can write to>"),
+    ("sample", ["--out={bad}/a_file/grid.png"], "is a file); pass --out=<somewhere you can write to>"),
+    ("experiments.compare", ["--out={bad}/a_file/compare"], "is a file); pass --out=<somewhere you can write to>"),
+    ("experiments.evaluate", ["--out={bad}/a_file/eval"], "is a file); pass --out=<somewhere you can write to>"),
+    # run folders whose checkpoint, config or LoRA file is corrupt, or not this run's (left as they are)
+    ("train_ddpo", ["--out={bad}/unreadable_checkpoint"], "cannot read the checkpoint"),
+    ("train_alignprop", ["--out={bad}/not_a_checkpoint"], "ckpt.pt is not a resume checkpoint (a dict without epoch"),
+    ("train_prdp", ["--out={bad}/another_config"], "ckpt.pt) with a different config (beta: 1.0 -> 100.0)"),
+    ("train_ddpo", ["--out={bad}/corrupt_config"], "config.json is not a run's config"),
 ]
 IDS = [f"{script}{''.join(args)}" for script, args, _ in ROWS]
 
