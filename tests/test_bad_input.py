@@ -111,6 +111,8 @@ ROWS = [
     ("train_alignprop", ["--out={bad}/not_a_checkpoint"], "ckpt.pt is not a resume checkpoint (a dict without epoch"),
     ("train_prdp", ["--out={bad}/another_config"], "ckpt.pt) with a different config (beta: 1.0 -> 100.0)"),
     ("train_ddpo", ["--out={bad}/corrupt_config"], "config.json is not a run's config"),
+    ("sample", ["--model={tiny}", "--lora={bad}/corrupt.safetensors"], "corrupt.safetensors is not a readable safetensors"),
+    ("experiments.evaluate", ["--lora={bad}/corrupt.safetensors"], "corrupt.safetensors is not a readable safetensors"),
 ]
 IDS = [f"{script}{''.join(args)}" for script, args, _ in ROWS]
 
