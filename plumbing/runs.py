@@ -110,6 +110,9 @@ def prepare_run(out, config, ignore=MAY_CHANGE):
     write_text(os.path.join(out, "config.json"), json.dumps(config, indent=2) + "\n")
 
 
+RESUME_KEYS = ("lora", "optimizer", "epoch", "reward_queries", "history")  # in every trainer's checkpoint
+
+
 def load_checkpoint(out, config=None, ignore=MAY_CHANGE):
     """The run's resume checkpoint (a dict), or None if it has none yet. Loaded with
     weights_only=True: tensors and plain data only, so a checkpoint cannot run code. Refused in one
@@ -124,9 +127,10 @@ def load_checkpoint(out, config=None, ignore=MAY_CHANGE):
         ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise SystemExit(f"error: cannot read the checkpoint {path} ({str(e).splitlines()[0]}); {fresh}")
-    if not (isinstance(ck, dict) and {"epoch", "reward_queries", "history"} <= set(ck)):
-        raise SystemExit(f"error: {path} is not a resume checkpoint (a {type(ck).__name__}"
-                         f"{' without epoch, reward_queries or history' if isinstance(ck, dict) else ''}); {fresh}")
+    missing = [k for k in RESUME_KEYS if k not in ck] if isinstance(ck, dict) else None
+    if missing != []:
+        what = f"a dict without {', '.join(missing)}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
+        raise SystemExit(f"error: {path} is not a resume checkpoint ({what}); {fresh}")
     if config is not None and "config" in ck:
         config_differs(out, ck["config"], config, ignore, f"a checkpoint ({path})")
     return ck

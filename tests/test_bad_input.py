@@ -108,7 +108,7 @@ ROWS = [
     ("experiments.evaluate", ["--out={bad}/a_file/eval"], "is a file); pass --out=<somewhere you can write to>"),
     # run folders whose checkpoint, config or LoRA file is corrupt, or not this run's (left as they are)
     ("train_ddpo", ["--out={bad}/unreadable_checkpoint"], "cannot read the checkpoint"),
-    ("train_alignprop", ["--out={bad}/not_a_checkpoint"], "ckpt.pt is not a resume checkpoint (a dict without epoch"),
+    ("train_alignprop", ["--out={bad}/not_a_checkpoint"], "ckpt.pt is not a resume checkpoint (a dict without optimizer, epoch"),
     ("train_prdp", ["--out={bad}/another_config"], "ckpt.pt) with a different config (beta: 1.0 -> 100.0)"),
     ("train_ddpo", ["--out={bad}/corrupt_config"], "config.json is not a run's config"),
     ("sample", ["--model={tiny}", "--lora={bad}/corrupt.safetensors"], "corrupt.safetensors is not a readable safetensors"),
@@ -139,7 +139,8 @@ def bad_files(tmp_path):
     (bad / "unreadable_checkpoint" / "ckpt.pt").write_bytes(b"PK\x03\x04 cut short")
     torch.save({"lora": {}}, bad / "not_a_checkpoint" / "ckpt.pt")
     # a checkpoint of another config in a folder without its config.json (deleted, or the file copied in)
-    torch.save(dict(epoch=0, reward_queries=4, history=[], config={"beta": 1.0}), bad / "another_config" / "ckpt.pt")
+    torch.save(dict(lora={}, optimizer={}, epoch=0, reward_queries=4, history=[], config={"beta": 1.0}),
+               bad / "another_config" / "ckpt.pt")
     (bad / "corrupt_config" / "config.json").write_text('{"lr": 0.0003, "epo')  # cut short
     return {p: p.read_bytes() for p in bad.rglob("*") if p.is_file()}
 
