@@ -11,6 +11,7 @@ import os
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from plumbing import runs
@@ -137,8 +138,12 @@ def load(unet, path):
     Layers come back with alpha = r and B = (alpha/r) B, the very tensors the saved model multiplied, so
     outputs are identical. (Resume training from `state_dict` instead: it keeps the original alpha.)"""
     path = os.path.join(path, FILE_NAME) if os.path.isdir(path) else str(path)
+    try:
+        saved = load_file(path)
+    except (OSError, SafetensorError) as e:  # unreadable; truncated, empty or not safetensors at all
+        raise ValueError(f"{path} is not a readable safetensors file ({e}); pass a {FILE_NAME} a trainer saved")
     sd = {}
-    for key, t in load_file(path).items():
+    for key, t in saved.items():
         name, _, kind = key.removeprefix("unet.").rpartition(".lora_")
         if not key.startswith("unet.") or kind not in ("A.weight", "B.weight"):
             raise ValueError(f"{path}: unexpected key {key!r}; expected a UNet LoRA in diffusers' format, "

@@ -69,13 +69,17 @@ def check_marks(prompts):
 
 def load_prompts(name_or_path):
     """Resolve a prompt set name (see prompt_sets()) or a text file with one prompt per line; exit
-    with one line on an unknown name, an empty file or malformed phrase marks."""
+    with one line on an unknown name, a file it cannot read as text, an empty file or malformed phrase marks."""
     sets = prompt_sets()
     if name_or_path in sets:
         return check_marks(list(sets[name_or_path]))
     if os.path.isfile(name_or_path):
-        with open(name_or_path, encoding="utf-8") as f:
-            prompts = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
+        try:
+            with open(name_or_path, encoding="utf-8") as f:
+                prompts = [l.strip() for l in f if l.strip() and not l.lstrip().startswith("#")]
+        except (OSError, UnicodeDecodeError) as e:  # no permission to read it; not text (a binary, another encoding)
+            raise SystemExit(f"error: cannot read prompt file {name_or_path} ({e}); it must be readable UTF-8 text, "
+                             "one prompt per line")
         if not prompts:
             raise SystemExit(f"error: prompt file {name_or_path} has no prompts; put one prompt per line")
         return check_marks(prompts)

@@ -12,7 +12,7 @@ import torch
 import pipelines
 import prompt_sets
 import sampling
-from plumbing import compiling, configurator, distributed, grids, mixed_precision
+from plumbing import compiling, configurator, distributed, grids, mixed_precision, runs
 from lora import FILE_NAME, load as load_lora, weights_file  # `lora` is this script's --lora option
 from plumbing.configurator import at_least, between, require  # the input checks
 
@@ -48,6 +48,8 @@ def main():
     require(not lora or weights_file(lora), f"--lora={lora}: no LoRA weights there; pass a run folder (out/<run>), "
                                          f"its lora/ folder or a {FILE_NAME} file")
     require(os.path.splitext(out)[1].lower() in (".png", ".jpg", ".jpeg"), f"--out must end in .png or .jpg, got {out!r}")
+    require(not os.path.isdir(out), f"--out={out} is a folder; pass the grid's file name, e.g. {out}/samples.png")
+    runs.check_writable(os.path.dirname(out) or ".")  # refused before sampling every image, not after
     distributed.check_device(device)
     mixed_precision.check(precision)
     compiling.check(compile)

@@ -103,7 +103,7 @@ def resolve():
     where = run.get("run_dir") or (os.path.dirname(cfg["lora"]) if lora else "out")
     label = "" if lora else "-" + os.path.basename(cfg["model"].rstrip("/"))
     cfg["out"] = out or os.path.join(where, f"eval{label}-{name}-{cfg['reward']}")
-    require(not os.path.isfile(cfg["out"]), f"--out={cfg['out']} is a file; pass a folder")
+    runs.check_writable(cfg["out"])  # a file in the way, no permission: refused before the evaluation, not after
     return cfg
 
 

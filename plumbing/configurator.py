@@ -12,7 +12,7 @@ and then calls `configure(globals())`, which overrides them from the command lin
 `--key=value` and `--key value` both work, a bare `--flag` sets a boolean to True (`--no-flag`
 sets it to False) and an auto/on/off switch such as `--compile` to on, dashes and underscores are the same, values are checked against the type of
 the default, `--help` lists every key with its default and comment, and an unknown key is an error
-that names the closest known keys. A number must be finite (`--lr=1e999` is refused).
+that names the closest known keys. A number must be finite (`--lr=nan`, `--lr=1e999` are refused).
 
 The scripts check their values at the top of main(), before anything loads or is written, with
 `require` (one line, `error: ...`, exit code 1) and its shorthands at_least, positive and between:
@@ -63,7 +63,10 @@ def _convert(key, text, default):
         try:
             value = ast.literal_eval(text)
         except (ValueError, SyntaxError):
-            value = None
+            try:  # nan, inf, -inf, Infinity: floats Python spells only this way, refused below as not finite
+                value = float(text)
+            except ValueError:
+                value = None
         if isinstance(default, int) and isinstance(value, float) and value.is_integer():
             value = int(value)  # allow --epochs=1e2
         ok = isinstance(value, int) if isinstance(default, int) else isinstance(value, (int, float))
@@ -95,16 +98,15 @@ def parse(argv, defaults, comments=None, doc=""):
             print(help_text(defaults, comments, doc))
             raise SystemExit(0)
         if not arg.startswith("--"):
-            raise SystemExit(f"error: unexpected argument {arg!r}; options look like --key=value")
+            hint = closest(arg.lstrip("-").partition("=")[0], defaults) if arg.startswith("-") else ""  # -lr=1
+            raise SystemExit(f"error: unexpected argument {arg!r}; options look like --key=value{hint}")
         key, eq, text = arg[2:].partition("=")
         key = key.replace("-", "_")
         negate = not eq and key.startswith("no_") and isinstance(defaults.get(key[3:]), bool)
         if negate:
             key = key[3:]
         if key not in defaults:
-            close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else "; see --help"
-            raise SystemExit(f"error: unknown option --{key}{hint}")
+            raise SystemExit(f"error: unknown option --{key}{closest(key, defaults) or '; see --help'}")
         default = defaults[key]
         if not eq:
             if isinstance(default, bool):
@@ -119,6 +121,13 @@ def parse(argv, defaults, comments=None, doc=""):
             i += 1
         config[key] = _convert(key, text, default)
     return config
+
+
+def closest(key, defaults):
+    """"; did you mean --lr?" naming the known options closest to `key` (any case: --LR is --lr), or ""."""
+    key = key.lower().replace("-", "_")
+    close = difflib.get_close_matches(key, list(defaults), n=3, cutoff=0.5)
+    return f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
 
 
 def help_text(defaults, comments, doc=""):

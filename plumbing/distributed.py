@@ -1,5 +1,6 @@
 """Processes: one per device under `torchrun --nproc_per_node=N` (gloo on CPU, NCCL on GPU), or a
-single process, and the two collectives the trainers need. Every rank must reach every collective.
+single process, and the collectives the trainers and their evaluation need. Every rank must reach every
+collective.
 """
 import os
 import re
@@ -49,7 +50,11 @@ def use_device(device):
 
 def setup(device="auto"):
     """Pick this process's device (use_device) and join the process group if torchrun started us.
-    Returns (ddp, rank, world_size, torch.device)."""
+    Returns (ddp, rank, world_size, torch.device).
+
+    The process group keeps torch's timeout (NCCL 10 minutes, gloo 30): a rank waits in a collective only
+    while another finishes its share of the same work or rank 0 writes the epoch's files, seconds. The
+    long work alone, the evaluation, is shared out over the ranks (sampling.evaluate), not waited for."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     dev = use_device(device)
     rank, world = 0, 1
@@ -57,6 +62,13 @@ def setup(device="auto"):
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
         rank, world = dist.get_rank(), dist.get_world_size()
     return ddp, rank, world, dev
+
+
+def rank_and_world():
+    """(this process's rank, the number of processes): (0, 1) in a run of one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def gather(x):
@@ -67,6 +79,18 @@ def gather(x):
     parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, x)
     return torch.cat(parts)
+
+
+def assemble(x):
+    """The whole of `x` on every rank, where each rank filled in its own part and left zeros elsewhere
+    (sampling.evaluate's images and rewards): a sum over the ranks, exact, since each element is one
+    rank's number plus zeros. NCCL sums on this process's GPU, gloo on the CPU; `x` comes back where it
+    was. `x` itself in a run of one process."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return x
+    y = x.to(torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(y)
+    return y.to(x.device)
 
 
 def average_gradients(params):

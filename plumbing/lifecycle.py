@@ -70,7 +70,7 @@ class Run:
         # ---- processes: one per device under torchrun, gloo on CPU and NCCL on GPU ------------------
         self.ddp, self.rank, self.world, self.dev = distributed.setup(c["device"])
         self.master = self.rank == 0
-        self.checkpoint = ck = runs.load_checkpoint(self.out)  # read now: a changed process count costs nothing
+        self.checkpoint = ck = runs.load_checkpoint(self.out, c)  # read now: a changed process count costs nothing
         if ck and ck.get("world_size", self.world) != self.world:
             raise SystemExit(f"error: {self.out} was trained with {ck['world_size']} processes and this run has "
                              f"{self.world}; the global batch and the random streams depend on it: resume with "
@@ -125,15 +125,16 @@ class Run:
     def epochs(self):
         """The epochs this invocation runs (from the resume point; --stop_after ends it early). Before
         epoch 0, the model before any update is evaluated: where the evaluation curve starts.
-        Evaluation runs on rank 0 alone (it holds no collective; the other ranks wait at the next one)."""
+        Every rank evaluates its share of the images (sampling.evaluate); rank 0 prints and writes."""
         c = self.config
         for epoch in range(self.start_epoch, c["epochs"]):
             if c["stop_after"] and epoch - self.start_epoch >= c["stop_after"]:
                 break
-            if epoch == 0 and self.master:
+            if epoch == 0:
                 self.eval_before = self.evaluate("eval_base.png", f"before training: plain sampling, guidance "
                                                                   f"{c['guidance']:g}")
-                print(f"evaluation reward before training: {self.eval_before:.4f}")
+                if self.master:
+                    print(f"evaluation reward before training: {self.eval_before:.4f}")
             self.t0 = time.time()
             yield epoch
 
@@ -146,9 +147,9 @@ class Run:
         rec = dict(epoch=epoch, explore=exploring, reward_mean=rewards.mean().item(),
                    reward_std=rewards.std().item() if len(rewards) > 1 else float("nan"), reward_queries=self.queries,
                    **diagnostics, skipped_updates=skipped, seconds=0.0)
-        if epoch == 0 and self.master:
+        if epoch == 0:
             rec["eval_before"] = self.eval_before
-        if self.master and ((epoch + 1) % c["eval_every"] == 0 or epoch == c["epochs"] - 1):
+        if (epoch + 1) % c["eval_every"] == 0 or epoch == c["epochs"] - 1:  # every rank: its share (sampling.evaluate)
             rec["eval_reward"] = self.evaluate(f"eval_{epoch:04d}.png", f"epoch {epoch}: plain sampling, guidance "
                                                                         f"{c['guidance']:g}")
         rec["seconds"] = round(time.time() - self.t0, 2)

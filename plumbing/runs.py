@@ -11,6 +11,7 @@ with a non-finite tensor is never written: the last good one stays.
 import json
 import os
 import sys
+import tempfile
 
 
 def atomic_write(path, write):
@@ -56,22 +57,50 @@ MAY_CHANGE = ("stop_after", "max_skips", "eval_batch_size", "wandb_log", "wandb_
               "tensorboard", "compile")
 
 
-def check_run(out, config, ignore=MAY_CHANGE):
-    """Refuse a run folder that holds a run with a different config: re-running the same command
-    resumes, but a different config in the same folder would silently mix two experiments in one
-    log. Keys in `ignore` may differ (MAY_CHANGE). Cheap: call it before any model loads."""
-    path = os.path.join(out, "config.json")
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        old = json.load(f)
+def check_writable(folder, option="--out"):
+    """Refuse, in one line and before anything loads, a folder this script cannot write into (a file in
+    its way, no permission, a read-only disk): it would fail at its first write, after its model loaded
+    (and sample.py after sampling every image). Tried for real, since root passes os.access everywhere:
+    a temporary file in the folder, or in the nearest part of its path that exists, made and gone."""
+    path = os.path.abspath(folder)
+    while not os.path.exists(path):
+        path = os.path.dirname(path)
+    try:
+        if not os.path.isdir(path):
+            raise NotADirectoryError(f"{path} is a file")
+        tempfile.TemporaryFile(dir=path).close()
+    except OSError as e:
+        raise SystemExit(f"error: cannot write to {folder} ({e}); pass {option}=<somewhere you can write to>")
+
+
+def config_differs(out, old, config, ignore, what):
+    """Refuse `config` where it differs from the `old` one (`what` held it) in a key not in `ignore`."""
     diff = [k for k in sorted(set(old) | set(config))
             if k not in ignore and old.get(k, ADDED_OPTIONS.get(k)) != config.get(k)]
     if diff:
         k = diff[0]
-        raise SystemExit(f"error: {out} holds a run with a different config ({k}: {old.get(k)!r} -> "
+        raise SystemExit(f"error: {out} holds {what} with a different config ({k}: {old.get(k)!r} -> "
                          f"{config.get(k)!r}); re-run with the same options to resume, or pass "
                          f"--out=<new folder> (or delete {out}) to start fresh")
+
+
+def check_run(out, config, ignore=MAY_CHANGE):
+    """Refuse a run folder that cannot be written, or holds a run with a different config: re-running
+    the same command resumes, but a different config in the same folder would silently mix two
+    experiments in one log. Keys in `ignore` may differ (MAY_CHANGE). Cheap: call it before any model loads."""
+    check_writable(out)
+    path = os.path.join(out, "config.json")
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        old = e
+    if not isinstance(old, dict):
+        raise SystemExit(f"error: {path} is not a run's config ({old}); pass --out=<new folder> (or delete {out}) "
+                         "to start fresh")
+    config_differs(out, old, config, ignore, "a run")
 
 
 def prepare_run(out, config, ignore=MAY_CHANGE):
@@ -81,18 +110,30 @@ def prepare_run(out, config, ignore=MAY_CHANGE):
     write_text(os.path.join(out, "config.json"), json.dumps(config, indent=2) + "\n")
 
 
-def load_checkpoint(out):
+RESUME_KEYS = ("lora", "optimizer", "epoch", "reward_queries", "history")  # in every trainer's checkpoint
+
+
+def load_checkpoint(out, config=None, ignore=MAY_CHANGE):
     """The run's resume checkpoint (a dict), or None if it has none yet. Loaded with
-    weights_only=True: tensors and plain data only, so a checkpoint cannot run code."""
+    weights_only=True: tensors and plain data only, so a checkpoint cannot run code. Refused in one
+    line, and left as it is: a file torch cannot read, one that is not a resume checkpoint, or one
+    written with another `config` than this run's (config.json deleted, or the file copied in)."""
     import torch
     path = os.path.join(out, "ckpt.pt")
     if not os.path.exists(path):
         return None
+    fresh = f"pass --out=<new folder> (or delete {out}) to start afresh"
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        ck = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise SystemExit(f"error: cannot read the checkpoint {path} ({str(e).splitlines()[0]}); "
-                         f"pass --out=<new folder> (or delete {out}) to start afresh")
+        raise SystemExit(f"error: cannot read the checkpoint {path} ({str(e).splitlines()[0]}); {fresh}")
+    missing = [k for k in RESUME_KEYS if k not in ck] if isinstance(ck, dict) else None
+    if missing != []:
+        what = f"a dict without {', '.join(missing)}" if isinstance(ck, dict) else f"a {type(ck).__name__}"
+        raise SystemExit(f"error: {path} is not a resume checkpoint ({what}); {fresh}")
+    if config is not None and "config" in ck:
+        config_differs(out, ck["config"], config, ignore, f"a checkpoint ({path})")
+    return ck
 
 
 def non_finite(obj, where=""):

@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Every script gets the options that keep a missed check cheap ({model}: a folder that does not
 # exist, so a trainer that got past its checks fails at the model; {tiny}: the tiny SD-shaped model,
-# for the scripts that check it exists; {out}: where it would write).
+# for the scripts that check it exists; {out}: where it would write; {bad}: the bad files of bad_files).
 COMMON = {
     "train_ddpo": ["--model={model}", "--prompts={prompts}", "--reward=jpeg_incompressibility", "--out={out}"],
     "train_alignprop": ["--model={model}", "--prompts={prompts}", "--reward=shapes_appeal", "--out={out}"],
@@ -81,17 +81,76 @@ ROWS = [
     ("experiments.evaluate", ["--revision=v1"], "--revision=v1 pins a hub model's version, but"),
     ("experiments.evaluate", ["--baseline={out}/table.json"], "not a table.json of experiments/evaluate.py"),
     ("experiments.evaluate", ["--model={model}"], "no diffusers folder at"),
+    # prompt files that are not UTF-8 text, have unbalanced phrase marks, or no prompts
+    ("train_ddpo", ["--prompts={bad}/latin1.txt"], "cannot read prompt file"),
+    ("train_alignprop", ["--prompts={bad}/unbalanced.txt"], "unbalanced '(' in prompt 'a (red circle'"),
+    ("train_prdp", ["--prompts={bad}/empty.txt"], "has no prompts"),
+    ("sample", ["--prompts={bad}/latin1.txt"], "cannot read prompt file"),
+    ("experiments.compare", ["--prompts={bad}/unbalanced.txt"], "unbalanced '(' in prompt"),
+    ("experiments.evaluate", ["--prompts={bad}/latin1.txt"], "cannot read prompt file"),
+    # an unknown option close to a known one, in another case or with one dash
+    ("train_ddpo", ["--LR=1e-4"], "unknown option --LR; did you mean --lr?"),
+    ("train_prdp", ["-lr=1e-4"], "unexpected argument '-lr=1e-4'; options look like --key=value; did you mean --lr?"),
+    ("sample", ["--LORA=x"], "unknown option --LORA; did you mean --lora"),
+    ("experiments.compare", ["--args=--LR=1e-4"], "in --args (train_ddpo.py): unknown option --LR; did you mean --lr?"),
+    # nan and inf in a numeric option
+    ("train_ddpo", ["--lr=nan"], "--lr expects a finite number, got 'nan'"),
+    ("train_alignprop", ["--guidance=inf"], "--guidance expects a finite number, got 'inf'"),
+    ("train_prdp", ["--beta=-inf"], "--beta expects a finite number, got '-inf'"),
+    ("sample", ["--guidance=NaN"], "--guidance expects a finite number, got 'NaN'"),
+    ("experiments.compare", ["--args=--eta=nan"], "in --args (train_ddpo.py): --eta expects a finite number, got 'nan'"),
+    # somewhere that cannot be written: a file in the way
+    ("train_ddpo", ["--out={bad}/a_file/run"], "is a file); pass --out=<somewhere you can write to>"),
+    ("train_alignprop", ["--out={bad}/a_file/run"], "is a file); pass --out=<somewhere you can write to>"),
+    ("train_prdp", ["--out={bad}/a_file"], "is a file); pass --out=<somewhere you can write to>"),
+    ("sample", ["--out={bad}/a_file/grid.png"], "is a file); pass --out=<somewhere you can write to>"),
+    ("experiments.compare", ["--out={bad}/a_file/compare"], "is a file); pass --out=<somewhere you can write to>"),
+    ("experiments.evaluate", ["--out={bad}/a_file/eval"], "is a file); pass --out=<somewhere you can write to>"),
+    # run folders whose checkpoint, config or LoRA file is corrupt, or not this run's (left as they are)
+    ("train_ddpo", ["--out={bad}/unreadable_checkpoint"], "cannot read the checkpoint"),
+    ("train_alignprop", ["--out={bad}/not_a_checkpoint"], "ckpt.pt is not a resume checkpoint (a dict without optimizer, epoch"),
+    ("train_prdp", ["--out={bad}/another_config"], "ckpt.pt) with a different config (beta: 1.0 -> 100.0)"),
+    ("train_ddpo", ["--out={bad}/corrupt_config"], "config.json is not a run's config"),
+    ("sample", ["--model={tiny}", "--lora={bad}/corrupt.safetensors"], "corrupt.safetensors is not a readable safetensors"),
+    ("experiments.evaluate", ["--lora={bad}/corrupt.safetensors"], "corrupt.safetensors is not a readable safetensors"),
 ]
 IDS = [f"{script}{''.join(args)}" for script, args, _ in ROWS]
 
 
 def command(script, args, tmp_path, tiny, prompts):
-    fill = dict(model=tmp_path / "no_such_model", out=tmp_path / "out", tiny=tiny, prompts=prompts)
+    fill = dict(model=tmp_path / "no_such_model", out=tmp_path / "out", tiny=tiny, prompts=prompts, bad=tmp_path / "bad")
     return [a.format(**fill) for a in COMMON[script] + args]
 
 
+@pytest.fixture
+def bad_files(tmp_path):
+    """The bad files the rows name as {bad}/...; returns a snapshot of them (path -> bytes), to check
+    that a refusal left them as they were."""
+    import torch
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "latin1.txt").write_bytes("a (caf\xe9) on a (dark background)\n".encode("latin-1"))  # not UTF-8
+    (bad / "unbalanced.txt").write_text("a (red circle\n")
+    (bad / "empty.txt").write_text("# only a comment\n\n")
+    (bad / "a_file").write_text("in the way of a folder\n")
+    (bad / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # cut short
+    for name in ("unreadable_checkpoint", "not_a_checkpoint", "another_config", "corrupt_config"):
+        (bad / name).mkdir()
+    (bad / "unreadable_checkpoint" / "ckpt.pt").write_bytes(b"PK\x03\x04 cut short")
+    torch.save({"lora": {}}, bad / "not_a_checkpoint" / "ckpt.pt")
+    # a checkpoint of another config in a folder without its config.json (deleted, or the file copied in)
+    torch.save(dict(lora={}, optimizer={}, epoch=0, reward_queries=4, history=[], config={"beta": 1.0}),
+               bad / "another_config" / "ckpt.pt")
+    (bad / "corrupt_config" / "config.json").write_text('{"lr": 0.0003, "epo')  # cut short
+    return {p: p.read_bytes() for p in bad.rglob("*") if p.is_file()}
+
+
+def unchanged(bad_files, tmp_path):
+    return {p: p.read_bytes() for p in (tmp_path / "bad").rglob("*") if p.is_file()} == bad_files
+
+
 @pytest.mark.parametrize("script, args, message", ROWS, ids=IDS)
-def test_in_process(script, args, message, tmp_path, tiny_pipeline_dir, prompt_file, monkeypatch):
+def test_in_process(script, args, message, tmp_path, tiny_pipeline_dir, prompt_file, bad_files, monkeypatch):
     import sampling
     from shapes import build as shapes_build
     from shapes import models as shapes_models
@@ -107,12 +166,12 @@ def test_in_process(script, args, message, tmp_path, tiny_pipeline_dir, prompt_f
         runpy.run_module(script, run_name="__main__", alter_sys=True)
     msg = str(e.value)
     assert msg.startswith("error: ") and "\n" not in msg and message in msg, msg
-    assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "out").exists() and unchanged(bad_files, tmp_path)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("script, args, message", ROWS, ids=IDS)
-def test_as_a_subprocess(script, args, message, tmp_path, tiny_pipeline_dir, prompt_file):
+def test_as_a_subprocess(script, args, message, tmp_path, tiny_pipeline_dir, prompt_file, bad_files):
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                SHAPES_CACHE=str(tmp_path / "cache"),  # a missed check must not build into the real cache
                TQDM_DISABLE="1")  # the model-loading bars of the row that needs the model
@@ -121,4 +180,4 @@ def test_as_a_subprocess(script, args, message, tmp_path, tiny_pipeline_dir, pro
     lines = res.stderr.splitlines()
     assert res.returncode != 0 and len(lines) == 1, res.stderr[-2000:]
     assert lines[0].startswith("error: ") and message in lines[0], lines[0]
-    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cache").exists() and unchanged(bad_files, tmp_path)

@@ -162,6 +162,50 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
     assert read_log(tmp_path / "one")[0]["reward_mean"] == pytest.approx(read_log(tmp_path / "two")[0]["reward_mean"])
 
 
+# train_ddpo.py under a process group timeout of 10 s, with each evaluation batch 4 s slower than it is
+# (3 batches: 12 s an evaluation, longer than the timeout, as an SDXL recipe's on a slower card is longer
+# than NCCL's 10 minutes)
+SLOW_EVALUATION = """
+import datetime, runpy, sys, time
+sys.path.insert(0, {root!r})
+import torch.distributed as dist
+import sampling
+
+init_process_group = dist.init_process_group
+dist.init_process_group = lambda *a, **k: init_process_group(*a, **k, timeout=datetime.timedelta(seconds=10))
+evaluate = sampling.evaluate
+
+def slow_evaluate(pipe, reward_fn, *a, **k):
+    def slow_reward(images, prompts):
+        time.sleep(4)
+        return reward_fn(images, prompts)
+    return evaluate(pipe, slow_reward, *a, **k)
+
+sampling.evaluate = slow_evaluate
+runpy.run_path({script!r}, run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_an_evaluation_longer_than_the_process_group_timeout(tiny_pipeline_dir, prompt_file, tmp_path):
+    """Every rank evaluates its share of the images, so no rank waits in a collective while another
+    evaluates alone: an evaluation longer than the timeout does not end the run (rank 0 alone made the
+    other rank wait 12 s in the epoch's first collective, and gloo gave up after 10). Its numbers are one
+    process's: the same micro-batches of the same noise (3 batches: rank 0 takes two, rank 1 one)."""
+    wrapper = tmp_path / "slow_evaluation.py"
+    wrapper.write_text(SLOW_EVALUATION.format(root=ROOT, script=os.path.join(ROOT, "train_ddpo.py")))
+    evaluation = ["--epochs=1", "--eval_prompts=3", "--eval_seeds=1", "--eval_batch_size=1"]
+    res = torchrun(str(wrapper), *small(tiny_pipeline_dir, prompt_file, tmp_path / "two", *evaluation,
+                                        "--num_batches=1", "--grad_accum=1"))
+    assert res.returncode == 0, res.stderr[-2000:]
+    run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, tmp_path / "one", *evaluation,
+                                     "--num_batches=2", "--grad_accum=2"))
+    one, two = read_log(tmp_path / "one")[0], read_log(tmp_path / "two")[0]
+    assert two["eval_before"] == pytest.approx(one["eval_before"], rel=1e-6)
+    assert two["eval_reward"] == pytest.approx(one["eval_reward"], rel=1e-4)  # after an update: as the LoRA weights match
+    assert (tmp_path / "two" / "eval_0000.png").exists()
+
+
 @pytest.mark.parametrize("flags, message", [
     (["--reward=beauty"], "beauty"),
     (["--prompts=no_such_set"], "unknown prompt set"),

@@ -170,7 +170,8 @@ def test_resume_with_another_process_count_is_refused(tiny_pipeline_dir, prompt_
 # ---- checkpoints and files -------------------------------------------------------------------------
 
 def test_a_checkpoint_with_a_nan_weight_is_refused_and_the_old_one_kept(tmp_path):
-    good = dict(lora={"a.lora_B": torch.ones(2, 2), "a.alpha": 4.0}, epoch=3, history=[dict(reward_mean=1.0)])
+    good = dict(lora={"a.lora_B": torch.ones(2, 2), "a.alpha": 4.0}, optimizer={}, epoch=3, reward_queries=8,
+                history=[dict(reward_mean=1.0)])
     runs.save_checkpoint(tmp_path, good)
     bad = dict(good, lora={"a.lora_B": torch.tensor([[1.0, float("nan")], [0.0, 0.0]]), "a.alpha": 4.0}, epoch=4)
     assert runs.non_finite(bad) == "lora/a.lora_B"
