@@ -6,6 +6,7 @@ reward-curve figure.
 """
 import json
 import os
+import random
 import statistics
 
 from plumbing import runs
@@ -50,23 +51,39 @@ def band(per_point):
     return dict(mean=[statistics.fmean(v) for v in per_point], std=[mean_std(v)["std"] for v in per_point])
 
 
+# Student's t quantiles for 1..40 degrees of freedom (above 40: the 40-df value, slightly wide),
+# from standard tables; tests/test_compare.py checks them against the t density integrated numerically.
 T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
-         2.120, 2.110, 2.101, 2.093, 2.086]  # Student's t, 97.5% quantile, 1..20 degrees of freedom
+         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042,
+         2.040, 2.037, 2.035, 2.032, 2.030, 2.028, 2.026, 2.024, 2.023, 2.021]  # 97.5%: two-sided 95% intervals
+T_80 = [1.376, 1.061, 0.978, 0.941, 0.920, 0.906, 0.896, 0.889, 0.883, 0.879, 0.876, 0.873, 0.870, 0.868, 0.866,
+        0.865, 0.863, 0.862, 0.861, 0.860, 0.859, 0.858, 0.858, 0.857, 0.856, 0.856, 0.855, 0.855, 0.854, 0.854,
+        0.853, 0.853, 0.853, 0.852, 0.852, 0.852, 0.851, 0.851, 0.851, 0.851]  # 80%: power 0.8
+
+
+def t_quantile(table, df):
+    return table[min(max(int(df), 1), len(table)) - 1]
+
+
+def difference(mean, se, df, n, words=("helps", "hurts")):
+    """A mean difference with standard error `se` on `df` degrees of freedom: its 95% t-interval,
+    what the interval supports (the first word when it lies above 0, the second when below, else
+    "no difference"), and the smallest true difference this design detects with 80% power at the 5%
+    level, (t_0.975 + t_0.8) se: an effect smaller than it may well pass as "no difference"."""
+    half = t_quantile(T_975, df) * se
+    verdict = words[0] if mean - half > 0 else words[1] if mean + half < 0 else "no difference"
+    return dict(mean=mean, low=mean - half, high=mean + half, n=n, verdict=verdict,
+                detectable=(t_quantile(T_975, df) + t_quantile(T_80, df)) * se)
 
 
 def mean_interval(values):
-    """The mean of `values` and the half-width of its 95% t-interval (inf for a single value; above
-    20 degrees of freedom the 20-df quantile, slightly wide)."""
-    mean = statistics.fmean(values)
-    n = len(values)
-    return mean, T_975[min(n - 1, len(T_975)) - 1] * statistics.stdev(values) / n ** 0.5 if n > 1 else float("inf")
+    """The mean of `values` and the half-width of its 95% t-interval (inf for a single value)."""
+    d = difference(statistics.fmean(values), standard_error(values), len(values) - 1, len(values))
+    return d["mean"], d["high"] - d["mean"]
 
 
-def difference(mean, half, n, words=("helps", "hurts")):
-    """A mean difference with its 95% interval's half-width, and what the interval supports: the
-    first word when it lies above 0, the second when below, else "no difference"."""
-    verdict = words[0] if mean - half > 0 else words[1] if mean + half < 0 else "no difference"
-    return dict(mean=mean, low=mean - half, high=mean + half, n=n, verdict=verdict)
+def standard_error(values):
+    return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("inf")
 
 
 def paired_difference(arm_values, base_values):
@@ -74,26 +91,51 @@ def paired_difference(arm_values, base_values):
     paired design), with the mean difference's 95% t-interval and what it supports: "helps" or
     "hurts" when the interval excludes 0, else "no difference"."""
     d = [a - b for a, b in zip(arm_values, base_values)]
-    return difference(*mean_interval(d), len(d))
+    return difference(statistics.fmean(d), standard_error(d), len(d) - 1, len(d))
 
 
 def unpaired_difference(a_values, b_values):
     """Mean of a minus mean of b over independent runs (two trainers: no seed pairs their runs),
     with Welch's 95% t-interval (Welch-Satterthwaite degrees of freedom, rounded down, so the
-    interval is slightly wide; above 20, the 20-df quantile) and "higher", "lower" or "no difference"."""
+    interval is slightly wide) and "higher", "lower" or "no difference"."""
     na, nb = len(a_values), len(b_values)
     mean = statistics.fmean(a_values) - statistics.fmean(b_values)
     if min(na, nb) < 2:
-        half = float("inf")
-    else:  # squared standard errors of the two means; both 0: no spread, a zero-width interval
-        va, vb = statistics.variance(a_values) / na, statistics.variance(b_values) / nb
-        df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)) if va + vb > 0 else na + nb - 2
-        half = T_975[min(max(int(df), 1), len(T_975)) - 1] * (va + vb) ** 0.5
-    return difference(mean, half, (na, nb), ("higher", "lower"))
+        return difference(mean, float("inf"), 1, (na, nb), ("higher", "lower"))
+    # squared standard errors of the two means; both 0: no spread, a zero-width interval
+    va, vb = statistics.variance(a_values) / na, statistics.variance(b_values) / nb
+    df = (va + vb) ** 2 / (va ** 2 / (na - 1) + vb ** 2 / (nb - 1)) if va + vb > 0 else na + nb - 2
+    return difference(mean, (va + vb) ** 0.5, df, (na, nb), ("higher", "lower"))
+
+
+def seeds_for(sd, half_width, most=40):
+    """The fewest paired seeds whose 95% t-interval of the mean difference has half-width at most
+    `half_width`, when the differences spread with standard deviation `sd` (None: more than `most`)."""
+    return next((n for n in range(2, most + 1) if t_quantile(T_975, n - 1) * sd / n ** 0.5 <= half_width), None)
+
+
+def queries_interval(queries, arm_curves, base_curves, draws=2000, seed=0):
+    """The reward queries an arm needs to reach the baseline's final evaluation reward, as a ratio to
+    the queries the baseline needs (both on the mean curve over seeds, as the table's column), with a
+    95% percentile bootstrap interval over seeds: seeds are resampled with replacement, the same
+    seeds for both arms (the design pairs them); a resample whose arm never reaches counts as
+    infinite. Curves: [seed][evaluation point], on the evaluation points' `queries`."""
+    rng, n, ratios = random.Random(seed), len(arm_curves), []
+    for _ in range(draws):
+        idx = [rng.randrange(n) for _ in range(n)]
+        mean = lambda curves: [statistics.fmean(curves[i][j] for i in idx) for j in range(len(queries))]
+        base = mean(base_curves)
+        q_base, q = queries_to_reach(queries, base, base[-1]), queries_to_reach(queries, mean(arm_curves), base[-1])
+        if q_base:  # 0: the untrained model is already there, no ratio
+            ratios.append(float("inf") if q is None else q / q_base)
+    if not ratios:
+        return None
+    ratios.sort()
+    return dict(low=ratios[int(0.025 * len(ratios))], high=ratios[int(0.975 * len(ratios)) - 1], draws=len(ratios))
 
 
 def summarise(run_list, evals, trained_evals):
-    arms = {}
+    arms, seed_curves = {}, {}
     for arm in dict.fromkeys(r["arm"] for r in run_list):
         logs = [read_log(r["dir"]) for r in run_list if r["arm"] == arm]
         queries = [h["reward_queries"] for h in logs[0]]
@@ -102,6 +144,7 @@ def summarise(run_list, evals, trained_evals):
                 any([q for q, _ in c] != [q for q, _ in curves[0]] for c in curves):
             raise SystemExit(f"error: the runs of arm {arm} logged different reward-query counts; "
                              "their folders hold runs of different lengths")
+        seed_curves[arm] = [[r for _, r in c] for c in curves]
         names = [r["name"] for r in run_list if r["arm"] == arm]
         arms[arm] = dict(
             flags=next(r["flags"] for r in run_list if r["arm"] == arm),
@@ -119,9 +162,11 @@ def summarise(run_list, evals, trained_evals):
             train_seconds=sum(h["seconds"] for log in logs for h in log))
     target = arms["baseline"]["final_eval"]["mean"]
     base = arms["baseline"]
-    for a in arms.values():
+    for name, a in arms.items():
         a["queries_to_baseline"] = queries_to_reach(a["curve"]["queries"], a["curve"]["mean"], target)
         if a is not base:  # seed s of this arm against seed s of the baseline
+            a["queries_ratio_interval"] = queries_interval(a["curve"]["queries"], seed_curves[name],
+                                                           seed_curves["baseline"])
             pair = lambda key, sub=None: paired_difference(*[(x[key][sub] if sub else x[key])["per_seed"] for x in (a, base)])
             a["paired"] = dict(final_eval=pair("final_eval"), heldout_reward=pair("heldout_reward"),
                                **{f"trained {m}": pair("trained_metrics", m) for m in a["trained_metrics"]},
@@ -147,11 +192,13 @@ def arm_differences(summary, other):
 
 
 def difference_rows(by_arm):
-    """Markdown table rows of differences: one row per arm, one column per measure."""
+    """Markdown table rows of differences: one row per arm, one column per measure, and last the
+    smallest final-eval difference the design detects (80% power, 5% level)."""
     cols = list(next(iter(by_arm.values())))
-    return (["| arm | " + " | ".join(col.replace("_", " ") for col in cols) + " |", "|---|" + "---|" * len(cols)]
+    return (["| arm | " + " | ".join(col.replace("_", " ") for col in cols) + " | final eval: smallest detectable |",
+             "|---|" + "---|" * (len(cols) + 1)]
             + [f"| {name} | " + " | ".join(f"{d[k]['mean']:+.4f} [{d[k]['low']:+.4f}, {d[k]['high']:+.4f}] {d[k]['verdict']}"
-                                           for k in cols) + " |" for name, d in by_arm.items()])
+                                           for k in cols) + f" | ±{d[cols[0]]['detectable']:.4f} |" for name, d in by_arm.items()])
 
 
 def table_markdown(summary):
@@ -173,8 +220,12 @@ def table_markdown(summary):
         q = a["queries_to_baseline"]
         ratio = f" ({q / base_q:.2f}x)" if q is not None and base_q else ""
         # 0: the baseline ended no higher than the untrained model, which already "reaches" it
+        b = a.get("queries_ratio_interval") if q != 0 and c["seeds"] > 1 else None  # the bootstrap over seeds
         q = ("not reached" if q is None else "0 (the untrained model is there)" if q == 0
              else (f"{q:.0f}" if q >= 100 else f"{q:.1f}") + ratio)
+        if b:
+            end = lambda x: "not reached" if x == float("inf") else f"{x:.2f}x"
+            q += f"; 95% bootstrap [{end(b['low'])}, {end(b['high'])}]"
         lines.append(f"| {name} | {pm(a['final_eval'])} | {q} | {pm(a['final_train'])} | "
                      f"{pm(a['heldout_reward'])} | " + "".join(f"{pm(v)} | " for v in a["heldout_metrics"].values())
                      + f"{pm(a['heldout_diversity'])} |")

@@ -352,6 +352,43 @@ def test_paired_difference_against_a_hand_computation():
     assert compare_stats.paired_difference([5.0, 7.0, 9.0, 11.0], [4.9, 6.8, 8.95, 10.9])["verdict"] == "helps"
 
 
+def t_cdf(x, df, steps=20000):
+    """Student's t distribution function by Simpson's rule on its density (independent of the tables)."""
+    import math
+    c = math.gamma((df + 1) / 2) / (math.sqrt(df * math.pi) * math.gamma(df / 2))
+    f = lambda u: c * (1 + u * u / df) ** (-(df + 1) / 2)
+    h = x / steps
+    return 0.5 + h / 3 * sum((1 if i in (0, steps) else 4 if i % 2 else 2) * f(i * h) for i in range(steps + 1))
+
+
+def test_t_quantile_tables_against_the_t_distribution():
+    for df in range(1, 41):
+        assert t_cdf(compare_stats.T_975[df - 1], df) == pytest.approx(0.975, abs=2e-4), df
+        assert t_cdf(compare_stats.T_80[df - 1], df) == pytest.approx(0.80, abs=2e-4), df
+
+
+def test_smallest_detectable_effect_and_seeds_needed_against_hand_computations():
+    # differences 0.1, 0.3, 0.2: sd 0.1, se 0.1 / sqrt(3); 2 df: (4.303 + 1.061) se
+    p = compare_stats.paired_difference([1.1, 2.3, 3.2], [1.0, 2.0, 3.0])
+    assert p["detectable"] == pytest.approx((4.303 + 1.061) * 0.1 / 3 ** 0.5)
+    # sd 0.727 (the 5 seeds' DDPO explore - baseline), half-width 0.3: 25 seeds give 2.064 * 0.727 / 5 = 0.3001,
+    # 26 give 2.060 * 0.727 / sqrt(26) = 0.2937
+    assert compare_stats.seeds_for(0.727, 0.3) == 26
+    assert compare_stats.seeds_for(0.1, 1.0) == 2 and compare_stats.seeds_for(10.0, 0.1) is None
+
+
+def test_queries_interval_bootstraps_seeds_in_pairs():
+    queries = [0, 10, 20, 30]
+    base = [[0.0, 1.0, 2.0, 3.0], [0.0, 1.5, 2.5, 3.5], [0.0, 0.5, 1.5, 2.5]]
+    same = compare_stats.queries_interval(queries, base, base)
+    assert (same["low"], same["high"]) == (1.0, 1.0)  # an arm identical to the baseline: 1x in every resample
+    faster = [[0.0, 3.0, 4.0, 5.0], [0.0, 3.5, 4.5, 5.5], [0.0, 2.5, 3.5, 4.5]]  # +2 from the first evaluation on
+    f = compare_stats.queries_interval(queries, faster, base)
+    assert f["high"] < 1.0 and f["low"] > 0
+    never = compare_stats.queries_interval(queries, [[0.0, 0.0, 0.0, 0.0]] * 3, base)
+    assert never["low"] == never["high"] == float("inf")
+
+
 def test_unpaired_difference_against_a_hand_computation():
     # a: mean 2, variance 1; b: mean 6, variance 20/3. Squared standard errors 1/3 and 5/3, sum 2;
     # Welch-Satterthwaite df = 2^2 / ((1/3)^2 / 2 + (5/3)^2 / 3) = 4.08 -> 4, t = 2.776
