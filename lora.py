@@ -86,15 +86,30 @@ def state_dict(unet):
             for name, m in layers(unet).items() for key in ("lora_A", "lora_B", "alpha")}
 
 
-def load_state_dict(unet, sd, source="state dict"):
-    """Restore what `state_dict` returned, bit for bit; a UNet without LoRA gets the saved layers first."""
+def misfit(unet, sd):
+    """Why the LoRA layers `sd` (what `state_dict` returned) cannot go into `unet`, in one line; None
+    if they fit: every saved layer complete, and an nn.Linear of this UNet of the saved sizes
+    (A [r, in], B [out, r]). A resume checkpoint of another model behind the same --model fails here."""
     saved = list(dict.fromkeys(k.rpartition(".")[0] for k in sd))  # module paths, in saved order
     if bad := [n for n in saved if {n + ".lora_A", n + ".lora_B", n + ".alpha"} - sd.keys()]:
-        raise ValueError(f"{source}: {bad[0]!r} lacks one of lora_A, lora_B and alpha")
+        return f"{bad[0]!r} lacks one of lora_A, lora_B and alpha"
+    modules = dict(unet.named_modules())
+    for n in saved:
+        m, (r, d_in), (d_out, r_b) = modules.get(n), sd[n + ".lora_A"].shape, sd[n + ".lora_B"].shape
+        if not isinstance(m, nn.Linear):
+            return f"{n!r} is not an nn.Linear of this UNet"
+        if (d_in, d_out, r) != (m.in_features, m.out_features, r_b):
+            return (f"{n!r}: the saved A {(r, d_in)} and B {(d_out, r_b)} do not fit this UNet's {m.in_features} -> "
+                    f"{m.out_features} layer")
+    return None
+
+
+def load_state_dict(unet, sd, source="state dict"):
+    """Restore what `state_dict` returned, bit for bit; a UNet without LoRA gets the saved layers first."""
+    if why := misfit(unet, sd):
+        raise ValueError(f"{source}: {why}; saved from another model?")
+    saved = list(dict.fromkeys(k.rpartition(".")[0] for k in sd))  # module paths, in saved order
     if not layers(unet):
-        modules = dict(unet.named_modules())
-        if bad := [n for n in saved if not isinstance(modules.get(n), nn.Linear)]:
-            raise ValueError(f"{source}: {bad[0]!r} is not an nn.Linear of this UNet; saved from another model?")
         _wrap(unet, saved, [sd[n + ".lora_A"].shape[0] for n in saved], [float(sd[n + ".alpha"]) for n in saved])
     ours = {n: (tuple(m.lora_A.shape), tuple(m.lora_B.shape)) for n, m in layers(unet).items()}
     theirs = {n: (tuple(sd[n + ".lora_A"].shape), tuple(sd[n + ".lora_B"].shape)) for n in saved}

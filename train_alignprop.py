@@ -212,9 +212,7 @@ def main(check_only=False, observer=None):
     uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
     pipe.scheduler.set_timesteps(num_steps)
     schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low for t > t_thres
-    if run.checkpoint:  # resume
-        lora.load_state_dict(unet, run.checkpoint["lora"])
-        optimizer.load_state_dict(run.checkpoint["optimizer"])
+    run.resume(unet, optimizer)  # from the run's checkpoint, if it has one
 
     for epoch in run.epochs():  # (the evaluation before any update, at epoch 0)
         exploring = explore and explore_active(epoch, epochs, explore_frac)

@@ -182,10 +182,8 @@ def main(check_only=False, observer=None):
 
     # ---- resume: the checkpoint holds everything the next epoch depends on ---------------------
     buffers = defaultdict(list)  # each prompt's recent rewards (per_prompt_advantages)
-    if run.checkpoint:
-        lora.load_state_dict(unet, run.checkpoint["lora"])
-        optimizer.load_state_dict(run.checkpoint["optimizer"])
-        buffers.update(run.checkpoint["buffers"])
+    if ck := run.resume(unet, optimizer):  # from the run's checkpoint, if it has one
+        buffers.update(ck["buffers"])
 
     for epoch in run.epochs():  # (the evaluation before any update, at epoch 0)
         exploring = explore and explore_active(epoch, epochs, explore_frac)

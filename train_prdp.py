@@ -199,9 +199,7 @@ def main(check_only=False, observer=None):
     timesteps = scheduler.timesteps
     num_batches = prompts_per_epoch * images_per_prompt // sample_batch_size  # sampling calls per epoch
     uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
-    if run.checkpoint:  # resume
-        lora.load_state_dict(unet, run.checkpoint["lora"])
-        optimizer.load_state_dict(run.checkpoint["optimizer"])
+    run.resume(unet, optimizer)  # from the run's checkpoint, if it has one
 
     for epoch in run.epochs():  # (the evaluation before any update, at epoch 0)
         exploring = explore and explore_active(epoch, epochs, explore_frac)

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+import lora
 import pipelines
 import prompt_sets
 import rewards
@@ -87,7 +88,10 @@ class Run:
         T = self.pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's timesteps
         require(c["num_steps"] <= T, f"--num_steps must be <= the model's {T} training timesteps, got {c['num_steps']}")
         require(c["t_thres"] < T, f"--t_thres must be below the model's {T} training timesteps, got {c['t_thres']}")
-        if self.master:  # only now: a bad reward, model or prompt set leaves nothing on disk
+        if ck and (why := lora.misfit(self.pipe.unet, ck["lora"])):  # another model behind the same --model
+            raise SystemExit(f"error: {self.out}/ckpt.pt was saved from another model than --model={c['model']} "
+                             f"({why}); pass --out=<new folder> (or delete {self.out}) to start afresh")
+        if self.master:  # only now: a bad reward, model, prompt set or checkpoint leaves nothing on disk
             runs.prepare_run(self.out, c)
         self.dash = dashboards.Dashboards(self.out, c, enabled=self.master)  # wandb / TensorBoard, if asked
 
@@ -102,6 +106,14 @@ class Run:
         self.skips = runs.Skips(c["max_skips"], self.out, verbose=self.master)  # the fail-safe for NaN and inf
         if observer:
             observer.loaded(self)
+
+    def resume(self, unet, optimizer):
+        """Put the resume checkpoint's LoRA weights (checked against the UNet when the run started)
+        and optimizer state back; returns the checkpoint, None for a fresh run."""
+        if self.checkpoint:
+            lora.load_state_dict(unet, self.checkpoint["lora"])
+            optimizer.load_state_dict(self.checkpoint["optimizer"])
+        return self.checkpoint
 
     def good_samples(self, rewards, chain_ok, prompts, epoch, what="sampling"):
         """The fail-safe before an update: which of the epoch's samples (every process's, so every

@@ -111,6 +111,8 @@ ROWS = [
     ("train_alignprop", ["--out={bad}/not_a_checkpoint"], "ckpt.pt is not a resume checkpoint (a dict without optimizer, epoch"),
     ("train_prdp", ["--out={bad}/another_config"], "ckpt.pt) with a different config (beta: 1.0 -> 100.0)"),
     ("train_ddpo", ["--out={bad}/corrupt_config"], "config.json is not a run's config"),
+    ("train_prdp", ["--model={tiny}", "--out={bad}/another_model"],
+     "attn1.to_q': the saved A (4, 5) and B (7, 4) do not fit this UNet's 8 -> 8 layer); pass --out=<new folder>"),
     ("sample", ["--model={tiny}", "--lora={bad}/corrupt.safetensors"], "corrupt.safetensors is not a readable safetensors"),
     ("experiments.evaluate", ["--lora={bad}/corrupt.safetensors"], "corrupt.safetensors is not a readable safetensors"),
 ]
@@ -134,7 +136,7 @@ def bad_files(tmp_path):
     (bad / "empty.txt").write_text("# only a comment\n\n")
     (bad / "a_file").write_text("in the way of a folder\n")
     (bad / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}")  # cut short
-    for name in ("unreadable_checkpoint", "not_a_checkpoint", "another_config", "corrupt_config"):
+    for name in ("unreadable_checkpoint", "not_a_checkpoint", "another_config", "corrupt_config", "another_model"):
         (bad / name).mkdir()
     (bad / "unreadable_checkpoint" / "ckpt.pt").write_bytes(b"PK\x03\x04 cut short")
     torch.save({"lora": {}}, bad / "not_a_checkpoint" / "ckpt.pt")
@@ -142,6 +144,10 @@ def bad_files(tmp_path):
     torch.save(dict(lora={}, optimizer={}, epoch=0, reward_queries=4, history=[], config={"beta": 1.0}),
                bad / "another_config" / "ckpt.pt")
     (bad / "corrupt_config" / "config.json").write_text('{"lr": 0.0003, "epo')  # cut short
+    # a checkpoint of another model behind the same --model: its LoRA layer has another width than this UNet's
+    n = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"
+    torch.save(dict(lora={n + ".lora_A": torch.zeros(4, 5), n + ".lora_B": torch.zeros(7, 4), n + ".alpha": 4.0},
+                    optimizer={}, epoch=0, reward_queries=4, history=[]), bad / "another_model" / "ckpt.pt")
     return {p: p.read_bytes() for p in bad.rglob("*") if p.is_file()}
 
 
