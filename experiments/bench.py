@@ -213,10 +213,10 @@ class Watcher:
 
     def epoch_end(self, rec, writing):
         """The epoch's sections (with `writing`, the seconds its checkpoint and log took), UNet
-        calls, logged seconds and reward queries (`rec`, its log record) and peak GPU memory."""
+        calls, log record (`rec`: its seconds, reward queries, diagnostics) and peak GPU memory."""
         settle()
         _times["writing"] += writing
-        self.marks.append(dict(t=time.perf_counter(), times=dict(_times), calls=Counter(self.calls),
+        self.marks.append(dict(t=time.perf_counter(), times=dict(_times), calls=Counter(self.calls), log=dict(rec),
                                logged=rec["seconds"], queries=rec["reward_queries"],
                                gpu_mb=torch.cuda.max_memory_allocated() / 2**20 if _cuda() else None))
         if _cuda():
@@ -290,8 +290,8 @@ def per_epoch(r):
 
 
 def bench_trainer(name, extra):
-    """The breakdown of one epoch of trainer `name` (seconds and fractions), its UNet calls and
-    the overhead ratio."""
+    """The breakdown of one epoch of trainer `name` (seconds and fractions), its UNet calls, the
+    overhead ratio and the timed epochs' log records (DDPO's and PRDP's ratio_dev among them)."""
     r = time_trainer(name, extra)
     n = len(r["marks"])
     wall, seconds, writing = per_epoch(r)
@@ -305,7 +305,7 @@ def bench_trainer(name, extra):
                 peak_gpu_mb=max(gpu) if gpu else None,
                 queries=r["queries"], seconds=seconds, fractions={s: v / wall for s, v in seconds.items()},
                 writing=writing, unet_calls=kinds, unet_seconds=unet_total, overhead_ratio=wall / unet_total,
-                config=r["config"], first=r["first"])
+                config=r["config"], first=r["first"], log=[m["log"] for m in r["marks"]])  # the epochs' log records
 
 
 # ------------------------------------------------------------------------------------------------

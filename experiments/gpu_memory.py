@@ -205,6 +205,38 @@ def text_encoder_params(config, projection=False):
     return sum(p.numel() for p in model.parameters())
 
 
+# The activations per image that docs/gpu.md's tables hold (GB; `python -m experiments.bench --trainers=
+# --batch_sizes= --sd_memory --sdxl_memory`), kept here so that experiments/gpu_check.py can hold a GPU
+# run's peak against the estimate without measuring for minutes first; tests/test_gpu_check.py checks
+# that they are the tables' numbers.
+MEASURED_GB = {"sd15": dict(unet=1.78, vae=2.99, unet_eval=0.18, vae_eval=0.61, vitl=0.26, vith=0.42),
+               "sdxl": dict(xl_unet=12.23, vae=11.89, xl_unet_eval=0.28, vae_eval=2.39, vitl=0.26, vith=0.42)}
+
+
+def weights_gb(frozen, lora_params, reward_params=0):
+    """The weights as the trainers hold them with --precision=bf16 (mixed_precision.pipeline_dtypes):
+    the frozen UNet, VAE and text encoders bf16 (2 bytes a weight), the LoRA fp32 with its gradient
+    and AdamW's two moments (16 bytes), the reward's model fp32 (4)."""
+    return (2 * frozen + 16 * lora_params + 4 * reward_params) / 1024 ** 3
+
+
+def training_gb(act, unet, trainer, tower=None):
+    """The activations one image of a training micro-batch keeps. DDPO (and PRDP, whose training
+    makes the same UNet calls): one UNet call with gradient. AlignProp with checkpointing: one UNet
+    call's (recomputed in the backward pass), the VAE decode's and the reward's (`tower`; None for a
+    reward without a model), counted together (an upper bound: the reward's are freed before the
+    UNet's are rebuilt). `act`: activation GB per part; `unet`: which part is the UNet."""
+    if trainer == "AlignProp":
+        return act[unet] + act["vae"] + (act[tower] if tower else 0.0)
+    return act[unet]
+
+
+def sampling_gb(act, unet):
+    """The activations one image sampled and decoded without gradient keeps (sampling, evaluation):
+    the UNet calls and the decode never overlap."""
+    return max(act[unet + "_eval"], act["vae_eval"])
+
+
 def recipes(parts, unet, text_params, batches):
     """The GPU recipes' memory per process from the measured parts: weights as the trainers hold
     them with --precision=bf16 (mixed_precision.pipeline_dtypes: UNet, VAE and text encoders bf16;
@@ -213,21 +245,17 @@ def recipes(parts, unet, text_params, batches):
     micro-batch that fits 24, 40 and 80 GB; and evaluation's peak, EVAL_BATCH images at a time (their
     UNet calls, then their decode). `unet`: which part is the UNet (its forward-alone part is
     unet + "_eval"); `batches`: the recipes' images per micro-batch, {"DDPO": n, "AlignProp": n}."""
-    gb = lambda n, bytes_each: n * bytes_each / 1024 ** 3
     act = {p: v["activation_gb"] for p, v in parts.items()}
     n_lora = parts[unet]["trainable"]
-    eval_per_image = max(act[unet + "_eval"], act["vae_eval"])  # the UNet calls and the decode never overlap
+    eval_per_image = sampling_gb(act, unet)
     rows = []
     for reward, tower in (("aesthetic", "vitl"), ("pickscore", "vith")):
-        w = (gb(parts[unet]["params"] - n_lora + parts["vae"]["params"] + text_params, 2) + gb(n_lora, 16)
-             + gb(parts[tower]["params"], 4))
-        # DDPO: sampling and the reward run without gradient; training holds one UNet call's
-        # activations per image of the micro-batch (the recipe's --train_batch_size)
-        # AlignProp with checkpointing: one UNet call's activations at a time (recomputed in the backward
-        # pass), plus the VAE decode's and the reward's, counted together (an upper bound: the reward's
-        # are freed before the UNet's are rebuilt); the recipe's --batch_size
-        for trainer, per_image in (("DDPO", act[unet]), ("AlignProp", act[unet] + act["vae"] + act[tower])):
-            batch = batches[trainer]
+        w = weights_gb(parts[unet]["params"] - n_lora + parts["vae"]["params"] + text_params, n_lora,
+                       parts[tower]["params"])
+        # DDPO: sampling and the reward run without gradient, training as training_gb says (the recipe's
+        # --train_batch_size); AlignProp: the recipe's --batch_size
+        for trainer in ("DDPO", "AlignProp"):
+            per_image, batch = training_gb(act, unet, trainer, tower), batches[trainer]
             rows.append(dict(recipe=f"{trainer}, {reward}", weights_gb=w, per_image_gb=per_image, batch=batch,
                              total_gb=w + batch * per_image, eval_gb=w + EVAL_BATCH * eval_per_image,
                              fits={m: max(0, int((m - w) // per_image)) for m in (24, 40, 80)}))

@@ -12,7 +12,8 @@ FOLDERS = ("plumbing", "experiments", "shapes")  # the packages beside the top-l
 # The layers, top to bottom; a module may import its own layer or lower.
 LAYERS = {
     "scripts": ["train_ddpo", "train_alignprop", "train_prdp", "sample", "experiments.evaluate",
-                "experiments.compare", "experiments.mechanism", "experiments.bench", "experiments.bench_parts", "shapes.measure"],
+                "experiments.compare", "experiments.mechanism", "experiments.bench", "experiments.bench_parts", "experiments.gpu_check",
+                "shapes.measure"],
     # the run lifecycle around every trainer: it loads models and rewards and evaluates with the sampling
     # loop, so it sits above the library although it lives with the plumbing
     "lifecycle": ["plumbing.lifecycle"],
