@@ -239,3 +239,14 @@ def record_sampling(monkeypatch):
     monkeypatch.setattr(sampling, "initial_noise", initial_noise)
     monkeypatch.setattr(sampling, "encode_prompts", encode_prompts)
     return seen
+
+
+@pytest.fixture
+def one_thread():
+    """Timings with one torch thread: on a busy machine, two spinning OpenMP threads per process
+    make every op wait for a core and the times swing tenfold (measured: a tiny epoch in 0.3 s with
+    one thread, 7 s with two, while another process trained)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -16,15 +16,7 @@ from plumbing import configurator
 from experiments import bench_parts, gpu_memory
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Timings with one torch thread: on a busy machine, two spinning OpenMP threads per process
-    make every op wait for a core and the times swing tenfold (measured: a tiny epoch in 0.3 s with
-    one thread, 7 s with two, while another process trained)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: timings with one torch thread
 
 
 def configured(*argv):
