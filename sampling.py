@@ -1,5 +1,6 @@
-"""Sampling: the DDIM denoising loop with classifier-free guidance, and everything the reward
-fine-tuners need from it (latents, log-probs, guidance scales, prompt embeddings).
+"""Sampling: the denoising loop with classifier-free guidance (DDIM for SD 1.5 and SDXL, the flow step
+for SD 3.5), and everything the reward fine-tuners need from it (latents, log-probs, guidance
+scales, prompt embeddings).
 
     import explore, pipelines, sampling
     pipe = pipelines.load_pipeline("shapes")
@@ -8,7 +9,8 @@ fine-tuners need from it (latents, log-probs, guidance scales, prompt embeddings
     traj.images, traj.log_probs                        # [4, 3, 32, 32] in [0, 1]; [4, 20]
 
 Read next to the DDIM paper (Song et al. 2021, eq. 12 and 16), DDPO (Black et al. 2024, Sec. 4:
-denoising as a multi-step decision process with Gaussian policies) and DiffExp (Chae et al. 2025).
+denoising as a multi-step decision process with Gaussian policies), Flow-GRPO (Liu et al. 2025,
+Sec. 4: the same for flow matching) and DiffExp (Chae et al. 2025).
 `python sample.py` is the command-line front end (image grids).
 """
 import math
@@ -26,6 +28,9 @@ from plumbing import distributed, grids, mixed_precision
 # for High-Resolution Image Synthesis", Sec. 2.1-2.2) also conditions on the second text encoder's
 # pooled embedding and on the image's size and crop: its record is a dict of per-sample tensors
 #     {"embeds": [B, L, D], "text_embeds": [B, P], "time_ids": [B, 6]}.
+# SD 3.5 (Esser et al. 2024, "Scaling Rectified Flow Transformers for High-Resolution Image
+# Synthesis", Sec. 5.1 and Fig. 2) conditions its transformer on the token states of two CLIP
+# encoders and T5 and on both CLIPs' pooled embeddings: {"embeds": [B, L, D], "pooled": [B, P]}.
 # The sampling loop records it and the trainers store, slice and replay it through the helpers
 # below, whichever kind it is, so a recomputed log-prob sees exactly what drew the sample.
 
@@ -60,19 +65,37 @@ def num_samples(record):
 
 
 def unet_inputs(record, dtype):
-    """The UNet's keyword arguments for a conditioning record, in the UNet's dtype."""
-    if isinstance(record, dict):  # SDXL: the pooled embedding and time ids go in as "added" conditioning
+    """The denoiser's keyword arguments for a conditioning record, in the denoiser's dtype."""
+    if not isinstance(record, dict):  # SD 1.5
+        return dict(encoder_hidden_states=record.to(dtype))
+    if "time_ids" in record:  # SDXL: the pooled embedding and time ids go in as "added" conditioning
         return dict(encoder_hidden_states=record["embeds"].to(dtype),
                     added_cond_kwargs={"text_embeds": record["text_embeds"].to(dtype),
                                        "time_ids": record["time_ids"].to(dtype)})
-    return dict(encoder_hidden_states=record.to(dtype))
+    # SD 3.5: the pooled embeddings join the timestep's embedding (SD3Transformer2DModel.forward)
+    return dict(encoder_hidden_states=record["embeds"].to(dtype), pooled_projections=record["pooled"].to(dtype))
 
 
 # --------------------------------------------------------------------------------------------
 # Prompts -> conditioning records (DiffExp's random prompt weighting happens here)
 
 def is_sdxl(pipe):
-    return getattr(pipe, "text_encoder_2", None) is not None
+    return getattr(pipe, "text_encoder_2", None) is not None and not is_sd3(pipe)
+
+
+def is_sd3(pipe):
+    """SD 3.5 (a StableDiffusion3Pipeline): an MM-DiT transformer instead of a UNet."""
+    return hasattr(pipe, "transformer")
+
+
+def denoiser(pipe):
+    """The network that predicts the noise or the velocity: SD 1.5's and SDXL's UNet, SD 3.5's
+    transformer. The loop, the LoRA and the trainers see it under the one name `unet`."""
+    return pipe.transformer if is_sd3(pipe) else pipe.unet
+
+
+# SD 3.5's T5 token count: its pipeline's default max_sequence_length
+T5_TOKENS = 256
 
 
 def _token_states(tokenizer, encoder, texts, sdxl):
@@ -97,22 +120,26 @@ def add_time_ids(pipe, n):
 @torch.no_grad()
 def encode_prompts(pipe, prompts, weights=None):
     """The conditioning record of `prompts` with their (phrase) marks stripped: SD's text embeddings
-    [B, L, D] (fp32), or SDXL's dict (above). `weights` = (phrase [B], w [B]) from
+    [B, L, D] (fp32), or SDXL's or SD 3.5's dict (above). `weights` = (phrase [B], w [B]) from
     explore.draw_weights up-weights each prompt's chosen phrase (-1: the whole prompt), on SDXL in
     both encoders' token states."""
-    sdxl = is_sdxl(pipe)
-    encoders = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if sdxl else [])
+    sdxl, sd3 = is_sdxl(pipe), is_sd3(pipe)
+    two = sdxl or sd3  # two CLIP encoders, each conditioning on its penultimate layer
+    encoders = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if two else [])
     parsed = [explore.parse_spans(p) for p in prompts]
     clean = [c for c, _ in parsed]
-    states = []
+    states, pooled = [], []
     for tokenizer, encoder in encoders:
-        z, out = _token_states(tokenizer, encoder, clean, sdxl)
+        z, out = _token_states(tokenizer, encoder, clean, two)
         if weights is not None:  # z_empty + w (z - z_empty) on the phrase's tokens (explore.py)
             phrase, w = weights
-            z_empty = _token_states(tokenizer, encoder, [""], sdxl)[0]
+            z_empty = _token_states(tokenizer, encoder, [""], two)[0]
             mask = explore.phrase_mask(tokenizer, parsed, phrase, z.shape[1])
             z = explore.weight_embeddings(z, z_empty, mask, w.to(z.device))
         states.append(z)
+        pooled.append(getattr(out, "text_embeds", None))  # a CLIPTextModelWithProjection's pooled embedding
+    if sd3:
+        return _sd3_record(pipe, clean, states, pooled)
     if not sdxl:
         return states[0]
     # SDXL: both encoders' token states side by side (768 + 1280 = 2048 features for SDXL base) and
@@ -127,12 +154,29 @@ def encode_prompts(pipe, prompts, weights=None):
                 time_ids=add_time_ids(pipe, len(prompts)).to(states[0].device))
 
 
+def _sd3_record(pipe, clean, states, pooled):
+    """SD 3.5's record, as its pipeline's encode_prompt builds it: both CLIPs' penultimate token states
+    side by side, zero-padded to T5's width, then T5's token states after them in the sequence (zeros
+    when the pipeline has no T5, as its pipeline uses then); the pooled embeddings side by side.
+    DiffExp's weights reach the CLIP tokens only (T5's tokens are left as the clean prompt's)."""
+    clip = torch.cat(states, dim=-1)
+    width = pipe.transformer.config.joint_attention_dim
+    if pipe.text_encoder_3 is None:
+        t5 = torch.zeros(len(clean), T5_TOKENS, width, device=clip.device)
+    else:
+        ids = pipe.tokenizer_3(clean, padding="max_length", max_length=T5_TOKENS, truncation=True,
+                               add_special_tokens=True, return_tensors="pt").input_ids
+        t5 = pipe.text_encoder_3(ids.to(pipe.text_encoder_3.device))[0].float()
+    clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
+    return dict(embeds=torch.cat([clip, t5.to(clip.device)], dim=-2), pooled=torch.cat(pooled, dim=-1).float())
+
+
 @torch.no_grad()
 def unconditional(pipe):
     """The unconditional record of classifier-free guidance, one row (rollout expands it): the
     encoding of the empty prompt, or, for SDXL without a negative prompt, zeros for both
     embeddings when the model's config says force_zeros_for_empty_prompt (SDXL base does; its
-    pipeline's encode_prompt), with the prompts' time ids."""
+    pipeline's encode_prompt), with the prompts' time ids. SD 3.5's pipeline always encodes ""."""
     empty = encode_prompts(pipe, [""])
     if is_sdxl(pipe) and pipe.config.force_zeros_for_empty_prompt:
         return dict(empty, embeds=torch.zeros_like(empty["embeds"]), text_embeds=torch.zeros_like(empty["text_embeds"]))
@@ -145,7 +189,8 @@ def unconditional(pipe):
 def guided_eps(unet, x, t, cond, uncond, scale):
     """Classifier-free guidance (Ho & Salimans 2022): uncond + scale * (cond - uncond), with the
     unconditional and conditional passes batched into ONE UNet call. `t` and `scale` may be
-    scalars or per-sample [B]. Returns what the UNet predicts (epsilon or v), in x's dtype (fp32).
+    scalars or per-sample [B]. Returns what the UNet predicts (epsilon or v; SD 3.5's transformer: the
+    velocity), in x's dtype (fp32).
 
     A bf16 or fp16 UNet (--precision, plumbing/mixed_precision.py) computes under autocast; its output is cast
     back to fp32 here, so the DDIM step and the log-probs never see bf16's rounding."""
@@ -153,7 +198,8 @@ def guided_eps(unet, x, t, cond, uncond, scale):
     t = torch.as_tensor(t, device=x.device).reshape(-1).expand(b)
     both = unet_inputs(cat([expand(uncond, b), cond]), unet.dtype)  # conditioning records (above)
     with mixed_precision.autocast(unet):
-        out = unet(torch.cat([x, x]).to(unet.dtype), torch.cat([t, t]), **both).sample
+        # the timestep by name: SD3Transformer2DModel's second positional argument is the text
+        out = unet(torch.cat([x, x]).to(unet.dtype), timestep=torch.cat([t, t]), **both).sample
     out_uncond, out_cond = out.to(x.dtype).chunk(2)
     scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device).reshape(-1, *[1] * (x.ndim - 1))
     return out_uncond + scale * (out_cond - out_uncond)
@@ -219,6 +265,90 @@ def ddim_step(scheduler, eps, t, x_t, eta, prev_sample=None, generator=None, noi
 
 
 # --------------------------------------------------------------------------------------------
+# One flow-matching step (Stable Diffusion 3.5): the Euler step of the flow ODE, and the SDE with
+# the same marginals as a Gaussian policy (Flow-GRPO: Liu et al. 2025, "Flow-GRPO: Training Flow
+# Matching Models via Online RL", Sec. 4, "From ODE to SDE", derived in its appendix)
+#
+# Conventions, diffusers' FlowMatchEulerDiscreteScheduler's (Flow-GRPO writes t for our s):
+#   s = scheduler.sigmas[i] runs from 1 (pure noise) down to 0 (data); timesteps are s * 1000
+#   x_s = (1 - s) x_0 + s eps                                                          (F1)
+#   the model predicts the velocity v(x, s) = E[eps - x_0 | x_s = x] = dx_s/ds
+# Sampling moves s downwards, so ds = s_next - s < 0 in every step below.
+#
+#   The ODE:    dx = v ds; its Euler step x_next = x + v ds is the scheduler's own step.    (F2)
+#   The score of x_s's marginal, from (F1): x = E[x_0|x] (1 - s) + E[eps|x] s and v = E[eps|x] - E[x_0|x]
+#   give E[eps|x] = x + (1 - s) v, and for a Gaussian corruption grad log p_s(x) = -E[eps|x] / s:
+#       grad log p_s(x) = -(x + (1 - s) v) / s                                          (F3)
+#   An SDE with the ODE's marginals, for any noise scale g(s): dx = [v + g^2/2 grad log p_s] ds + g dW
+#   run forwards in s has the ODE's Fokker-Planck equation (its diffusion term g^2/2 Lap p cancels
+#   the extra drift's -div(p g^2/2 grad log p), as p grad log p = grad p). Its time reversal (Anderson
+#   1982: subtract g^2 grad log p from the drift), run with s decreasing, is the sampler; with (F3):
+#       dx = [v - g^2/2 grad log p_s(x)] ds + g dW = [v + g^2/(2s) (x + (1 - s) v)] ds + g dW      (F4)
+#   Flow-GRPO's noise scale: g(s) = a sqrt(s / (1 - s)), a the noise level (eta's role in DDIM;
+#   Flow-GRPO trains SD 3.5 with a = 0.7). Its Euler-Maruyama step is the Gaussian policy
+#       x_next ~ N(x + [v + g^2/(2s) (x + (1 - s) v)] ds,  g^2 |ds|)                     (F5)
+#   whose log-density is DDPO's log pi(a|s) for flow models.
+# (Flow-GRPO's equation numbers were not checked against the paper here: F1-F5 are ours.)
+
+def flow_step(scheduler, v, t, x_t, eta, prev_sample=None, generator=None, noise=None):
+    """x_s -> x_{s_next} for a FlowMatchEulerDiscreteScheduler model, returning (x_next, log_prob),
+    with ddim_step's signature and contract: `eta` is Flow-GRPO's noise level a (F5); eta == 0 is the
+    deterministic Euler step (F2), the scheduler's own `step`, with log_prob None (AlignProp's
+    differentiable chain and evaluation); eta > 0 samples (F5), or scores `prev_sample`.
+    `v` is the model's velocity prediction, `t` a timestep of scheduler.timesteps or a batch [B] of
+    them. log_prob is averaged over the latent dimensions as ddim_step's is, so DDPO's clip range
+    and PRDP's scales mean per-dimension log-densities for both families. Gradient flows into
+    x_next and log_prob through the mean only."""
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before flow_step")
+    if scheduler.config.stochastic_sampling or scheduler.config.invert_sigmas:
+        raise ValueError("flow_step follows the plain flow schedule; load the scheduler with "
+                         "stochastic_sampling=False and invert_sigmas=False")
+    if eta == 0 and prev_sample is not None:
+        raise ValueError("a log-prob needs a stochastic step: eta=0 has zero variance; sample with eta > 0")
+    shape = (-1, *[1] * (x_t.ndim - 1))
+    # the step's index in the schedule, per sample (t may mix timesteps, as ddim_step's may)
+    timesteps = scheduler.timesteps.to(x_t.device)
+    t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
+    i = (timesteps[None, :] - t[:, None].to(timesteps.dtype)).abs().argmin(dim=1)
+    sigmas = scheduler.sigmas.to(x_t.device, x_t.dtype)
+    s, s_next = sigmas[i].reshape(shape), sigmas[i + 1].reshape(shape)
+    ds = s_next - s  # < 0
+    v = v.to(x_t.dtype)
+    # g(s) = a sqrt(s / (1 - s)) is infinite at s = 1, where sampling starts: there 1 - s is taken as
+    # 1 - sigmas[1], the next step's, so the first step's noise is the second's (the reference code
+    # of Flow-GRPO, yifan123/flow_grpo, does the same)
+    g = eta * (s / (1 - s).clamp(min=1 - sigmas[1].item())).sqrt()
+    mean = x_t + ds * (v + g ** 2 / (2 * s) * (x_t + (1 - s) * v))  # (F5); eta = 0: (F2)
+    if eta == 0:
+        return mean, None
+    std = g * (-ds).sqrt()
+    if prev_sample is None:
+        if noise is None:
+            from diffusers.utils.torch_utils import randn_tensor
+            noise = randn_tensor(x_t.shape, generator=generator, device=x_t.device, dtype=x_t.dtype)
+        prev_sample = mean + std * noise.to(x_t.device, x_t.dtype)
+    # as in ddim_step: the sample is held fixed, the policy gradient flows through the mean; averaged
+    # over the latent dimensions (a sum over SD 3.5's 16x128x128 would overflow PPO's ratio)
+    log_prob = -((prev_sample.detach() - mean) ** 2) / (2 * std ** 2) - std.log() - math.log(math.sqrt(2 * math.pi))
+    return prev_sample, log_prob.mean(dim=tuple(range(1, x_t.ndim)))
+
+
+def is_flow(scheduler):
+    """Whether the model is a flow-matching one (SD 3.5), sampled with flow_step, not ddim_step."""
+    from diffusers import FlowMatchEulerDiscreteScheduler  # diffusers is loaded already: a pipeline exists
+    return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def step(scheduler, out, t, x_t, eta, prev_sample=None, generator=None, noise=None):
+    """One denoising step with its log-prob, chosen by the model: flow_step for a flow-matching
+    scheduler (SD 3.5), ddim_step otherwise (SD 1.5, SDXL, the shapes world). Same arguments, same
+    contract; `eta` is the step's noise knob in both (DDIM's eta, Flow-GRPO's noise level)."""
+    fn = flow_step if is_flow(scheduler) else ddim_step
+    return fn(scheduler, out, t, x_t, eta, prev_sample=prev_sample, generator=generator, noise=noise)
+
+
+# --------------------------------------------------------------------------------------------
 # The denoising loop: one for the CLI and both trainers
 
 @dataclass
@@ -234,17 +364,21 @@ class Trajectory:
 
 
 def decode_latents(pipe, latents):
-    """VAE-decode latents to images in [0, 1] (differentiable; the clamp is the pipeline's too)."""
-    images = pipe.vae.decode(latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor).sample
+    """VAE-decode latents to images in [0, 1] (differentiable; the clamp is the pipeline's too). SD 3.5's
+    VAE also shifts its latents (shift_factor; SD 1.5's and SDXL's have none)."""
+    latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0)
+    images = pipe.vae.decode(latents).sample
     return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)  # fp16 VAE -> the latents' fp32
 
 
 def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, generator=None,
             grad_steps=0, checkpoint=False, decode=True, noise=None, unet_batch=None):
-    """Denoise from noise with DDIM and CFG; return the whole Trajectory.
+    """Denoise from noise with CFG and DDIM, or the flow step for SD 3.5 (`step`); return the whole
+    Trajectory. `eta` is the step's noise knob: DDIM's eta, or Flow-GRPO's noise level (flow_step).
 
     guidance: a float, or a Tensor[num_steps] of per-step scales (explore.cfg_schedule).
-    cond / uncond: per-sample conditioning records, [B, L, D] or SDXL's dicts (uncond may have 1 row).
+    cond / uncond: per-sample conditioning records, [B, L, D] or SDXL's or SD 3.5's dicts (uncond may
+    have 1 row).
     grad_steps=K: only the last K UNet calls (and the VAE decode) run with autograd, as AlignProp
     and DRaFT-K need; earlier steps run under no_grad. K=0: nothing keeps a graph (DDPO's sampling).
     checkpoint: recompute each grad-step UNet call in the backward pass (saves GPU memory on SD).
@@ -258,7 +392,8 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
     scales and embeddings actually used), so DDPO's first PPO ratio is exactly 1 with exploration
     on or off: exploration changes which samples are drawn, never how they are scored.
     """
-    unet, scheduler, dev = pipe.unet, pipe.scheduler, pipe.unet.device
+    unet, scheduler = denoiser(pipe), pipe.scheduler  # the UNet, or SD 3.5's transformer
+    dev = unet.device
     cond = to_device(cond, dev)
     uncond = expand(to_device(uncond, dev), num_samples(cond))
     scheduler.set_timesteps(num_steps, device=dev)
@@ -273,11 +408,13 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
     if latents is None:
         latents = initial_noise(pipe, num_samples(cond), generator)
     # the latents are fp32 whatever the UNet computes in (plumbing/mixed_precision.py; float64 in a gradient check)
-    x = latents.to(dev, torch.promote_types(unet.dtype, torch.float32)) * scheduler.init_noise_sigma
+    # DDIM and flow matching both start from unit-variance noise and take the latents unscaled (DDIM's
+    # init_noise_sigma is 1 and its scale_model_input the identity; the flow scheduler has neither)
+    x = latents.to(dev, torch.promote_types(unet.dtype, torch.float32))
     xs, log_probs = [x], []
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(i >= n - grad_steps):
-            x_in = scheduler.scale_model_input(x, t)  # identity for DDIM; kept to read like the pipeline
+            x_in = x
             if checkpoint and torch.is_grad_enabled():
                 eps = torch.utils.checkpoint.checkpoint(guided_eps, unet, x_in, t, cond, uncond, scales[i],
                                                         use_reentrant=False)
@@ -286,7 +423,8 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
                 eps = torch.cat([guided_eps(unet, x_in[j:j + k], t, index(cond, slice(j, j + k)),
                                             index(uncond, slice(j, j + k)), scales[i])
                                  for j in range(0, len(x_in), k)])
-            x, log_prob = ddim_step(scheduler, eps, t, x, eta, generator=generator,
+            # DDIM, or the flow step for SD 3.5 (`step` chooses by the scheduler)
+            x, log_prob = step(scheduler, eps, t, x, eta, generator=generator,
                                     noise=None if noise is None else noise[i])
         xs.append(x)
         log_probs.append(log_prob)
@@ -313,7 +451,7 @@ def replay(unet, scheduler, data, timesteps, eta, batch_size, weights=None):
                 x_t, x_prev = data["latents"][i, s], data["latents"][i, s + 1]
                 cond, uncond = index(data["cond"], i), index(data["uncond"], i)
                 eps = guided_eps(unet, x_t, timesteps[s], cond, uncond, data["scale"][i, s])
-                _, lp = ddim_step(scheduler, eps, timesteps[s], x_t, eta, prev_sample=x_prev)
+                _, lp = step(scheduler, eps, timesteps[s], x_t, eta, prev_sample=x_prev)
                 if weights is not None:
                     (weights[i, s] * lp).sum().backward()
             log_probs[i, s] = lp.detach()
@@ -341,8 +479,8 @@ def random_streams(seed, *keys):
 
 
 def initial_noise(pipe, n, generator=None):
-    """x_T for n samples: standard normal latents of the UNet's shape (drawn on the CPU)."""
-    unet = pipe.unet
+    """x_T for n samples: standard normal latents of the UNet's (or transformer's) shape (drawn on the CPU)."""
+    unet = denoiser(pipe)
     size = unet.config.sample_size
     return torch.randn((n, unet.config.in_channels, size, size), generator=generator,
                        device=generator.device if generator is not None else "cpu")
@@ -391,7 +529,7 @@ def sample_grid(pipe, prompt_list, seeds, guidance, steps, eta=0.0, exploring=Fa
     """Images [P, S, 3, H, W]: every prompt with every seed's initial noise, plainly or exploring
     (DiffExp's guidance schedule and prompt weights, each switchable as the trainers' ablation
     switches; `seed` seeds the weights and the DDIM noise)."""
-    unet = pipe.unet
+    unet = denoiser(pipe)
     size = unet.config.sample_size
     noise = {s: torch.randn(unet.config.in_channels, size, size, generator=torch.Generator().manual_seed(s))
              for s in seeds}

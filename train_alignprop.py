@@ -124,7 +124,7 @@ def draft_lv_images(pipe, traj, cond, uncond, scale, n, g, use_ckpt=False):
                                                     use_reentrant=False)
         else:
             eps = sampling.guided_eps(pipe.unet, x_t, t, cond, uncond, scale[-1])
-        x_prev, _ = sampling.ddim_step(sched, eps, t, x_t, 0.0)
+        x_prev, _ = sampling.step(sched, eps, t, x_t, 0.0)
         images.append(sampling.decode_latents(pipe, x_prev))
     return torch.cat(images)
 

@@ -270,7 +270,7 @@ def main(check_only=False, observer=None):
                     t, w = timesteps[s], local["scale"][i, s]
                     cond, uncond = sampling.index(local["cond"], i), sampling.index(local["uncond"], i)
                     eps = sampling.guided_eps(unet, x_t, t, cond, uncond, w)
-                    _, log_prob = sampling.ddim_step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
+                    _, log_prob = sampling.step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
                     loss, kl, clipfrac, ratio = ppo_loss(log_prob, local["log_probs"][i, s], adv[i], clip_range)
                     scaler.scale(loss / (num_train_steps * grad_accum)).backward()
                     stats["loss"].append(loss.item())

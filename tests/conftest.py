@@ -82,6 +82,37 @@ def tiny_sdxl_pipeline(seed=0, max_length=16, force_zeros_for_empty_prompt=True)
     return pipe
 
 
+def tiny_sd3_pipeline(seed=0, max_length=16):
+    """A StableDiffusion3Pipeline of tiny random parts shaped as SD 3.5's: an SD3Transformer2DModel (16
+    latent channels, 2x2 patches, joint attention over the text tokens, the pooled text embedding
+    added to the timestep's), two CLIPTextModelWithProjection (16 + 24 token features, zero-padded to
+    the transformer's 48; 8 + 8 pooled), no T5 (the pipeline then uses zeros for its 256 tokens), a
+    VAE with 16 latent channels and SD 3.5's scaling and shift factors, and SD 3.5's scheduler
+    (flow-matching Euler, shift 3)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from shapes.models import clip_tokenizer
+
+    torch.manual_seed(seed)
+    text = dict(vocab_size=49408, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                max_position_embeddings=max_length, bos_token_id=49406, eos_token_id=49407, projection_dim=8)
+    text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, hidden_act="quick_gelu", **text))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, hidden_act="gelu", **text))
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                                        caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                        norm_num_groups=4, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609,
+                        use_quant_conv=False, use_post_quant_conv=False)
+    pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                                    vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(max_length),
+                                    text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(max_length),
+                                    text_encoder_3=None, tokenizer_3=None)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 @pytest.fixture
 def pipe():
     return tiny_pipeline()
