@@ -82,20 +82,28 @@ def tiny_sdxl_pipeline(seed=0, max_length=16, force_zeros_for_empty_prompt=True)
     return pipe
 
 
-def tiny_sd3_pipeline(seed=0, max_length=16):
+def tiny_sd3_pipeline(seed=0, max_length=16, t5=False):
     """A StableDiffusion3Pipeline of tiny random parts shaped as SD 3.5's: an SD3Transformer2DModel (16
     latent channels, 2x2 patches, joint attention over the text tokens, the pooled text embedding
     added to the timestep's), two CLIPTextModelWithProjection (16 + 24 token features, zero-padded to
-    the transformer's 48; 8 + 8 pooled), no T5 (the pipeline then uses zeros for its 256 tokens), a
+    the transformer's 48; 8 + 8 pooled), no T5 (the pipeline then uses zeros for its 256 tokens) or,
+    with `t5`, a one-layer T5EncoderModel of width 48 with a 30-piece T5 tokenizer built offline, a
     VAE with 16 latent channels and SD 3.5's scaling and shift factors, and SD 3.5's scheduler
     (flow-matching Euler, shift 3)."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel, T5Tokenizer
     from shapes.models import clip_tokenizer
 
     torch.manual_seed(seed)
     text = dict(vocab_size=49408, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                 max_position_embeddings=max_length, bos_token_id=49406, eos_token_id=49407, projection_dim=8)
+    text_encoder_3 = tokenizer_3 = None
+    if t5:  # a unigram vocabulary of a few words and letters (T5's own is SentencePiece's, 32k pieces)
+        pieces = "▁a ▁red ▁blue ▁circle ▁square ▁cat ▁dolphin ▁riding ▁bike ▁ a b c d e g h i k l n o p q r s t u".split()
+        tokenizer_3 = T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+                                  + [(p, -float(i)) for i, p in enumerate(pieces)], extra_ids=0)
+        text_encoder_3 = T5EncoderModel(T5Config(vocab_size=len(tokenizer_3), d_model=48, d_kv=8, d_ff=32,
+                                                 num_layers=1, num_heads=2)).eval()  # no dropout, as loaded
     text_encoder = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, hidden_act="quick_gelu", **text))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=24, hidden_act="gelu", **text))
     transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
@@ -108,7 +116,7 @@ def tiny_sd3_pipeline(seed=0, max_length=16):
     pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                                     vae=vae, text_encoder=text_encoder, tokenizer=clip_tokenizer(max_length),
                                     text_encoder_2=text_encoder_2, tokenizer_2=clip_tokenizer(max_length),
-                                    text_encoder_3=None, tokenizer_3=None)
+                                    text_encoder_3=text_encoder_3, tokenizer_3=tokenizer_3)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

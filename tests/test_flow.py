@@ -170,7 +170,8 @@ def pipe():
 
 
 def test_the_conditioning_record_is_the_pipelines_encode_prompt(pipe):
-    embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPTS, None, None, device="cpu")
+    with torch.no_grad():  # as in the pipeline's __call__ (T5's kernels round otherwise with autograd on)
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPTS, None, None, device="cpu")
     cond, uncond = sampling.encode_prompts(pipe, PROMPTS), sampling.unconditional(pipe)
     assert set(cond) == {"embeds", "pooled"} and cond["embeds"].shape == (2, 16 + 256, 48)  # CLIP tokens, then T5's
     torch.testing.assert_close(cond["embeds"], embeds, rtol=0, atol=0)
@@ -179,6 +180,17 @@ def test_the_conditioning_record_is_the_pipelines_encode_prompt(pipe):
     torch.testing.assert_close(uncond["pooled"], negative_pooled[:1], rtol=0, atol=1e-6)
     marked = sampling.encode_prompts(pipe, ["a (red) (circle)", "a (dolphin) (riding a bike)"])
     assert all(torch.equal(marked[k], cond[k]) for k in cond)  # the marks are stripped
+
+
+def test_with_t5_the_record_is_the_pipelines_too():
+    pipe = tiny_sd3_pipeline(t5=True)
+    with torch.no_grad():  # as in the pipeline's __call__ (T5's kernels round otherwise with autograd on)
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(PROMPTS, None, None, device="cpu")
+    cond, uncond = sampling.encode_prompts(pipe, PROMPTS), sampling.unconditional(pipe)
+    assert cond["embeds"][:, 16:].abs().sum() > 0  # T5's token states, not zeros
+    torch.testing.assert_close(cond["embeds"], embeds, rtol=0, atol=0)
+    torch.testing.assert_close(cond["pooled"], pooled, rtol=0, atol=0)
+    torch.testing.assert_close(uncond["embeds"], negative[:1], rtol=0, atol=0)
 
 
 def test_rollout_at_zero_noise_reproduces_the_sd3_pipeline(pipe):
