@@ -310,7 +310,10 @@ def flow_step(scheduler, v, t, x_t, eta, prev_sample=None, generator=None, noise
     # the step's index in the schedule, per sample (t may mix timesteps, as ddim_step's may)
     timesteps = scheduler.timesteps.to(x_t.device)
     t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
-    i = (timesteps[None, :] - t[:, None].to(timesteps.dtype)).abs().argmin(dim=1)
+    gap, i = (timesteps[None, :] - t[:, None].to(timesteps.dtype)).abs().min(dim=1)
+    if gap.max() > 1e-3:  # one sync a step; a timestep of another schedule would take the wrong sigmas silently
+        raise ValueError(f"timestep {t[gap.argmax()].item()} is not in the scheduler's {len(timesteps)}-step schedule; "
+                         "call scheduler.set_timesteps(num_steps) with the rollout's num_steps")
     sigmas = scheduler.sigmas.to(x_t.device, x_t.dtype)
     s, s_next = sigmas[i].reshape(shape), sigmas[i + 1].reshape(shape)
     ds = s_next - s  # < 0

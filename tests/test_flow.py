@@ -115,6 +115,8 @@ def test_gradient_flows_through_the_mean_only():
     assert grad_v.abs().sum() > 0 and grad_stored is None
     with pytest.raises(ValueError, match="stochastic step"):
         sampling.flow_step(scheduler, v, scheduler.timesteps[1], x, 0.0, prev_sample=stored)
+    with pytest.raises(ValueError, match="not in the scheduler's 4-step schedule"):  # a 10-step rollout's timestep
+        sampling.flow_step(scheduler, v, sd35_scheduler(10).timesteps[1], x, 0.7)
 
 
 # --------------------------------------------------------------------------------------------
@@ -139,7 +141,7 @@ def test_the_stochastic_rollout_ends_in_the_flows_marginal(eta):
     one of TAU^2 sqrt(2 / n) (0.7% of it); we allow 4 standard errors, plus what the Euler
     discretisation itself moves in 100 steps (its error is O(1/steps): the ODE's variance is 3% low
     here, so 4% is allowed on the variance and 0.01 TAU on the mean). A wrong drift, a missing
-    1/2, (1 - s) or square root moves the variance by 28% or more, a flipped sign by 2000%."""
+    1/2, (1 - s) or square root moves the variance by 28% or more, a flipped sign 20-fold."""
     n, steps = 40_000, 100
     pipe = types.SimpleNamespace(transformer=ExactVelocity(), scheduler=FlowMatchEulerDiscreteScheduler(shift=1.0))
     record = dict(embeds=torch.zeros(n, 1, 1), pooled=torch.zeros(n, 1))  # the toy flow ignores its conditioning
@@ -217,3 +219,21 @@ def test_recorded_sd3_steps_recompute_the_same_log_probs(pipe):
                 scale=scales.expand(4, 4))
     again = sampling.replay(pipe.transformer, pipe.scheduler, data, traj.timesteps, 0.7, batch_size=3)
     torch.testing.assert_close(again, traj.log_probs, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_the_reward_gradient_reaches_the_transformer_through_the_last_k_euler_steps(pipe, checkpoint):
+    """AlignProp's and DRaFT's chain on SD 3.5: the deterministic Euler steps, gradient on the last K."""
+    calls = []
+    hook = pipe.transformer.register_forward_hook(lambda m, i, o: calls.append(torch.is_grad_enabled()))
+    try:
+        traj = sampling.rollout(pipe, sampling.encode_prompts(pipe, PROMPTS), sampling.unconditional(pipe), 5.0,
+                                num_steps=4, eta=0.0, grad_steps=2, checkpoint=checkpoint,
+                                latents=torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0)))
+        traj.images.mean().backward()
+    finally:
+        hook.remove()
+    assert calls[:4] == [False, False, True, True]  # then the checkpointed calls' recomputation, if any
+    grads = [p.grad for p in pipe.transformer.parameters() if p.grad is not None]
+    assert grads and sum(g.abs().sum() for g in grads) > 0
+    pipe.transformer.zero_grad(set_to_none=True)
