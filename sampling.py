@@ -311,9 +311,9 @@ def flow_step(scheduler, v, t, x_t, eta, prev_sample=None, generator=None, noise
     timesteps = scheduler.timesteps.to(x_t.device)
     t = torch.as_tensor(t, device=x_t.device).reshape(-1).expand(x_t.shape[0])
     gap, i = (timesteps[None, :] - t[:, None].to(timesteps.dtype)).abs().min(dim=1)
-    if gap.max() > 1e-3:  # one sync a step; a timestep of another schedule would take the wrong sigmas silently
-        raise ValueError(f"timestep {t[gap.argmax()].item()} is not in the scheduler's {len(timesteps)}-step schedule; "
-                         "call scheduler.set_timesteps(num_steps) with the rollout's num_steps")
+    if gap.max() > 1e-3:  # (one sync a step) a timestep of another schedule would take wrong sigmas silently
+        raise ValueError(f"timestep {t[gap.argmax()].item()} is not in the scheduler's {len(timesteps)}-step "
+                         "schedule; call scheduler.set_timesteps(num_steps) with the rollout's num_steps")
     sigmas = scheduler.sigmas.to(x_t.device, x_t.dtype)
     s, s_next = sigmas[i].reshape(shape), sigmas[i + 1].reshape(shape)
     ds = s_next - s  # < 0
@@ -321,7 +321,7 @@ def flow_step(scheduler, v, t, x_t, eta, prev_sample=None, generator=None, noise
     # g(s) = a sqrt(s / (1 - s)) is infinite at s = 1, where sampling starts: there 1 - s is taken as
     # 1 - sigmas[1], the next step's, so the first step's noise is the second's (the reference code
     # of Flow-GRPO, yifan123/flow_grpo, does the same)
-    g = eta * (s / (1 - s).clamp(min=1 - sigmas[1].item())).sqrt()
+    g = eta * (s / torch.maximum(1 - s, 1 - sigmas[1])).sqrt()
     mean = x_t + ds * (v + g ** 2 / (2 * s) * (x_t + (1 - s) * v))  # (F5); eta = 0: (F2)
     if eta == 0:
         return mean, None
