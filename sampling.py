@@ -369,8 +369,8 @@ class Trajectory:
 def decode_latents(pipe, latents):
     """VAE-decode latents to images in [0, 1] (differentiable; the clamp is the pipeline's too). SD 3.5's
     VAE also shifts its latents (shift_factor; SD 1.5's and SDXL's have none)."""
-    latents = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0)
-    images = pipe.vae.decode(latents).sample
+    z = latents.to(pipe.vae.dtype) / pipe.vae.config.scaling_factor + (pipe.vae.config.shift_factor or 0)
+    images = pipe.vae.decode(z).sample
     return (images.to(latents.dtype) / 2 + 0.5).clamp(0, 1)  # fp16 VAE -> the latents' fp32
 
 
