@@ -370,10 +370,8 @@ def check_trainer(name, extra):
     for a in extra:
         key = a[2:].partition("=")[0].replace("-", "_")
         require(key not in NOT_IN_ARGS, f"--{name}_args must not set --{key}: experiments/bench.py sets it")
-    module = importlib.reload(importlib.import_module(TRAINER_MODULES[name]))  # fresh defaults
     try:
-        module.config = configurator.configure(vars(module), [*model_args(), *extra])
-        module.main(check_only=True)
+        configurator.fresh(TRAINER_MODULES[name], [*model_args(), *extra]).main(check_only=True)
     except SystemExit as e:
         raise SystemExit(f"error: in --{name}_args ({TRAINER_MODULES[name]}.py): {str(e).removeprefix('error: ')}")
 

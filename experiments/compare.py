@@ -44,7 +44,6 @@ held-out images of every arm's first seed, with their diversity), logs/<run>.txt
 with --explore_args, their names end in the arms' suffix (reward-t_thres900.png, ...).
 """
 import concurrent.futures
-import importlib
 import json
 import os
 import shlex
@@ -156,9 +155,9 @@ def trainer_config(argv):
     the trainer writes it to config.json, and checked by the trainer's own checks (its
     main(check_only=True)): a bad key or value in --args fails here, with the trainer's message,
     before anything runs."""
-    module = importlib.reload(importlib.import_module(TRAINERS[trainer]))  # fresh defaults
     try:
-        config = configurator.configure(vars(module), argv)
+        module = configurator.fresh(TRAINERS[trainer], argv)
+        config = module.config
         # the held-out split's training file is written later: check the set it comes from
         module.config = dict(config, prompts=prompts)
         module.main(check_only=True)

@@ -23,7 +23,6 @@ prompts as compare.py's (the same hold-out); each checkpoint's LoRA weights are 
 <out>/lora-e<epoch>.pt. Re-running the command reuses what is there. Outputs: <out>/table.md and
 <out>/table.json.
 """
-import importlib
 import json
 import os
 import shlex
@@ -59,8 +58,7 @@ VARIANTS = dict(plain=[], **{a: f for a, f in {**compare.ARMS, **compare.ABLATIO
 
 def resolve(argv):
     """The trainer's resolved options for `argv`, by the trainer's own defaults and parser."""
-    module = importlib.reload(importlib.import_module(compare.TRAINERS[trainer]))
-    return configurator.configure(vars(module), argv)
+    return configurator.fresh(compare.TRAINERS[trainer], argv).config
 
 
 def train_to(folder, argv, epoch):

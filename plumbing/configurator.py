@@ -22,6 +22,7 @@ The scripts check their values at the top of main(), before anything loads or is
 """
 import ast
 import difflib
+import importlib
 import math
 import re
 import sys
@@ -136,6 +137,15 @@ def help_text(defaults, comments, doc=""):
     for key, value in defaults.items():
         lines.append(f"  --{key:<{width}} {value!r:<28} {comments.get(key, '')}".rstrip())
     return "\n".join(lines)
+
+
+def fresh(name, argv=()):
+    """Script module `name` as `python -m <name> <argv>` has it, in this process: a fresh copy of its
+    module-level defaults (an earlier configure in this process changed them), `argv` applied, its
+    config dict as its `config` (what the trainers' main() reads)."""
+    module = importlib.reload(importlib.import_module(name))
+    module.config = configure(vars(module), [str(a) for a in argv])
+    return module
 
 
 def configure(g, argv=None):

@@ -161,12 +161,10 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 def run_trainer(name, *argv):
-    """Run a training script in this process, as `python <name>.py <argv>` would (a fresh copy of
-    its module-level defaults every time). Returns the module, whose globals hold the config."""
-    import importlib
+    """Run a training script in this process, as `python <name>.py <argv>` would (configurator.fresh,
+    then its main()). Returns the module, whose globals hold the config."""
     from plumbing import configurator
-    mod = importlib.reload(importlib.import_module(name))
-    mod.config = configurator.configure(vars(mod), [str(a) for a in argv])
+    mod = configurator.fresh(name, argv)
     mod.main()
     return mod
 

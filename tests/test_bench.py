@@ -2,7 +2,6 @@
 the UNet calls it counts are the trainers' analytic numbers, what it books where (the observer's reward and
 writing, sampling.replay as training), the timers leave the library's functions as they were, and bad
 input; gpu_memory's recipe arithmetic, SDXL's published shapes, and its weights that take no memory."""
-import importlib
 import os
 import subprocess
 import sys
@@ -12,17 +11,15 @@ import torch
 
 import lora
 import sampling
-from plumbing import configurator
 from experiments import bench_parts, gpu_memory
+from plumbing import configurator
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: timings with one torch thread
 
 
 def configured(*argv):
-    mod = importlib.reload(importlib.import_module("experiments.bench"))
-    configurator.configure(vars(mod), [str(a) for a in argv])
-    return mod
+    return configurator.fresh("experiments.bench", argv)
 
 
 def check_breakdown(b):

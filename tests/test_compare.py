@@ -2,7 +2,6 @@
 the runs' own log files, resume (an unfinished run is resumed, finished runs are not re-run), the
 held-out evaluation against sample.py's CLI and the reward itself, and bad input."""
 import copy
-import importlib
 import json
 import os
 import re
@@ -15,9 +14,9 @@ import pytest
 import torch
 
 import prompt_sets
-from plumbing import configurator
 from experiments import compare_stats
 from conftest import read_log, run_trainer
+from plumbing import configurator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)", "an (orange) (triangle)",
@@ -30,9 +29,7 @@ TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --samples_per_prompt=1 --nu
 def configured(*argv):
     """A fresh compare module with `argv` applied, as `python -m experiments.compare <argv>` would have it, but
     with --compile=off unless `argv` says otherwise (compiling a tiny UNet costs more than its runs)."""
-    mod = importlib.reload(importlib.import_module("experiments.compare"))
-    configurator.configure(vars(mod), ["--compile=off", *[str(a) for a in argv]])
-    return mod
+    return configurator.fresh("experiments.compare", ["--compile=off", *argv])
 
 
 def compare_argv(model, prompt_file, out, *extra):

@@ -3,7 +3,6 @@ every step on the CPU and its JSON holds what the full mode reports (tests/test_
 pipelines, every trainer's overhead ratio and memory comparison, DDPO's and PRDP's ratio_dev); the
 full mode's trainer options pass each trainer's own checks; the time limits stop, skip and report; the
 activations it estimates with are docs/gpu.md's; bad input is one line."""
-import importlib
 import json
 import math
 import os
@@ -22,9 +21,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: timings with 
 
 
 def configured(*argv):
-    mod = importlib.reload(importlib.import_module("experiments.gpu_check"))
-    configurator.configure(vars(mod), [str(a) for a in argv])
-    return mod
+    return configurator.fresh("experiments.gpu_check", argv)
 
 
 def finite(v):

@@ -1,7 +1,6 @@
 """experiments/mechanism.py on the tiny pipeline: the checkpoints are the baseline run's own weights, the
 variants differ from plain sampling only in the exploration switches, a re-run trains nothing again, and
 the table's statistics against a hand computation."""
-import importlib
 import json
 import os
 
@@ -11,8 +10,8 @@ import torch
 import lora
 import sampling
 import pipelines
-from plumbing import configurator
 from conftest import read_log
+from plumbing import configurator
 
 TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --samples_per_prompt=1 --num_batches=1 --train_batch_size=2 "
                 "--epochs=2 --eval_prompts=2 --eval_seeds=1 --eval_every=1")
@@ -20,9 +19,7 @@ PROMPTS = ["a (red circle) on a (dark background)", "a (blue square)", "an (oran
 
 
 def configured(*argv):
-    mod = importlib.reload(importlib.import_module("experiments.mechanism"))
-    configurator.configure(vars(mod), [str(a) for a in argv])
-    return mod
+    return configurator.fresh("experiments.mechanism", argv)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import torch
 from conftest import run_trainer
 from shapes import build as shapes_build
 from shapes import models as shapes_models
+from plumbing import configurator
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORLD = shapes_build.SHIPPED
@@ -98,8 +99,7 @@ def test_the_untrained_models_evaluation_is_the_readmes_before_training_number()
     import prompt_sets
     import rewards
     import sampling
-    import importlib
-    t = importlib.reload(importlib.import_module("train_ddpo"))  # its defaults: another test may have configured it
+    t = configurator.fresh("train_ddpo")  # its defaults
     readme = open(os.path.join(ROOT, "README.md")).read()
     (number,) = re.findall(r"from \*\*(\d+\.\d+)\*\* before\s+training", readme)
     pipe = pipelines.load_pipeline("shapes")
