@@ -222,11 +222,9 @@ def plan():
                     f"--seed={s}", f"--out={run_dir}", *flags]
             run_list.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, flags=flags,
                              config=trainer_config(argv)))
-    if train_prompts != prompts and os.path.exists(train_prompts):
-        with open(train_prompts) as f:
-            if f.read() != "".join(p + "\n" for p in train_list):
-                raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
-                                 f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
+    if train_prompts != prompts and not same_prompts(train_prompts, train_list):
+        raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
+                         f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
         runs.check_run(r["dir"], r["config"])
     check_world(folder)
@@ -270,25 +268,33 @@ def world_id(model):
     return shapes_build.manifest_hash(model) if os.path.isdir(model) else None
 
 
-def check_world(folder):
-    """A compare folder's runs are all of one model's weights (world.json, written by its first
-    invocation): a shapes world rebuilt or changed since would otherwise mix its runs with the old
-    world's in one table. Refused in one line before anything runs."""
+def recorded_world(folder):
+    """The weights a compare folder's runs were trained on: its world.json (written by its first
+    invocation) as a dict, None if it has none."""
     path = os.path.join(folder, "world.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            before = json.load(f).get("world")
-        if before != world_id(model):
-            raise SystemExit(f"error: {folder} holds runs of other weights (world {before}, --model={model} is now "
-                             f"{world_id(model)}); their numbers cannot be pooled with new runs: pass --out=<new folder>")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
-def differing(a, b):
-    """The options in which two resolved trainer configs differ as runs, wherever their folders are:
-    every option but the folders (out, and the training prompts' file, whose contents are checked apart)
-    and those a resume may change (runs.MAY_CHANGE: compile and the like)."""
-    skip = set(runs.MAY_CHANGE) | {"out", "prompts"}
-    return [k for k in sorted(set(a) | set(b)) if k not in skip and a.get(k) != b.get(k)]
+def check_world(folder):
+    """A compare folder's runs are all of one model's weights: a shapes world rebuilt or changed since
+    would otherwise mix its runs with the old world's in one table. Refused in one line before anything runs."""
+    if (before := recorded_world(folder)) and before.get("world") != world_id(model):
+        raise SystemExit(f"error: {folder} holds runs of other weights (world {before.get('world')}, --model={model} is "
+                         f"now {world_id(model)}); their numbers cannot be pooled with new runs: pass --out=<new folder>")
+
+
+def same_prompts(path, prompt_list):
+    """False if the prompt file at `path` exists and holds other prompts than `prompt_list`."""
+    if not os.path.exists(path):
+        return True
+    with open(path) as f:
+        return f.read() == "".join(p + "\n" for p in prompt_list)
+
+
+POOL_IGNORES = set(runs.MAY_CHANGE) | {"out", "prompts"}  # where a run's folder is; its prompts' contents are checked apart
 
 
 def pooled_runs(run_list, train_list):
@@ -297,17 +303,15 @@ def pooled_runs(run_list, train_list):
     the same training prompts, and for each run the same resolved options. Refused in one line otherwise."""
     found = []
     for other in [p.strip() for p in pool.split(",") if p.strip()]:
-        where = f"--pool={other}"
-        if not os.path.exists(os.path.join(other, "world.json")):
+        where, theirs = f"--pool={other}", recorded_world(other)
+        if theirs is None:
             raise SystemExit(f"error: {where} holds no world.json (not a compare folder, or one from before it was "
                              "recorded); pool only folders written by this command")
-        with open(os.path.join(other, "world.json")) as f:
-            theirs = json.load(f).get("world")
-        if theirs != world_id(model):
-            raise SystemExit(f"error: {where} was trained on other weights (world {theirs}, here {world_id(model)}); "
-                             "runs of two worlds cannot be pooled")
+        if theirs.get("world") != world_id(model):
+            raise SystemExit(f"error: {where} was trained on other weights (world {theirs.get('world')}, here "
+                             f"{world_id(model)}); runs of two worlds cannot be pooled")
         prompts_file = os.path.join(other, "train_prompts.txt")
-        if os.path.exists(prompts_file) and open(prompts_file).read() != "".join(p + "\n" for p in train_list):
+        if not same_prompts(prompts_file, train_list):
             raise SystemExit(f"error: {where} trained on other prompts ({prompts_file}); its runs cannot be pooled")
         for r in run_list:
             d = os.path.join(other, r["name"])
@@ -315,7 +319,7 @@ def pooled_runs(run_list, train_list):
                 continue
             with open(os.path.join(d, "config.json")) as f:
                 config = json.load(f)
-            if diff := differing(config, r["config"]):
+            if diff := runs.differing(config, r["config"], POOL_IGNORES):
                 k = diff[0]
                 raise SystemExit(f"error: {where}: run {r['name']} was run with other options ({k}: {config.get(k)!r}, "
                                  f"here {r['config'].get(k)!r}); pass the same --args, or leave that folder out")
@@ -325,12 +329,13 @@ def pooled_runs(run_list, train_list):
 
 
 def copy_pooled(pooled):
-    """Copy the pooled runs into this comparison's folder (without their resume checkpoints), their
-    config.json rewritten with this folder's paths, so the folder holds every run its table counts."""
+    """Copy the pooled runs into this comparison's folder, their config.json rewritten with this
+    folder's paths, so the folder holds every run its table counts; not their .pt files (the resume
+    checkpoint, and the held-out evaluations, which are redone here like every run's)."""
     for r, d in pooled:
         tmp = r["dir"] + ".pooling"
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(d, tmp, ignore=shutil.ignore_patterns("ckpt.pt", "*.pt"))
+        shutil.copytree(d, tmp, ignore=shutil.ignore_patterns("*.pt"))
         runs.write_text(os.path.join(tmp, "config.json"), json.dumps(r["config"], indent=2) + "\n")
         shutil.rmtree(r["dir"], ignore_errors=True)  # an unfinished local run of the same seed gives way
         os.replace(tmp, r["dir"])

@@ -78,8 +78,7 @@ def difference(mean, se, df, n, words=("helps", "hurts")):
 
 def mean_interval(values):
     """The mean of `values` and the half-width of its 95% t-interval (inf for a single value)."""
-    d = difference(statistics.fmean(values), standard_error(values), len(values) - 1, len(values))
-    return d["mean"], d["high"] - d["mean"]
+    return statistics.fmean(values), t_quantile(T_975, len(values) - 1) * standard_error(values)
 
 
 def standard_error(values):

@@ -73,10 +73,16 @@ def check_writable(folder, option="--out"):
         raise SystemExit(f"error: cannot write to {folder} ({e}); pass {option}=<somewhere you can write to>")
 
 
+def differing(old, config, ignore=MAY_CHANGE):
+    """The keys, sorted, in which `config` differs from an `old` one, but those in `ignore`; an option
+    added since `old` was written counts as its default then (ADDED_OPTIONS)."""
+    return [k for k in sorted(set(old) | set(config))
+            if k not in ignore and old.get(k, ADDED_OPTIONS.get(k)) != config.get(k)]
+
+
 def config_differs(out, old, config, ignore, what):
     """Refuse `config` where it differs from the `old` one (`what` held it) in a key not in `ignore`."""
-    diff = [k for k in sorted(set(old) | set(config))
-            if k not in ignore and old.get(k, ADDED_OPTIONS.get(k)) != config.get(k)]
+    diff = differing(old, config, ignore)
     if diff:
         k = diff[0]
         raise SystemExit(f"error: {out} holds {what} with a different config ({k}: {old.get(k)!r} -> "
