@@ -105,5 +105,8 @@ def average_gradients(params):
 
 
 def teardown(ddp):
+    """Leave the process group, all ranks together: a rank that closed its connections while another
+    still listened on them could make gloo's reader thread throw (an uncaught C++ exception: SIGABRT)."""
     if ddp:
+        dist.barrier()
         dist.destroy_process_group()

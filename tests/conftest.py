@@ -189,12 +189,19 @@ def lora_weights(out):
 
 
 def torchrun(script, *argv, nproc=2):
-    """Run `script` under torchrun (gloo on CPU), one thread per process; returns the result."""
+    """Run `script` under torchrun (gloo on CPU), one thread per process; returns the result, or fails
+    the test with what the ranks printed (not the launcher's own traceback, which says only that a rank
+    died and would push the ranks' messages out of pytest's report)."""
     import subprocess
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            os.path.join(root, script), *[str(a) for a in argv]]
-    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    res = subprocess.run(cmd, cwd=root, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    if res.returncode != 0:
+        ranks = res.stderr.split("torch.distributed.elastic.multiprocessing.api")[0]
+        exits = [line for line in res.stderr.splitlines() if "exitcode" in line or "rank  " in line]
+        pytest.fail(f"torchrun exited {res.returncode}; {exits}; the ranks printed:\n{ranks[-4000:]}")
+    return res
 
 
 # ---- tiny random reward models with the real rewards' code paths (aesthetic, PickScore) ----

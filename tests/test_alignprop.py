@@ -192,8 +192,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
     run_trainer("train_alignprop", *small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1",
                                           "--grad_accum=2"))
     two = small(tiny_pipeline_dir, prompt_file, tmp_path / "two", "--epochs=1", "--grad_accum=1")
-    res = torchrun("train_alignprop.py", *two)
-    assert res.returncode == 0, res.stderr[-2000:]
+    torchrun("train_alignprop.py", *two)
     a, b = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)  # Adam amplifies reduction-order noise in near-zero gradients

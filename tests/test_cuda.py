@@ -108,10 +108,9 @@ def test_bench_times_sections_with_cuda_events(tiny_pipeline_dir, prompt_file):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_torchrun_ranks_take_their_own_gpus(tiny_pipeline_dir, prompt_file, tmp_path):
     out = tmp_path / "run"
-    res = torchrun("train_ddpo.py", f"--model={tiny_pipeline_dir}", "--reward=jpeg_incompressibility",
+    torchrun("train_ddpo.py", f"--model={tiny_pipeline_dir}", "--reward=jpeg_incompressibility",
                    f"--prompts={prompt_file}", "--device=cuda", "--num_steps=3", "--sample_batch_size=4",
                    "--samples_per_prompt=2", "--num_batches=1", "--train_batch_size=4", "--epochs=1",
                    "--eval_prompts=1", "--eval_seeds=1", f"--out={out}")
-    assert res.returncode == 0, res.stderr[-3000:]
     (rec,) = read_log(out)
     assert rec["reward_queries"] == 8 and rec["ratio_dev"] < 1e-5  # two ranks x 4 samples, NCCL gathers

@@ -153,8 +153,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
     common = small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1")
     run_trainer("train_ddpo", *common, "--num_batches=2", "--grad_accum=2")
     two = small(tiny_pipeline_dir, prompt_file, tmp_path / "two", "--epochs=1", "--num_batches=1", "--grad_accum=1")
-    res = torchrun("train_ddpo.py", *two)
-    assert res.returncode == 0, res.stderr[-2000:]
+    torchrun("train_ddpo.py", *two)
     a, b = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
     for k in a:
@@ -195,9 +194,8 @@ def test_an_evaluation_longer_than_the_process_group_timeout(tiny_pipeline_dir, 
     wrapper = tmp_path / "slow_evaluation.py"
     wrapper.write_text(SLOW_EVALUATION.format(root=ROOT, script=os.path.join(ROOT, "train_ddpo.py")))
     evaluation = ["--epochs=1", "--eval_prompts=3", "--eval_seeds=1", "--eval_batch_size=1"]
-    res = torchrun(str(wrapper), *small(tiny_pipeline_dir, prompt_file, tmp_path / "two", *evaluation,
-                                        "--num_batches=1", "--grad_accum=1"))
-    assert res.returncode == 0, res.stderr[-2000:]
+    torchrun(str(wrapper), *small(tiny_pipeline_dir, prompt_file, tmp_path / "two", *evaluation,
+                                  "--num_batches=1", "--grad_accum=1"))
     run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, tmp_path / "one", *evaluation,
                                      "--num_batches=2", "--grad_accum=2"))
     one, two = read_log(tmp_path / "one")[0], read_log(tmp_path / "two")[0]

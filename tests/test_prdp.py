@@ -206,8 +206,7 @@ def test_two_processes_match_one_process_on_the_same_global_batch(tiny_pipeline_
     # beta: JPEG-size rewards differ by ~0.01, so targets of ~1, gradients far above Adam's eps
     run_trainer("train_prdp", *small(tiny_pipeline_dir, prompt_file, tmp_path / "one", "--epochs=1", "--beta=0.01"))
     two = small(tiny_pipeline_dir, prompt_file, tmp_path / "two", "--epochs=1", "--beta=0.01", "--prompts_per_epoch=1")
-    res = torchrun("train_prdp.py", *two)
-    assert res.returncode == 0, res.stderr[-2000:]
+    torchrun("train_prdp.py", *two)
     a, b = lora_weights(tmp_path / "one"), lora_weights(tmp_path / "two")
     assert any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
     for k in a:
