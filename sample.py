@@ -1,5 +1,5 @@
 """Image grids from a base model or a fine-tuned LoRA, plainly and with DiffExp's exploration side
-by side: the command-line front end of sampling.py.
+by side: the command-line front end of sampling.py's loop (plumbing/evaluation.py's sample_grid).
 
     python sample.py                                  # the shapes world's prompts, 4 seeds each
     python sample.py --prompt="a (red) (circle)" --lora=out/ddpo
@@ -11,8 +11,7 @@ import torch
 
 import pipelines
 import prompt_sets
-import sampling
-from plumbing import compiling, configurator, distributed, grids, mixed_precision, runs
+from plumbing import compiling, configurator, distributed, evaluation, grids, mixed_precision, runs
 from lora import FILE_NAME, load as load_lora, weights_file  # `lora` is this script's --lora option
 from plumbing.configurator import at_least, between, require  # the input checks
 
@@ -73,10 +72,10 @@ def main():
     with torch.no_grad():
         settings = dict(guidance=guidance, steps=steps, eta=eta, w_low=w_low, t_thres=t_thres, seed=seed,
                         batch_size=batch_size)
-        blocks = [sampling.sample_grid(pipe, prompt_list, seeds, exploring=False, **settings)]
+        blocks = [evaluation.sample_grid(pipe, prompt_list, seeds, exploring=False, **settings)]
         titles = [f"plain: guidance {guidance:g}"]
         if explore:
-            blocks.append(sampling.sample_grid(pipe, prompt_list, seeds, exploring=True, **settings))
+            blocks.append(evaluation.sample_grid(pipe, prompt_list, seeds, exploring=True, **settings))
             titles.append(f"explore: guidance {w_low:g} for t > {t_thres}, then {guidance:g}; one phrase x U(1, 1.2)")
     if num_seeds > 1:
         for title, imgs in zip(titles, blocks):

@@ -47,7 +47,6 @@ import concurrent.futures
 import json
 import os
 import shlex
-import shutil
 import subprocess
 import sys
 import threading
@@ -60,11 +59,10 @@ import lora
 import pipelines
 import prompt_sets
 import rewards
-import sampling
-from plumbing import compiling, configurator, grids, mixed_precision, runs
+from plumbing import compiling, configurator, evaluation, grids, mixed_precision, runs
+from experiments import pooling
 from experiments.compare_stats import arm_differences, plot_curves, read_log, summarise, table_markdown
 from plumbing.configurator import at_least, require  # the input checks
-from shapes import build as shapes_build
 
 # ------------------------------------------------------------------------------------------------
 # defaults (override with --key=value; `python -m experiments.compare --help` lists them)
@@ -222,13 +220,13 @@ def plan():
                     f"--seed={s}", f"--out={run_dir}", *flags]
             run_list.append(dict(name=name, arm=arm, seed=s, dir=run_dir, argv=argv, flags=flags,
                              config=trainer_config(argv)))
-    if train_prompts != prompts and not same_prompts(train_prompts, train_list):
+    if train_prompts != prompts and not pooling.same_prompts(train_prompts, train_list):
         raise SystemExit(f"error: {train_prompts} holds other training prompts than --prompts={prompts} "
                          f"minus its held-out prompts; pass --out=<new folder> or delete {folder}")
     for r in run_list:  # a folder holding a run with other options: the trainer would refuse it later
         runs.check_run(r["dir"], r["config"])
-    check_world(folder)
-    pooled = pooled_runs(run_list, train_list) if pool else []
+    pooling.check_world(folder, model)
+    pooled = pooling.pooled_runs(pool, run_list, train_list, model) if pool else []
     other = other_table(held, heldout_sampling(run_list)) if versus else None  # checked before any training
     return folder, run_list, train_list, train_prompts, held, other, pooled
 
@@ -251,7 +249,7 @@ def other_table(held, sampling_settings):
         if key not in other:
             raise SystemExit(f"error: --versus={versus}: its table.json predates the record of {what}; re-run that "
                              "comparison's command (it resumes and only rewrites its table)")
-    for key, mine in (("model", model), ("world", world_id(model)), ("reward", reward), ("prompts", prompts),
+    for key, mine in (("model", model), ("world", pooling.world_id(model)), ("reward", reward), ("prompts", prompts),
                       ("heldout", held), ("heldout_sampling", sampling_settings)):
         if other.get(key) != mine:
             raise SystemExit(f"error: --versus={versus} was run with another {key} ({other.get(key)!r}, here {mine!r}); "
@@ -259,100 +257,12 @@ def other_table(held, sampling_settings):
     return other
 
 
-def world_id(model):
-    """Which weights `model` names, for pooling and --versus: a shapes world's manifest hash (the
-    shipped world's for "shapes"; two builds of one configuration on two machines are two worlds),
-    None for a hub id or a plain diffusers folder."""
-    if model == "shapes":
-        return shapes_build.manifest_hash(shapes_build.SHIPPED)
-    return shapes_build.manifest_hash(model) if os.path.isdir(model) else None
-
-
-def recorded_world(folder):
-    """The weights a compare folder's runs were trained on: its world.json (written by its first
-    invocation) as a dict, None if it has none."""
-    path = os.path.join(folder, "world.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
-
-
-def check_world(folder):
-    """A compare folder's runs are all of one model's weights: a shapes world rebuilt or changed since
-    would otherwise mix its runs with the old world's in one table. Refused in one line before anything runs."""
-    if (before := recorded_world(folder)) and before.get("world") != world_id(model):
-        raise SystemExit(f"error: {folder} holds runs of other weights (world {before.get('world')}, --model={model} is "
-                         f"now {world_id(model)}); their numbers cannot be pooled with new runs: pass --out=<new folder>")
-
-
-def same_prompts(path, prompt_list):
-    """False if the prompt file at `path` exists and holds other prompts than `prompt_list`."""
-    if not os.path.exists(path):
-        return True
-    with open(path) as f:
-        return f.read() == "".join(p + "\n" for p in prompt_list)
-
-
-POOL_IGNORES = set(runs.MAY_CHANGE) | {"out", "prompts"}  # where a run's folder is; its prompts' contents are checked apart
-
-
-def pooled_runs(run_list, train_list):
-    """[(run, folder in a --pool folder)] for each of this comparison's unfinished runs that a --pool folder
-    has finished, after checking that folder measured the same thing: the same world (its world.json),
-    the same training prompts, and for each run the same resolved options. Refused in one line otherwise."""
-    found = []
-    for other in [p.strip() for p in pool.split(",") if p.strip()]:
-        where, theirs = f"--pool={other}", recorded_world(other)
-        if theirs is None:
-            raise SystemExit(f"error: {where} holds no world.json (not a compare folder, or one from before it was "
-                             "recorded); pool only folders written by this command")
-        if theirs.get("world") != world_id(model):
-            raise SystemExit(f"error: {where} was trained on other weights (world {theirs.get('world')}, here "
-                             f"{world_id(model)}); runs of two worlds cannot be pooled")
-        prompts_file = os.path.join(other, "train_prompts.txt")
-        if not same_prompts(prompts_file, train_list):
-            raise SystemExit(f"error: {where} trained on other prompts ({prompts_file}); its runs cannot be pooled")
-        for r in run_list:
-            d = os.path.join(other, r["name"])
-            if finished(r) or any(r is q for q, _ in found) or not os.path.exists(os.path.join(d, "config.json")):
-                continue
-            with open(os.path.join(d, "config.json")) as f:
-                config = json.load(f)
-            if diff := runs.differing(config, r["config"], POOL_IGNORES):
-                k = diff[0]
-                raise SystemExit(f"error: {where}: run {r['name']} was run with other options ({k}: {config.get(k)!r}, "
-                                 f"here {r['config'].get(k)!r}); pass the same --args, or leave that folder out")
-            if finished(dict(r, dir=d)):
-                found.append((r, d))
-    return found
-
-
-def copy_pooled(pooled):
-    """Copy the pooled runs into this comparison's folder, their config.json rewritten with this
-    folder's paths, so the folder holds every run its table counts; not their .pt files (the resume
-    checkpoint, and the held-out evaluations, which are redone here like every run's)."""
-    for r, d in pooled:
-        tmp = r["dir"] + ".pooling"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(d, tmp, ignore=shutil.ignore_patterns("*.pt"))
-        runs.write_text(os.path.join(tmp, "config.json"), json.dumps(r["config"], indent=2) + "\n")
-        shutil.rmtree(r["dir"], ignore_errors=True)  # an unfinished local run of the same seed gives way
-        os.replace(tmp, r["dir"])
-        print(f"{r['name']}: pooled from {d}", flush=True)
-
-
-def finished(run):
-    return (len(read_log(run["dir"])) >= run["config"]["epochs"]
-            and os.path.exists(os.path.join(run["dir"], "lora", "pytorch_lora_weights.safetensors")))
-
-
 def train_all(folder, run_list):
     """Run every unfinished run's trainer command, `jobs` at a time; return how many ran. Each run's
     output goes to logs/<run>.txt; here, one line per finished epoch (read from its log.jsonl). On a
     failure or Ctrl-C the runs under way are stopped (each resumes from its last checkpoint)."""
     # seed by seed (every arm's seed 0, then seed 1, ...): stopped part-way, the finished runs are whole pairs
-    todo = sorted((r for r in run_list if not finished(r)), key=lambda r: r["seed"])
+    todo = sorted((r for r in run_list if not pooling.finished(r)), key=lambda r: r["seed"])
     for r in run_list:
         if r not in todo:
             print(f"{r['name']}: finished earlier, skipped", flush=True)
@@ -421,7 +331,8 @@ def sample_heldout(pipe, held, cfg):
     `python sample.py --prompts=<file> --num_seeds=S --guidance=G --steps=T --eta=E` draws (its grid
     function, with the run's guidance, steps and eta)."""
     with torch.no_grad():
-        return sampling.sample_grid(pipe, held, list(range(heldout_seeds)), cfg["guidance"], cfg["num_steps"], cfg["eta"])
+        return evaluation.sample_grid(pipe, held, list(range(heldout_seeds)), cfg["guidance"], cfg["num_steps"],
+                                      cfg["eta"])
 
 
 def metric_names(cfg):
@@ -487,19 +398,20 @@ def main():
     t0 = time.time()
     folder, run_list, train_list, train_prompts, held, other, pooled = plan()
     os.makedirs(folder, exist_ok=True)
-    runs.write_text(os.path.join(folder, "world.json"), json.dumps(dict(model=model, world=world_id(model))) + "\n")
+    world = dict(model=model, world=pooling.world_id(model))
+    runs.write_text(os.path.join(folder, "world.json"), json.dumps(world) + "\n")
     if train_prompts != prompts:  # the auto hold-out: the runs train on the rest of the set
         text = "".join(p + "\n" for p in train_list)
         runs.write_text(train_prompts, text)
     with open(os.path.join(folder, "heldout_prompts.txt"), "w") as f:  # for `sample.py --prompts=`
         f.write("".join(p + "\n" for p in held))
-    copy_pooled(pooled)
+    pooling.copy_pooled(pooled)
     ran = train_all(folder, run_list)
     print(f"training: {ran} runs ran, {len(run_list) - ran} finished earlier", flush=True)
     trained = prompt_sets.spread_subset(train_list, heldout_prompts)
     evals, trained_evals = evaluate_all(folder, run_list, held, trained)
-    summary = dict(trainer=trainer, model=model, world=world_id(model), reward=reward, prompts=prompts, args=args,
-                   seeds=seeds, reward_queries=read_log(run_list[0]["dir"])[-1]["reward_queries"],
+    summary = dict(trainer=trainer, model=model, world=pooling.world_id(model), reward=reward, prompts=prompts,
+                   args=args, seeds=seeds, reward_queries=read_log(run_list[0]["dir"])[-1]["reward_queries"],
                    heldout=held, heldout_seeds=heldout_seeds, heldout_sampling=heldout_sampling(run_list),
                    pretrained={k: evals["pretrained"][k] for k in ("reward", "metrics", "diversity")},
                    trained=trained, pretrained_trained={k: trained_evals["pretrained"][k] for k in ("reward", "metrics")},

@@ -9,9 +9,9 @@ fine-tuning never saw: unseen animals and DrawBench (Saharia et al. 2022; its 11
         --baseline=out/eval-stable-diffusion-v1-5-drawbench-pickscore/table.json   # the paired difference
 
 Every prompt is sampled `num_seeds` times, plainly (constant guidance, unweighted prompts), with seed
-s's initial noise the same for every prompt and every model (sampling.sample_grid, as sample.py
-draws it): with eta = 0 an image depends only on its prompt, seed and model, so two evaluations
-with the same settings are paired image by image and --baseline reports each category's paired
+s's initial noise the same for every prompt and every model (plumbing/evaluation.py's sample_grid,
+as sample.py draws it): with eta = 0 an image depends only on its prompt, seed and model, so two
+evaluations with the same settings are paired image by image and --baseline reports each category's paired
 difference. The categories: DrawBench's own, hard/common and background on the shapes world's
 captions, one for any other set (prompt_sets.categories). Writes, each file atomically, into --out
 (default <run>/eval-<prompts>-<reward>, or out/eval-<model>-<prompts>-<reward> for a base model):
@@ -30,8 +30,7 @@ from tqdm import tqdm
 import pipelines
 import prompt_sets
 import rewards
-import sampling
-from plumbing import compiling, configurator, distributed, grids, runs
+from plumbing import compiling, configurator, distributed, evaluation, grids, runs
 from experiments.compare_stats import mean_interval, paired_difference
 from explore import parse_phrases
 from lora import load as load_lora, weights_file  # `lora` is this script's --lora option
@@ -189,7 +188,7 @@ def main():
     with torch.no_grad(), tqdm(total=len(prompt_list) * num_seeds, desc="evaluating", unit="image") as bar:
         for i in range(0, len(prompt_list), per_batch):
             chunk = prompt_list[i:i + per_batch]
-            images = sampling.sample_grid(pipe, chunk, seeds, guidance, num_steps, eta, batch_size=batch_size)
+            images = evaluation.sample_grid(pipe, chunk, seeds, guidance, num_steps, eta, batch_size=batch_size)
             clean = [parse_phrases(p)[0] for p in chunk for _ in seeds]
             r = reward_fn(images.flatten(0, 1).to(dev), clean).float().cpu().view(len(chunk), num_seeds)
             per_prompt += r.tolist()

@@ -36,10 +36,9 @@ import explore
 import lora
 import pipelines
 import rewards
-import sampling
-from plumbing import configurator, runs
+from plumbing import configurator, evaluation, runs
 from plumbing.configurator import at_least, require
-from experiments import compare
+from experiments import compare, pooling
 from experiments.compare_stats import paired_difference, read_log
 
 # ------------------------------------------------------------------------------------------------
@@ -150,7 +149,7 @@ def main():
         scored = {}
         for variant, c in configs.items():
             with torch.no_grad():
-                images = sampling.sample_grid(
+                images = evaluation.sample_grid(
                     pipe, train_list, list(range(samples)), c["guidance"], c["num_steps"], c["eta"],
                     exploring=variant != "plain", w_low=c["w_low"], t_thres=c["t_thres"], explore_cfg=c["explore_cfg"],
                     explore_weights=c["explore_weights"], weight_max=c["weight_max"]).flatten(0, 1).to(dev)
@@ -158,7 +157,7 @@ def main():
                                    None if success_fn is None else success_fn(images, clean).float().cpu())
         cells[e] = {v: stats(r, s, scored["plain"][0], samples) for v, (r, s) in scored.items()}
     result = dict(trainer=trainer, reward=reward, prompt_set=prompts, prompts=train_list, samples=samples, args=args,
-                  world=compare.world_id(cfg["model"]), cells=cells,
+                  world=pooling.world_id(cfg["model"]), cells=cells,
                   sampling={k: cfg[k] for k in ("guidance", "num_steps", "eta", "t_thres", "weight_max")})
     runs.write_text(os.path.join(folder, "table.json"), json.dumps(result, indent=2) + "\n")
     md = table_markdown(result)

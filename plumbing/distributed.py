@@ -54,7 +54,7 @@ def setup(device="auto"):
 
     The process group keeps torch's timeout (NCCL 10 minutes, gloo 30): a rank waits in a collective only
     while another finishes its share of the same work or rank 0 writes the epoch's files, seconds. The
-    long work alone, the evaluation, is shared out over the ranks (sampling.evaluate), not waited for."""
+    long work alone, the evaluation, is shared out over the ranks (plumbing/evaluation.py), not waited for."""
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     dev = use_device(device)
     rank, world = 0, 1
@@ -83,7 +83,7 @@ def gather(x):
 
 def assemble(x):
     """The whole of `x` on every rank, where each rank filled in its own part and left zeros elsewhere
-    (sampling.evaluate's images and rewards): a sum over the ranks, exact, since each element is one
+    (evaluation.evaluate's images and rewards): a sum over the ranks, exact, since each element is one
     rank's number plus zeros. NCCL sums on this process's GPU, gloo on the CPU; `x` comes back where it
     was. `x` itself in a run of one process."""
     if not (dist.is_available() and dist.is_initialized()):

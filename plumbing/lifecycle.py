@@ -28,8 +28,7 @@ import lora
 import pipelines
 import prompt_sets
 import rewards
-import sampling
-from plumbing import compiling, configurator, dashboards, distributed, mixed_precision, runs
+from plumbing import compiling, configurator, dashboards, distributed, evaluation, mixed_precision, runs
 from plumbing.configurator import at_least, between, positive, require
 
 
@@ -129,15 +128,15 @@ class Run:
         return good
 
     def evaluate(self, path, title):
-        """The mean reward of plain sampling on the evaluation prompts and seeds (sampling.evaluate)."""
+        """The mean reward of plain sampling on the evaluation prompts and seeds (evaluation.evaluate)."""
         c = self.config
-        return sampling.evaluate(self.pipe, self.reward_fn, self.eval_list, c["guidance"], c["num_steps"], c["eta"],
-                                 c["eval_seeds"], os.path.join(self.out, path), title, c["eval_batch_size"])
+        return evaluation.evaluate(self.pipe, self.reward_fn, self.eval_list, c["guidance"], c["num_steps"], c["eta"],
+                                   c["eval_seeds"], os.path.join(self.out, path), title, c["eval_batch_size"])
 
     def epochs(self):
         """The epochs this invocation runs (from the resume point; --stop_after ends it early). Before
         epoch 0, the model before any update is evaluated: where the evaluation curve starts.
-        Every rank evaluates its share of the images (sampling.evaluate); rank 0 prints and writes."""
+        Every rank evaluates its share of the images (evaluation.evaluate); rank 0 prints and writes."""
         c = self.config
         for epoch in range(self.start_epoch, c["epochs"]):
             if c["stop_after"] and epoch - self.start_epoch >= c["stop_after"]:
@@ -161,7 +160,7 @@ class Run:
                    **diagnostics, skipped_updates=skipped, seconds=0.0)
         if epoch == 0:
             rec["eval_before"] = self.eval_before
-        if (epoch + 1) % c["eval_every"] == 0 or epoch == c["epochs"] - 1:  # every rank: its share (sampling.evaluate)
+        if (epoch + 1) % c["eval_every"] == 0 or epoch == c["epochs"] - 1:  # every rank: its share (evaluation.py)
             rec["eval_reward"] = self.evaluate(f"eval_{epoch:04d}.png", f"epoch {epoch}: plain sampling, guidance "
                                                                         f"{c['guidance']:g}")
         rec["seconds"] = round(time.time() - self.t0, 2)

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import prompt_sets
-from experiments import compare_stats
+from experiments import compare_stats, pooling
 from conftest import read_log, run_trainer
 from plumbing import configurator
 
@@ -217,7 +217,7 @@ def test_prdp_compare_and_versus_ddpos(compared, tiny_pipeline_dir, nine_prompts
         with pytest.raises(SystemExit, match=rf"^error: --versus=.*{message}"):
             configured(*argv, f"--versus={other}").main()
     assert (out / "table.json").read_text() == before
-    assert summary["world"] == compared["summary"]["world"] == configured().world_id(compared["summary"]["model"])
+    assert summary["world"] == compared["summary"]["world"] == pooling.world_id(compared["summary"]["model"])
 
 
 def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_reward():
@@ -446,7 +446,7 @@ def test_a_folder_of_another_world_is_refused_and_pooling_checks_world_prompts_a
         for p, text in saved.items():
             p.write_text(text)
     mod = configured(*argv, f"--pool={theirs}")
-    mod.copy_pooled(mod.plan()[-1])
+    pooling.copy_pooled(mod.plan()[-1])
     copied = mine / "baseline-s0"
     assert read_log(copied) == read_log(theirs / "baseline-s0") and not (copied / "ckpt.pt").exists()
     assert json.loads((copied / "config.json").read_text())["out"] == str(mine / "baseline-s0")

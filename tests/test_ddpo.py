@@ -168,11 +168,11 @@ SLOW_EVALUATION = """
 import datetime, runpy, sys, time
 sys.path.insert(0, {root!r})
 import torch.distributed as dist
-import sampling
+from plumbing import evaluation
 
 init_process_group = dist.init_process_group
 dist.init_process_group = lambda *a, **k: init_process_group(*a, **k, timeout=datetime.timedelta(seconds=10))
-evaluate = sampling.evaluate
+evaluate = evaluation.evaluate
 
 def slow_evaluate(pipe, reward_fn, *a, **k):
     def slow_reward(images, prompts):
@@ -180,7 +180,7 @@ def slow_evaluate(pipe, reward_fn, *a, **k):
         return reward_fn(images, prompts)
     return evaluate(pipe, slow_reward, *a, **k)
 
-sampling.evaluate = slow_evaluate
+evaluation.evaluate = slow_evaluate
 runpy.run_path({script!r}, run_name="__main__")
 """
 

@@ -14,11 +14,11 @@ LAYERS = {
     "scripts": ["train_ddpo", "train_alignprop", "train_prdp", "sample", "experiments.evaluate",
                 "experiments.compare", "experiments.mechanism", "experiments.bench", "experiments.bench_parts", "experiments.gpu_check",
                 "shapes.measure"],
-    # the run lifecycle around every trainer: it loads models and rewards and evaluates with the sampling
-    # loop, so it sits above the library although it lives with the plumbing
-    "lifecycle": ["plumbing.lifecycle"],
+    # the run lifecycle around every trainer (it loads models and rewards) and the evaluation it runs: both
+    # sample with the sampling loop, so they sit above the library although they live with the plumbing
+    "lifecycle": ["plumbing.lifecycle", "plumbing.evaluation"],
     "library": ["sampling", "explore", "lora", "rewards", "prompt_sets", "experiments.gpu_memory",
-                "experiments.compare_stats"],
+                "experiments.compare_stats", "experiments.pooling"],
     "models": ["pipelines", "shapes.build", "shapes.models", "shapes.world"],
     "plumbing": ["plumbing.configurator", "plumbing.runs", "plumbing.dashboards",
                  "plumbing.distributed", "plumbing.grids", "plumbing.hub", "plumbing.mixed_precision",

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 import lora
-import sampling
 import pipelines
 from conftest import read_log
-from plumbing import configurator
+from plumbing import configurator, evaluation
 
 TRAINER_ARGS = ("--num_steps=3 --sample_batch_size=2 --samples_per_prompt=1 --num_batches=1 --train_batch_size=2 "
                 "--epochs=2 --eval_prompts=2 --eval_seeds=1 --eval_every=1")
@@ -63,7 +62,7 @@ def test_exploring_with_both_switches_off_or_no_step_above_t_thres_samples_plain
     """The ablation switches of sample_grid reach the sampling: off, or a threshold no step passes, the
     images are plain sampling's; weighting on, they are not."""
     pipe = pipelines.load_pipeline(tiny_pipeline_dir)
-    grid = lambda **kw: sampling.sample_grid(pipe, PROMPTS[:2], [0, 1], 5.0, 4, eta=1.0, **kw)
+    grid = lambda **kw: evaluation.sample_grid(pipe, PROMPTS[:2], [0, 1], 5.0, 4, eta=1.0, **kw)
     plain = grid()
     assert torch.equal(grid(exploring=True, explore_cfg=False, explore_weights=False), plain)
     assert torch.equal(grid(exploring=True, t_thres=1000, explore_weights=False, w_low=0.0), plain)

@@ -11,7 +11,7 @@ import explore
 import pipelines
 import sample
 import sampling
-from plumbing import grids
+from plumbing import evaluation, grids
 from conftest import tiny_pipeline
 
 SCHEDULERS = {  # SD 1.5's DDIM config, and the shapes world's kind (trailing spacing, cosine betas)
@@ -334,8 +334,8 @@ def test_evaluation_memory_is_one_micro_batch_and_its_numbers_are_one_batchs(pip
     prompts = ["a (red) (circle)", "a (blue) square", "a green (cross)", "a purple triangle", "an orange circle"]
     for n_prompts, seeds in ((2, 2), (5, 3)):  # 4 and 15 images
         seen, hooks, reward = largest_batches(pipe, appeal)
-        got = sampling.evaluate(pipe, reward, prompts[:n_prompts], 5.0, 4, eta, seeds, tmp_path / "grid.png",
-                                batch_size=4)
+        got = evaluation.evaluate(pipe, reward, prompts[:n_prompts], 5.0, 4, eta, seeds, tmp_path / "grid.png",
+                                  batch_size=4)
         for h in hooks:
             h.remove()
         assert seen == dict(unet=2 * 4, vae=4, reward=4), (n_prompts, seeds)
@@ -344,7 +344,7 @@ def test_evaluation_memory_is_one_micro_batch_and_its_numbers_are_one_batchs(pip
             one = sampling.rollout(pipe, sampling.encode_prompts(pipe, todo), sampling.encode_prompts(pipe, [""]),
                                    5.0, num_steps=4, eta=eta, generator=torch.Generator().manual_seed(1234))
         assert got == pytest.approx(appeal(one.images, todo).mean().item(), rel=1e-5)
-        assert sampling.evaluate(pipe, appeal, prompts[:n_prompts], 5.0, 4, eta, seeds, batch_size=100) == \
+        assert evaluation.evaluate(pipe, appeal, prompts[:n_prompts], 5.0, 4, eta, seeds, batch_size=100) == \
             pytest.approx(got, rel=1e-5)
 
 

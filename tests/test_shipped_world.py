@@ -98,12 +98,12 @@ def test_the_untrained_models_evaluation_is_the_readmes_before_training_number()
     import pipelines
     import prompt_sets
     import rewards
-    import sampling
+    from plumbing import evaluation
     t = configurator.fresh("train_ddpo")  # its defaults
     readme = open(os.path.join(ROOT, "README.md")).read()
     (number,) = re.findall(r"from \*\*(\d+\.\d+)\*\* before\s+training", readme)
     pipe = pipelines.load_pipeline("shapes")
     eval_list = prompt_sets.spread_subset(prompt_sets.load_prompts(t.prompts), t.eval_prompts)
-    before = sampling.evaluate(pipe, rewards.load(t.reward), eval_list, t.guidance, t.num_steps, t.eta, t.eval_seeds,
-                               batch_size=t.eval_batch_size)
+    before = evaluation.evaluate(pipe, rewards.load(t.reward), eval_list, t.guidance, t.num_steps, t.eta, t.eval_seeds,
+                                 batch_size=t.eval_batch_size)
     assert f"{before:.2f}" == number, (before, number)
