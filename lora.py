@@ -1,9 +1,12 @@
-"""LoRA on the UNet's attention projections, by hand (Hu et al. 2021, "LoRA: Low-Rank Adaptation of
-Large Language Models", arXiv:2106.09685). A frozen linear layer gets a low-rank update (eq. 3),
+"""LoRA on the attention projections of the UNet (or SD 3.5's transformer), by hand (Hu et al. 2021,
+"LoRA: Low-Rank Adaptation of Large Language Models", arXiv:2106.09685). A frozen linear layer gets a
+low-rank update (eq. 3),
     y = W x + b + (alpha / r) B A x,      A: [r, in] Gaussian,   B: [out, r] zeros,
 so an injected model is exactly the base model until trained, and a layer trains r (in + out) numbers
 instead of in * out. `save` writes the keys diffusers' `pipe.load_lora_weights` reads for a UNet LoRA
-(`unet.<module path>.lora_A.weight` / `.lora_B.weight`): a run's weights load there with no conversion.
+(`unet.<module path>.lora_A.weight` / `.lora_B.weight`), or, for SD 3.5's SD3Transformer2DModel, for a
+transformer LoRA (`transformer.<module path>...`): a run's weights load there with no conversion.
+The functions take the denoiser as `unet`, whichever it is (sampling.denoiser(pipe)).
 """
 import contextlib
 import os
@@ -16,8 +19,10 @@ from safetensors.torch import load_file, save_file
 
 from plumbing import runs
 # every self- and cross-attention's q, k, v, out, in SD 1.5's UNet and SDXL's alike (SDXL's other linear
-# layers, the feed-forwards, the transformers' in/out projections and the time/added-conditioning MLPs, stay frozen)
-DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+# layers, the feed-forwards, the transformers' in/out projections and the time/added-conditioning MLPs, stay frozen);
+# SD 3.5's joint attention (Esser et al. 2024, Fig. 2) has these for the image tokens and a second set for the
+# text tokens, add_{q,k,v}_proj and to_add_out, trained too (as diffusers' SD3 LoRA script does; the UNets have none)
+DEFAULT_TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out")
 FILE_NAME = "pytorch_lora_weights.safetensors"  # the file diffusers looks for in a folder
 
 
@@ -75,7 +80,7 @@ def inject(unet, rank=4, alpha=None, targets=DEFAULT_TARGETS):
     names = [n for n, m in unet.named_modules() if isinstance(m, nn.Linear)
              and any(n == t or n.endswith("." + t) for t in targets)]
     if not names:
-        raise ValueError(f"no nn.Linear in the UNet has a module path ending in one of {tuple(targets)}")
+        raise ValueError(f"no nn.Linear in the model has a module path ending in one of {tuple(targets)}")
     _wrap(unet, names, [rank] * len(names), [rank if alpha is None else alpha] * len(names))
     return [p for m in layers(unet).values() for p in (m.lora_A, m.lora_B)]
 
@@ -131,7 +136,9 @@ def save(unet, path):
         raise ValueError("the UNet has no LoRA layers to save; call lora.inject(unet) first")
     path = str(path) if str(path).endswith(".safetensors") else os.path.join(path, FILE_NAME)
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tensors = {f"unet.{name}.lora_{k}.weight": (m.lora_A if k == "A" else m.scaled_B()).detach().cpu().contiguous()
+    # the pipeline component the keys name, as diffusers' loaders look for it (pipe.unet, or SD 3.5's pipe.transformer)
+    prefix = "transformer" if type(unet).__name__ == "SD3Transformer2DModel" else "unet"
+    tensors = {f"{prefix}.{name}.lora_{k}.weight": (m.lora_A if k == "A" else m.scaled_B()).detach().cpu().contiguous()
                for name, m in layers(unet).items() for k in "AB"}
     if bad := [k for k, t in tensors.items() if not torch.isfinite(t).all()]:
         raise ValueError(f"LoRA weight {bad[0]} is not finite; not saved to {path}")
@@ -149,7 +156,8 @@ def weights_file(path):
 
 
 def load(unet, path):
-    """Load a file from `save` (or any diffusers-format UNet LoRA with alpha = rank), injecting if needed.
+    """Load a file from `save` (or any diffusers-format UNet or SD 3.5 transformer LoRA with alpha = rank),
+    injecting if needed.
     Layers come back with alpha = r and B = (alpha/r) B, the very tensors the saved model multiplied, so
     outputs are identical. (Resume training from `state_dict` instead: it keeps the original alpha.)"""
     path = os.path.join(path, FILE_NAME) if os.path.isdir(path) else str(path)
@@ -159,10 +167,11 @@ def load(unet, path):
         raise ValueError(f"{path} is not a readable safetensors file ({e}); pass a {FILE_NAME} a trainer saved")
     sd = {}
     for key, t in saved.items():
-        name, _, kind = key.removeprefix("unet.").rpartition(".lora_")
-        if not key.startswith("unet.") or kind not in ("A.weight", "B.weight"):
+        component, _, rest = key.partition(".")  # what `save` wrote: unet, or SD 3.5's transformer
+        name, _, kind = rest.rpartition(".lora_")
+        if component not in ("unet", "transformer") or kind not in ("A.weight", "B.weight"):
             raise ValueError(f"{path}: unexpected key {key!r}; expected a UNet LoRA in diffusers' format, "
-                             "'unet.<module path>.lora_A.weight' and '.lora_B.weight'")
+                             "'unet.<module path>.lora_A.weight' and '.lora_B.weight' (SD 3.5: 'transformer.<...>')")
         sd[f"{name}.lora_{kind[0]}"] = t
         sd[f"{name}.alpha"] = t.shape[0] if kind == "A.weight" else t.shape[1]  # alpha = r: B holds the scale
     load_state_dict(unet, sd, source=path)

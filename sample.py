@@ -19,6 +19,7 @@ from plumbing.configurator import at_least, between, require  # the input checks
 model = "shapes"  # "shapes" (the offline world), a hub id, or a local diffusers folder
 revision = ""  # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
 variant = ""  # weight files of this variant, e.g. fp16 (*.fp16.safetensors); "" = the plain ones
+t5 = True  # SD 3.5 only: load its T5 text encoder (--no-t5: not loaded, zeros for its tokens, GBs less memory)
 prompt = ""  # one prompt to sample (overrides --prompts); mark phrases with (parentheses)
 prompts = "auto"  # prompt set name or text file; auto = the world's captions for shapes, else animals
 num_prompts = 8  # grid rows: the first N prompts
@@ -59,10 +60,10 @@ def main():
         prompt_list = prompt_sets.load_prompts(name)[:num_prompts]
     dev = distributed.use_device(device)
     try:
-        pipe = pipelines.load_pipeline(model, dev, precision, revision=revision or None, variant=variant or None)
+        pipe = pipelines.load_pipeline(model, dev, precision, revision=revision or None, variant=variant or None, t5=t5)
         if lora:
-            load_lora(pipe.unet, weights_file(lora))
-        compiling.unet(pipe.unet, compile, dev)
+            load_lora(sampling.denoiser(pipe), weights_file(lora))  # the UNet, or SD 3.5's transformer
+        compiling.unet(sampling.denoiser(pipe), compile, dev)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     T = pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps

@@ -80,14 +80,17 @@ class Run:
         try:
             pipelines.check_model(c["model"], c["revision"] or None)  # a typo fails at once, before the reward loads
             self.reward_fn = rewards.load(c["reward"], device=self.dev, **configurator.parse_options(c["reward_options"]))
+            # t5: SD 3.5's T5 encoder (False: not loaded, zeros for its tokens), the --t5 of a trainer whose
+            # defaults block has `t5 = True` (runs.ADDED_OPTIONS: a config without it counts as True)
             self.pipe = pipelines.load_pipeline(c["model"], device=self.dev, precision=c["precision"],
-                                                revision=c["revision"] or None, variant=c["variant"] or None)
+                                                revision=c["revision"] or None, variant=c["variant"] or None,
+                                                t5=c.get("t5", True))
         except (ValueError, TypeError, rewards.RewardUnavailable) as e:
             raise SystemExit(f"error: {e}")
         T = self.pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's timesteps
         require(c["num_steps"] <= T, f"--num_steps must be <= the model's {T} training timesteps, got {c['num_steps']}")
         require(c["t_thres"] < T, f"--t_thres must be below the model's {T} training timesteps, got {c['t_thres']}")
-        if ck and (why := lora.misfit(self.pipe.unet, ck["lora"])):  # another model behind the same --model
+        if ck and (why := lora.misfit(sampling.denoiser(self.pipe), ck["lora"])):  # another model, the same --model
             raise SystemExit(f"error: {self.out}/ckpt.pt was saved from another model than --model={c['model']} "
                              f"({why}); pass --out=<new folder> (or delete {self.out}) to start afresh")
         if self.master:  # only now: a bad reward, model, prompt set or checkpoint leaves nothing on disk

@@ -1,11 +1,12 @@
 """Mixed precision in one place: what `--precision` means for each part of the pipeline, the autocast
 context every UNet call runs in, the loss scaler fp16 needs, and TF32 on CUDA.
 
-    --precision   UNet (frozen weights; the UNet calls)   text encoder   VAE    LoRA, latents, DDIM, log-probs
+    --precision   UNet (frozen weights; the UNet calls)   text encoders  VAE    LoRA, latents, DDIM, log-probs
     fp32          fp32                                    fp32           fp32   fp32
     bf16          bf16, under bf16 autocast                bf16           bf16   fp32
     fp16          fp16, under fp16 autocast + loss scaler  fp16           fp32   fp32
     auto          bf16 on CUDA, fp32 on the CPU
+    (SD 3.5: its transformer is "the UNet" here; its text encoders, T5 included, are "text encoders".)
 
 Only the UNet's arithmetic is lowered: sampling.guided_eps runs it under `autocast(unet)` and casts its
 output to fp32, so the DDIM step (sampling.ddim_step) and its log-probs are fp32 and a recorded log-prob
@@ -49,7 +50,8 @@ def pipeline_dtypes(precision, device):
         torch.backends.cuda.matmul.fp32_precision = tf32
         torch.backends.cudnn.conv.fp32_precision = tf32
     vae = torch.bfloat16 if dtype == torch.bfloat16 else torch.float32  # fp16 would overflow; bf16 cannot
-    return {"unet": dtype, "text_encoder": dtype, "text_encoder_2": dtype, "vae": vae, "default": torch.float32}
+    return {"unet": dtype, "transformer": dtype, "text_encoder": dtype, "text_encoder_2": dtype,
+            "text_encoder_3": dtype, "vae": vae, "default": torch.float32}
 
 
 def autocast(unet):

@@ -47,7 +47,8 @@ def write_text(path, text):
 # Options added to the trainers after run folders were made: a config.json without one ran as with
 # this value, so resuming it with this value is the same run (and another value is refused).
 # (precision: every run before it existed was made on the CPU, where "auto" is the fp32 they ran in.)
-ADDED_OPTIONS = {"revision": "", "variant": "", "precision": "auto"}
+# A script without the option (t5, SD 3.5's T5 encoder, until a trainer's defaults block has it) runs as with it too.
+ADDED_OPTIONS = {"revision": "", "variant": "", "precision": "auto", "t5": True}
 
 
 # Options that change how a run is stopped, evaluated in memory, run (compile: the same maths up to
@@ -75,9 +76,9 @@ def check_writable(folder, option="--out"):
 
 def differing(old, config, ignore=MAY_CHANGE):
     """The keys, sorted, in which `config` differs from an `old` one, but those in `ignore`; an option
-    added since `old` was written counts as its default then (ADDED_OPTIONS)."""
+    added since `old` was written (or missing from `config`) counts as its default then (ADDED_OPTIONS)."""
     return [k for k in sorted(set(old) | set(config))
-            if k not in ignore and old.get(k, ADDED_OPTIONS.get(k)) != config.get(k)]
+            if k not in ignore and old.get(k, ADDED_OPTIONS.get(k)) != config.get(k, ADDED_OPTIONS.get(k))]
 
 
 def config_differs(out, old, config, ignore, what):
