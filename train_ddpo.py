@@ -76,6 +76,7 @@ adv_clip = 5.0               # advantages clipped to +-adv_clip
 per_prompt_stats = True      # normalise rewards per prompt (running buffer) rather than per batch
 stat_buffer = 32             # rewards kept per prompt
 stat_min_count = 8           # below this many, a prompt uses the whole batch's statistics (DDPO: 16)
+kl_beta = 0.0                # KL penalty to the pretrained model per trained step (Flow-GRPO's beta; 0 = DDPO's, off)
 # optimisation
 lr = 3e-3                    # AdamW learning rate on the LoRA weights (DDPO on SD 1.5: 3e-4)
 weight_decay = 1e-4          # AdamW weight decay
@@ -133,6 +134,16 @@ def ppo_loss(log_prob, old_log_prob, adv, clip_range):
     return loss, approx_kl.detach(), clipfrac.detach(), ratio.detach()
 
 
+def kl_to_pretrained(scheduler, out, out_ref, t, x_t, eta):
+    """KL(policy step || pretrained step) per sample, Flow-GRPO's penalty (Liu et al. 2025, weight beta).
+    Two Gaussians of one std: KL = |mean - mean_ref|^2 / (2 std^2) = log p_ref(mean_ref) - log p(mean_ref),
+    mean_ref being the zero-noise step; averaged over the latent dimensions as the log-probs are."""
+    mean_ref, _ = sampling.step(scheduler, out_ref, t, x_t, eta, noise=torch.zeros_like(x_t))
+    _, at_ref = sampling.step(scheduler, out_ref, t, x_t, eta, prev_sample=mean_ref)
+    _, at_policy = sampling.step(scheduler, out, t, x_t, eta, prev_sample=mean_ref)
+    return at_ref - at_policy
+
+
 def check_options():
     """This trainer's own input checks, one line each on failure (lifecycle.check has the ones
     every trainer shares)."""
@@ -140,6 +151,7 @@ def check_options():
              train_batch_size=train_batch_size, grad_accum=grad_accum, inner_epochs=inner_epochs,
              stat_buffer=stat_buffer)
     positive(clip_range=clip_range, adv_clip=adv_clip)
+    require(kl_beta >= 0, f"--kl_beta must be >= 0 (a weight on the KL to the pretrained model), got {kl_beta}")
     require(0 < eta <= 1, f"--eta must be in (0, 1], got {eta}: with eta=0 DDIM is deterministic and a step has no "
                           "likelihood for the policy gradient, above 1 its variance outgrows the step (NaN samples); "
                           "DDPO uses eta=1.0")
@@ -260,9 +272,8 @@ def main(check_only=False, observer=None):
             # each sample's own random steps (as DDPO shuffles them), keyed by its place in the global batch
             step_order = torch.stack([torch.randperm(num_steps, generator=sampling.seeded_generator(
                 seed, epoch, 20_000 + inner, rank * n_local + k)) for k in range(n_local)])[:, :num_train_steps]
-            n_micro = n_local // train_batch_size
-            pbar = tqdm(range(n_micro), desc=f"epoch {epoch} training", disable=not master, leave=False)
-            for m in pbar:
+            micro_batches = range(n_local // train_batch_size)
+            for m in tqdm(micro_batches, desc=f"epoch {epoch} training", disable=not master, leave=False):
                 i = perm[m * train_batch_size:(m + 1) * train_batch_size]
                 for j in range(num_train_steps):
                     s = step_order[i, j]
@@ -272,6 +283,12 @@ def main(check_only=False, observer=None):
                     eps = sampling.guided_eps(unet, x_t, t, cond, uncond, w)
                     _, log_prob = sampling.step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
                     loss, kl, clipfrac, ratio = ppo_loss(log_prob, local["log_probs"][i, s], adv[i], clip_range)
+                    if kl_beta > 0:  # Flow-GRPO's KL to the pretrained model: the LoRA switched off is that model
+                        with torch.no_grad(), lora.disabled(unet):
+                            eps_ref = sampling.guided_eps(unet, x_t, t, cond, uncond, w)
+                        kl_ref = kl_to_pretrained(scheduler, eps, eps_ref, t, x_t, eta).mean()
+                        loss = loss + kl_beta * kl_ref
+                        stats["kl_ref"].append(kl_ref.item())
                     scaler.scale(loss / (num_train_steps * grad_accum)).backward()
                     stats["loss"].append(loss.item())
                     stats["approx_kl"].append(kl.item())
@@ -297,7 +314,8 @@ def main(check_only=False, observer=None):
                     first_step = False
 
         # ---- log, evaluate, checkpoint (plumbing/lifecycle.py) -------------------------------------
-        diagnostics = {k: lifecycle.finite_mean(stats[k]) for k in ("loss", "approx_kl", "clipfrac", "grad_norm")}
+        diagnostics = {k: lifecycle.finite_mean(stats[k]) for k in ("loss", "approx_kl", "clipfrac", "grad_norm", "kl_ref")
+                       if k != "kl_ref" or kl_beta > 0}
         diagnostics["ratio_dev"] = max(stats["ratio_dev"], default=float("nan"))
         run.end_epoch(epoch, exploring, all_r[good], skipped, diagnostics,  # a skipped sample's reward: NaN
                       f"kl {diagnostics['approx_kl']:.2e} | clipfrac {diagnostics['clipfrac']:.3f} | "

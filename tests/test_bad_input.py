@@ -33,6 +33,7 @@ ROWS = [
     ("train_ddpo", ["--grad_accum=0"], "--grad_accum must be >= 1, got 0"),
     ("train_ddpo", ["--inner_epochs=0"], "--inner_epochs must be >= 1, got 0"),
     ("train_ddpo", ["--eta=1.5"], "--eta must be in (0, 1], got 1.5"),
+    ("train_ddpo", ["--kl_beta=-0.1"], "--kl_beta must be >= 0"),
     ("train_ddpo", ["--stat_min_count=1"], "--stat_min_count must be between 2 and --stat_buffer=32, got 1"),
     ("train_ddpo", ["--sample_batch_size=1", "--num_batches=1", "--samples_per_prompt=1", "--train_batch_size=1"],
      "sample_batch_size*num_batches = 1: the advantages are rewards standardised over the epoch's samples"),

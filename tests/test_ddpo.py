@@ -126,6 +126,52 @@ def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tiny_pipeline_dir
     assert read_log(tmp_path / "a") [-1]["reward_mean"] == read_log(tmp_path / "b")[-1]["reward_mean"]
 
 
+@pytest.mark.parametrize("family", ["ddim", "flow"])
+def test_kl_to_pretrained_is_the_kl_of_the_two_gaussian_steps(family):
+    # KL(N(m, s^2) || N(m_ref, s^2)) per latent dimension, averaged: torch.distributions' KL, with the means
+    # and the std taken from DDIMScheduler.step (diffusers) for DDIM, and from the flow step's samples
+    # at noise 0 and 1 for the flow model
+    from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
+    from torch.distributions import Normal, kl_divergence
+    import sampling
+    g = torch.Generator().manual_seed(0)
+    x_t, out, out_ref = (torch.randn(3, 4, 8, 8, generator=g) for _ in range(3))
+    eta = 0.8
+    if family == "ddim":
+        sch = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, clip_sample=False,
+                            set_alpha_to_one=False)
+        sch.set_timesteps(10)
+        t = sch.timesteps[3]
+        zero = torch.zeros_like(x_t)
+        mean = sch.step(out, t, x_t, eta=eta, variance_noise=zero).prev_sample
+        mean_ref = sch.step(out_ref, t, x_t, eta=eta, variance_noise=zero).prev_sample
+        std = eta * sch._get_variance(t, t - 100).sqrt()
+    else:
+        sch = FlowMatchEulerDiscreteScheduler(shift=3.0)
+        sch.set_timesteps(10)
+        t = sch.timesteps[3]
+        step = lambda o, z: sampling.flow_step(sch, o, t, x_t, eta, noise=torch.full_like(x_t, z))[0]
+        mean, mean_ref, std = step(out, 0.0), step(out_ref, 0.0), (step(out, 1.0) - step(out, 0.0))[0, 0, 0, 0]
+    expected = kl_divergence(Normal(mean, std), Normal(mean_ref, std)).mean(dim=(1, 2, 3))
+    got = train_ddpo.kl_to_pretrained(sch, out, out_ref, t, x_t, eta)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+    assert (got > 0).all()
+    assert train_ddpo.kl_to_pretrained(sch, out, out, t, x_t, eta).abs().max() < 1e-6
+
+
+@pytest.mark.slow
+def test_kl_penalty_to_the_pretrained_model(tiny_pipeline_dir, prompt_file, tmp_path):
+    # off by default (nothing logged); on, it is logged, 0 while the LoRA is still zero, then > 0, and it
+    # changes the update
+    run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, tmp_path / "off"))
+    run_trainer("train_ddpo", *small(tiny_pipeline_dir, prompt_file, tmp_path / "on", "--kl_beta=100"))
+    off, on = read_log(tmp_path / "off"), read_log(tmp_path / "on")
+    assert "kl_ref" not in off[0] and on[0]["kl_ref"] >= 0 and on[1]["kl_ref"] > 0
+    assert off[0]["reward_mean"] == on[0]["reward_mean"]  # the same first samples
+    a, b = lora_weights(tmp_path / "off"), lora_weights(tmp_path / "on")
+    assert any(not torch.allclose(a[k], b[k]) for k in a)
+
+
 @pytest.mark.slow
 def test_kill_9_mid_run_then_resume(tiny_pipeline_dir, prompt_file, tmp_path):
     """A hard kill at an arbitrary moment leaves a resumable folder (atomic checkpoint writes)."""
