@@ -62,8 +62,8 @@ def main():
     try:
         pipe = pipelines.load_pipeline(model, dev, precision, revision=revision or None, variant=variant or None)
         if lora:
-            load_lora(pipe.unet, weights_file(lora))
-        compiling.unet(pipe.unet, compile, dev)
+            load_lora(sampling.denoiser(pipe), weights_file(lora))
+        compiling.unet(sampling.denoiser(pipe), compile, dev)
     except ValueError as e:
         raise SystemExit(f"error: {e}")
     T = pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's number of timesteps

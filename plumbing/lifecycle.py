@@ -88,7 +88,7 @@ class Run:
         T = self.pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's timesteps
         require(c["num_steps"] <= T, f"--num_steps must be <= the model's {T} training timesteps, got {c['num_steps']}")
         require(c["t_thres"] < T, f"--t_thres must be below the model's {T} training timesteps, got {c['t_thres']}")
-        if ck and (why := lora.misfit(self.pipe.unet, ck["lora"])):  # another model behind the same --model
+        if ck and (why := lora.misfit(sampling.denoiser(self.pipe), ck["lora"])):  # another model behind the same --model
             raise SystemExit(f"error: {self.out}/ckpt.pt was saved from another model than --model={c['model']} "
                              f"({why}); pass --out=<new folder> (or delete {self.out}) to start afresh")
         if self.master:  # only now: a bad reward, model, prompt set or checkpoint leaves nothing on disk
