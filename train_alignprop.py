@@ -112,18 +112,19 @@ def draft_lv_images(pipe, traj, cond, uncond, scale, n, g, use_ckpt=False):
     latent x_0 of a chain sampled without gradient is re-noised to the last timestep n times with
     fresh noise and denoised again with gradient; returns the n copies' images, copy after copy
     (reward_loss sums their rewards). use_ckpt: gradient checkpointing of those n UNet calls."""
-    sched = pipe.scheduler
+    sched, unet = pipe.scheduler, sampling.denoiser(pipe)
     t = sched.timesteps[-1]
     x0 = traj.latents[:, -1].detach()
     images = []
     for _ in range(n):
         noise = torch.randn(x0.shape, generator=g).to(x0)
-        x_t = sched.add_noise(x0, noise, t.reshape(1))
+        # x_0 noised to the last timestep: x_t = sqrt(a) x_0 + sqrt(1 - a) noise; a flow model's (F1): (1 - s) x_0 + s noise
+        x_t = sched.scale_noise(x0, t.reshape(1), noise) if sampling.is_flow(sched) else sched.add_noise(x0, noise, t.reshape(1))
         if use_ckpt:
-            eps = torch.utils.checkpoint.checkpoint(sampling.guided_eps, pipe.unet, x_t, t, cond, uncond, scale[-1],
+            eps = torch.utils.checkpoint.checkpoint(sampling.guided_eps, unet, x_t, t, cond, uncond, scale[-1],
                                                     use_reentrant=False)
         else:
-            eps = sampling.guided_eps(pipe.unet, x_t, t, cond, uncond, scale[-1])
+            eps = sampling.guided_eps(unet, x_t, t, cond, uncond, scale[-1])
         x_prev, _ = sampling.step(sched, eps, t, x_t, 0.0)
         images.append(sampling.decode_latents(pipe, x_prev))
     return torch.cat(images)
@@ -154,7 +155,7 @@ def sample_and_score(pipe, reward_fn, prompt_list, uncond_one, k, rng, *, batch_
     pipe.scheduler.set_timesteps(num_steps)
     if scale is None:
         scale = torch.full((num_steps,), guidance)
-    scale = scale.to(pipe.unet.device)
+    scale = scale.to(sampling.denoiser(pipe).device)
     clean = [parse_phrases(p)[0] for p in batch_prompts]
     latents = sampling.initial_noise(pipe, batch_size, rng["noise"])
     if draft_lv:
@@ -202,7 +203,7 @@ def main(check_only=False, observer=None):
     run = lifecycle.start("alignprop", config, prompt_list, observer)
     rank, world, dev, master = run.rank, run.world, run.dev, run.master
     pipe, reward_fn, skips = run.pipe, run.reward_fn, run.skips
-    unet = pipe.unet
+    unet = sampling.denoiser(pipe)  # the UNet, or SD 3.5's transformer
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     compiling.unet(unet, compile, dev)  # after the LoRA layers are in: they are part of the graph

@@ -181,7 +181,7 @@ def main(check_only=False, observer=None):
     run = lifecycle.start("ddpo", config, prompt_list, observer)
     rank, world, dev, master = run.rank, run.world, run.dev, run.master
     pipe, reward_fn, skips = run.pipe, run.reward_fn, run.skips
-    unet, scheduler = pipe.unet, pipe.scheduler
+    unet, scheduler = sampling.denoiser(pipe), pipe.scheduler  # the UNet, or SD 3.5's transformer
     torch.manual_seed(seed)  # LoRA's A is drawn from the global generator
     params = lora.inject(unet, rank=lora_rank)
     compiling.unet(unet, compile, dev, replays=True)  # after the LoRA layers are in: they are part of the graph

@@ -354,12 +354,12 @@ def evaluate(pipe, reward_fn, held, cfg, lora_dir, cache, metric_fns={}):
         if c["settings"] == settings:
             return c
     if weights:
-        lora.load(pipe.unet, weights)
-    elif lora.layers(pipe.unet):
+        lora.load(sampling.denoiser(pipe), weights)
+    elif lora.layers(sampling.denoiser(pipe)):
         raise RuntimeError("evaluate the pretrained model before any LoRA is loaded")
     images = sample_heldout(pipe, held, cfg)
     clean = [explore.parse_phrases(p)[0] for p in held for _ in range(heldout_seeds)]
-    flat = images.flatten(0, 1).to(pipe.unet.device)
+    flat = images.flatten(0, 1).to(sampling.denoiser(pipe).device)
     with torch.no_grad():
         r = reward_fn(flat, clean).float().cpu()
         scores = {m: fn(flat, clean).float().mean().item() for m, fn in metric_fns.items()}

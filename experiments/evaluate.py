@@ -172,8 +172,8 @@ def main():
         reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg["reward_options"]))
         pipe = pipelines.load_pipeline(cfg["model"], dev, revision=cfg["revision"] or None, variant=cfg["variant"] or None)
         if cfg["lora"]:
-            load_lora(pipe.unet, cfg["lora"])
-        compiling.unet(pipe.unet, compile, dev)
+            load_lora(sampling.denoiser(pipe), cfg["lora"])
+        compiling.unet(sampling.denoiser(pipe), compile, dev)
     except (ValueError, TypeError, rewards.RewardUnavailable) as e:
         raise SystemExit(f"error: {e}")
     T = pipe.scheduler.config.num_train_timesteps
