@@ -42,6 +42,7 @@ from plumbing.configurator import at_least, positive, require  # the input check
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
 revision = ""                # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
 variant = ""                 # weight files of this variant, e.g. fp16 (*.fp16.safetensors); "" = the plain ones
+t5 = True                    # SD 3.5 only: load its T5 encoder (--no-t5: zeros for T5's tokens, GBs less memory)
 reward = "shapes_aesthetic"  # rewards.py name: shapes_aesthetic, shapes_alignment, aesthetic, pickscore, jpeg_...
 prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
 reward_options = ""          # extra rewards.load options, "key=value,key=value" (e.g. mlp_path=...)
@@ -59,8 +60,7 @@ t_thres = 800                # timestep threshold of the CFG schedule (paper: 90
 weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U(1, weight_max)
 explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
 explore_weights = True       # ablation: use random prompt weighting when exploring
-# The defaults are the first command's: 50 epochs in about 5 minutes on 2 CPU cores (docs/results.md has
-# the measured runs and what else was tried). The paper's settings are the GPU recipes' (docs/gpu.md).
+# Defaults: the first command's, 50 epochs in ~5 min on 2 CPU cores (docs/results.md); the paper's: docs/gpu.md
 # batches (per process; a torchrun run multiplies the samples per epoch by the world size)
 epochs = 50                  # number of sample-then-train rounds (50 x 64 = 3,200 reward queries)
 sample_batch_size = 16       # images per sampling call

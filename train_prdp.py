@@ -51,6 +51,7 @@ from plumbing.configurator import at_least, positive, require  # the input check
 model = "shapes"             # 'shapes' (offline world), a hub id, or a local diffusers folder
 revision = ""                # hub --model only: a branch, tag or commit to pin its weights to ("" = main)
 variant = ""                 # weight files of this variant, e.g. fp16 (*.fp16.safetensors); "" = the plain ones
+t5 = True                    # SD 3.5 only: load its T5 encoder (--no-t5: zeros for T5's tokens, GBs less memory)
 reward = "shapes_aesthetic"  # rewards.py name: shapes_aesthetic, shapes_alignment, aesthetic, pickscore, jpeg_...
 prompts = "shapes"           # prompt set (shapes, animals, animal_activities, ...) or a text file
 reward_options = ""          # extra rewards.load options, "key=value,key=value" (e.g. mlp_path=...)

@@ -377,7 +377,7 @@ def evaluate_all(folder, run_list, held, trained):
     reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg.get("reward_options", "")))
     metric_fns = {m: rewards.load(m, device=dev) for m in metric_names(cfg)}
     pipe = pipelines.load_pipeline(cfg["model"], device=dev, precision=cfg.get("precision", "auto"),  # as the runs
-                                   revision=cfg["revision"] or None, variant=cfg["variant"] or None)
+                                   revision=cfg["revision"] or None, variant=cfg["variant"] or None, t5=cfg.get("t5", True))
     print(f"held-out evaluation: {len(held)} prompts x {heldout_seeds} seeds, guidance {cfg['guidance']:g}, "
           f"{cfg['num_steps']} steps, eta {cfg['eta']:g}", flush=True)
     results = {"pretrained": evaluate(pipe, reward_fn, held, cfg, None, os.path.join(folder, "pretrained_heldout.pt"),

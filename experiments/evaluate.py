@@ -90,7 +90,8 @@ def resolve():
     cfg = dict(lora=weights_file(lora) or "", run=os.path.basename(run.get("run_dir", "")),
                model=run.get("model", "shapes") if own else model,
                revision=revision or (run.get("revision", "") if own else ""),
-               variant=variant or (run.get("variant", "") if own else ""))
+               variant=variant or (run.get("variant", "") if own else ""),
+               t5=run.get("t5", True) if own else True)  # SD 3.5: the run's T5 choice
     cfg["reward"] = reward if reward != "auto" else run.get("reward") or (
         "shapes_aesthetic" if cfg["model"] == "shapes" else "aesthetic")
     cfg["reward_options"] = reward_options or (run.get("reward_options", "") if reward == "auto" else "")
@@ -170,7 +171,8 @@ def main():
     try:
         pipelines.check_model(cfg["model"], cfg["revision"] or None)
         reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg["reward_options"]))
-        pipe = pipelines.load_pipeline(cfg["model"], dev, revision=cfg["revision"] or None, variant=cfg["variant"] or None)
+        pipe = pipelines.load_pipeline(cfg["model"], dev, revision=cfg["revision"] or None, variant=cfg["variant"] or None,
+                                       t5=cfg.get("t5", True))
         if cfg["lora"]:
             load_lora(sampling.denoiser(pipe), cfg["lora"])
         compiling.unet(sampling.denoiser(pipe), compile, dev)

@@ -192,3 +192,107 @@ def test_our_load_reads_a_transformer_file_and_merge_unmerge_disabled_work(tmp_p
     with lora.disabled(pipe.transformer):  # PRDP's reference model: the pretrained transformer exactly
         torch.testing.assert_close(latents(pipe), base, rtol=0, atol=0)
     torch.testing.assert_close(latents(pipe), ours, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------
+# the three trainers, exploring, on the tiny SD3 folder (the same checks as on SD 1.5 and SDXL)
+
+def small(script, model, prompt_file, out, *extra):
+    from test_sdxl import small as sdxl_small  # the same settings as SDXL's trainer tests
+    return sdxl_small(script, model, prompt_file, out, *extra)
+
+
+def test_ddpo_epoch_on_sd3_exploring_has_first_ratio_one(sd3_dir, prompt_file, tmp_path):
+    from conftest import lora_weights, read_log, run_trainer
+    folder, with_t5 = sd3_dir
+    run_trainer("train_ddpo", *small("train_ddpo", folder, prompt_file, tmp_path / "run", "--eta=0.7",
+                                     *([] if with_t5 else ["--no-t5"])))
+    (rec,) = read_log(tmp_path / "run")
+    assert rec["explore"] and rec["ratio_dev"] < 1e-5  # the stored record recomputes the flow SDE's log-probs
+    assert rec["reward_queries"] == 8 and rec["grad_norm"] > 0
+    weights = lora_weights(tmp_path / "run")
+    assert all(k.startswith("transformer.") for k in weights)  # diffusers' SD3 convention
+    assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
+
+
+def test_ddpo_kl_penalty_on_sd3(sd3_dir, prompt_file, tmp_path):
+    from conftest import read_log, run_trainer
+    folder, with_t5 = sd3_dir
+    if with_t5:
+        pytest.skip("the KL term does not depend on the text encoders")
+    run_trainer("train_ddpo", *small("train_ddpo", folder, prompt_file, tmp_path / "run", "--eta=0.7",
+                                     "--kl_beta=0.04", "--no-t5"))
+    (rec,) = read_log(tmp_path / "run")
+    assert rec["kl_ref"] > 0 and rec["ratio_dev"] < 1e-5  # the second update starts from a moved LoRA
+
+
+def test_prdp_epoch_on_sd3_exploring_is_on_policy(sd3_dir, prompt_file, tmp_path):
+    from conftest import read_log, run_trainer
+    folder, with_t5 = sd3_dir
+    run_trainer("train_prdp", *small("train_prdp", folder, prompt_file, tmp_path / "run", "--eta=0.7",
+                                     *([] if with_t5 else ["--no-t5"])))
+    (rec,) = read_log(tmp_path / "run")
+    assert rec["explore"] and rec["ratio_dev"] < 1e-6 and rec["kl_ref"] == pytest.approx(0, abs=1e-6)
+    assert rec["reward_queries"] == 4 and rec["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("extra", [[], ["--draft_lv=2", "--truncation=1"]])
+def test_alignprop_epoch_on_sd3(sd3_dir, prompt_file, tmp_path, extra):
+    from conftest import lora_weights, read_log, run_trainer
+    folder, with_t5 = sd3_dir
+    if with_t5 and extra:
+        pytest.skip("DRaFT-LV's re-noising does not depend on the text encoders")
+    run_trainer("train_alignprop", *small("train_alignprop", folder, prompt_file, tmp_path / "run", *extra,
+                                          *([] if with_t5 else ["--no-t5"])))
+    (rec,) = read_log(tmp_path / "run")
+    assert rec["explore"] and rec["k"] == [2 if not extra else 1] * 2 and rec["grad_norm"] > 0
+    assert rec["reward_queries"] == 2 * 2 * (2 if extra else 1)
+    assert any(v.abs().sum() > 0 for k, v in lora_weights(tmp_path / "run").items() if "lora_B" in k)
+
+
+def test_alignprop_gradient_on_sd3_matches_finite_differences():
+    """AlignProp's gradient through SD 3.5's whole deterministic (Euler) chain, with DiffExp's CFG
+    schedule in the flow model's units, against central finite differences (as on SD 1.5:
+    test_alignprop.py)."""
+    import sampling
+    import train_alignprop as ta
+    from explore import cfg_schedule
+    from test_alignprop import PROMPTS as WEIGHTED, brightness, lora_vector, set_lora
+    pipe = tiny_sd3_pipeline().to(torch.float64)
+    params = lora.inject(pipe.transformer)
+    pipe.transformer.to(torch.float64)
+    torch.manual_seed(1)
+    for p in params:  # away from B = 0, where the gradient w.r.t. A vanishes
+        p.data.normal_(0, 0.3)
+    uncond = sampling.unconditional(pipe)
+    pipe.scheduler.set_timesteps(3)
+    schedule = cfg_schedule(pipe.scheduler.timesteps, w_high=4.5, w_low=1.0, t_thres=500)
+
+    def loss():
+        r, _ = ta.sample_and_score(pipe, brightness, WEIGHTED, uncond, 3, sampling.random_streams(7), batch_size=2,
+                                   num_steps=3, eta=0.0, guidance=4.5, scale=schedule, explore_weights=True)
+        return -r.mean()
+
+    loss().backward()
+    grad = torch.cat([p.grad.flatten() for p in params])
+    theta, eps = lora_vector(params), 1e-4
+    for d in range(2):
+        direction = torch.randn(theta.shape, generator=torch.Generator().manual_seed(100 + d), dtype=theta.dtype)
+        direction /= direction.norm()
+        with torch.no_grad():
+            set_lora(params, theta + eps * direction)
+            plus = loss().item()
+            set_lora(params, theta - eps * direction)
+            minus = loss().item()
+        set_lora(params, theta)
+        assert grad @ direction == pytest.approx((plus - minus) / (2 * eps), rel=0.03, abs=1e-6)
+
+
+def test_bad_input_on_sd3_is_refused_as_for_the_others(sd3_dir, prompt_file, tmp_path):
+    from conftest import run_trainer
+    folder, _ = sd3_dir
+    with pytest.raises(SystemExit, match="--t_thres must be below the model's 1000 training timesteps"):
+        run_trainer("train_ddpo", *small("train_ddpo", folder, prompt_file, tmp_path / "r", "--t_thres=1000"))
+    assert not (tmp_path / "r").exists()
+    with pytest.raises(SystemExit, match="--eta must be in"):
+        run_trainer("train_prdp", *small("train_prdp", folder, prompt_file, tmp_path / "r", "--eta=0"))
