@@ -10,8 +10,8 @@ samples while reward fine-tuning, and the switch that turns them off for the las
     z_w = z_empty + w * (z - z_empty) on that phrase's tokens. Phrases are marked with parentheses,
     "a (dolphin) (riding a bike)"; the marks are stripped before anything is encoded or scored.
 
-Pure functions, no model code (the phrase's token positions ask the tokenizer only for token
-counts): sampling.py applies them.
+Pure functions, no model code (the phrase's token positions ask the tokenizer only to tokenize
+pieces of the prompt): sampling.py applies them.
 """
 import math
 
@@ -129,31 +129,53 @@ def draw_weights(prompts, generator=None, w_min=1.0, w_max=1.2):
     return phrase, w
 
 
-def _pre_token_kind(ch):
-    r"""Which run of CLIP's pre-tokenizer a character belongs to. The pre-tokenizer splits text into
-    runs of letters, single digits and runs of other symbols, dropping spaces (the regex
+def _pre_token_kind(ch, at_spaces=False):
+    r"""Which run of the tokenizer's pre-tokenizer a character belongs to; BPE (CLIP) and the unigram
+    model (T5) merge characters only inside a run. CLIP's pre-tokenizer splits text into runs of
+    letters, single digits and runs of other symbols, dropping spaces (the regex
     [\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+ of openai/CLIP's simple_tokenizer.py, which SD's tokenizers
-    keep), and BPE merges characters only inside a run."""
-    return "space" if ch.isspace() else "letter" if ch.isalpha() else "digit" if ch.isnumeric() else "symbol"
+    keep). SentencePiece's (T5's, `at_spaces`) splits at whitespace only: a word with its digits and
+    punctuation, "cat," or "1960s", is one run."""
+    if ch.isspace():
+        return "space"
+    if at_spaces:
+        return "word"
+    return "letter" if ch.isalpha() else "digit" if ch.isnumeric() else "symbol"
 
 
-def _cuts_a_run(text, i):
-    """True where a cut before text[i] splits one pre-token (a run of letters or of symbols)."""
-    return 0 < i < len(text) and _pre_token_kind(text[i - 1]) == _pre_token_kind(text[i]) in ("letter", "symbol")
+def _cuts_a_run(text, i, at_spaces=False):
+    """True where a cut before text[i] splits one pre-token (a run of letters, of symbols, or a word)."""
+    if not 0 < i < len(text):
+        return False
+    kind = _pre_token_kind(text[i - 1], at_spaces)
+    return kind == _pre_token_kind(text[i], at_spaces) in ("letter", "symbol", "word")
+
+
+def _splits_at_spaces(tokenizer):
+    """True for a SentencePiece tokenizer (T5's, SD 3.5's third encoder): its pieces mark a word's start
+    with "\u2581", "a" is "\u2581a" (CLIP's BPE marks a word's end instead, "a</w>")."""
+    ids = tokenizer("a", add_special_tokens=False).input_ids
+    return tokenizer.convert_ids_to_tokens(ids)[0].startswith("\u2581")
 
 
 def phrase_mask(tokenizer, parsed, phrase, length):
     """[B, length] bool: the token positions of each prompt's chosen phrase (-1: the whole prompt).
     `parsed` holds parse_spans' (clean prompt, spans) per prompt, `length` is the padded length.
+    Any of SD's tokenizers: CLIP's (a start token, then the prompt's, then an end token) and T5's
+    (SD 3.5's third: no start token, the prompt's tokens, then </s>).
 
     The positions come from token counts alone: the phrase's tokens start after those of the text
     before it and end where those of the text up to its end do. Character offsets would say the same
     more directly, but transformers 4.x's slow CLIPTokenizer (the class SD 1.5's and SDXL's folders
     name) has no `return_offsets_mapping`; counts work with every tokenizer class. Counting a prefix
-    on its own gives the tokens it has inside the whole prompt because BPE never merges across a
-    pre-token boundary (above); a mark inside a word, "(red)dish", is widened to the whole word,
-    whose BPE pieces depend on all of its letters."""
+    on its own gives the tokens it has inside the whole prompt because neither BPE nor the unigram
+    model merges across a pre-token boundary (above); a mark inside a pre-token, "(red)dish" (and for
+    T5 also "(cat),"), is widened to the whole pre-token, whose pieces depend on all of it."""
     mask = torch.zeros(len(parsed), length, dtype=torch.bool)
+    at_spaces = _splits_at_spaces(tokenizer)
+    # the prompt's tokens start after the start token: CLIP's <|startoftext|>; T5 has none (its
+    # bos_token_id is None, and "" is just </s>)
+    start = int(tokenizer("").input_ids[0] == tokenizer.bos_token_id)
 
     def n_tokens(text):
         # not truncated: a long prompt's count runs past `length` (clipped below); verbose=False
@@ -162,12 +184,12 @@ def phrase_mask(tokenizer, parsed, phrase, length):
 
     for i, (clean, spans) in enumerate(parsed):
         a, b = spans[int(phrase[i])] if phrase[i] >= 0 else (0, len(clean))
-        while _cuts_a_run(clean, a):
+        while _cuts_a_run(clean, a, at_spaces):
             a -= 1
-        while _cuts_a_run(clean, b):
+        while _cuts_a_run(clean, b, at_spaces):
             b += 1
-        # position 0 is CLIP's start token; a prompt truncated to `length` keeps its end token last
-        mask[i, 1 + n_tokens(clean[:a]):min(1 + n_tokens(clean[:b]), length - 1)] = True
+        # a prompt truncated to `length` keeps its end token (CLIP's <|endoftext|>, T5's </s>) last
+        mask[i, start + n_tokens(clean[:a]):min(start + n_tokens(clean[:b]), length - 1)] = True
     return mask
 
 
@@ -178,7 +200,8 @@ def weight_embeddings(z, z_empty, token_mask, w):
     and padding content that every prompt shares, and strengthens only what the phrase adds."""
     w = torch.as_tensor(w, dtype=z.dtype, device=z.device).reshape(-1, 1, 1)
     weighted = z_empty + w * (z - z_empty)
-    return torch.where(token_mask.to(z.device).unsqueeze(-1), weighted, z)
+    # weight 1 keeps z itself, exactly, as compel's identity_mask does (z_empty + 1 (z - z_empty) may round)
+    return torch.where(token_mask.to(z.device).unsqueeze(-1) & (w != 1), weighted, z)
 
 
 def explore_active(epoch, num_epochs, explore_frac=0.75):
