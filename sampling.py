@@ -122,8 +122,8 @@ def add_time_ids(pipe, n):
 def encode_prompts(pipe, prompts, weights=None):
     """The conditioning record of `prompts` with their (phrase) marks stripped: SD's text embeddings
     [B, L, D] (fp32), or SDXL's or SD 3.5's dict (above). `weights` = (phrase [B], w [B]) from
-    explore.draw_weights up-weights each prompt's chosen phrase (-1: the whole prompt), on SDXL in
-    both encoders' token states."""
+    explore.draw_weights up-weights each prompt's chosen phrase (-1: the whole prompt), in every
+    encoder's token states: SDXL's two CLIPs, SD 3.5's two CLIPs and T5."""
     sdxl, sd3 = is_sdxl(pipe), is_sd3(pipe)
     two = sdxl or sd3  # two CLIP encoders, each conditioning on its penultimate layer
     encoders = [(pipe.tokenizer, pipe.text_encoder)] + ([(pipe.tokenizer_2, pipe.text_encoder_2)] if two else [])
@@ -132,15 +132,12 @@ def encode_prompts(pipe, prompts, weights=None):
     states, pooled = [], []
     for tokenizer, encoder in encoders:
         z, out = _token_states(tokenizer, encoder, clean, two)
-        if weights is not None:  # z_empty + w (z - z_empty) on the phrase's tokens (explore.py)
-            phrase, w = weights
-            z_empty = _token_states(tokenizer, encoder, [""], two)[0]
-            mask = explore.phrase_mask(tokenizer, parsed, phrase, z.shape[1])
-            z = explore.weight_embeddings(z, z_empty, mask, w.to(z.device))
+        if weights is not None:
+            z = _weighted(tokenizer, z, _token_states(tokenizer, encoder, [""], two)[0], parsed, weights)
         states.append(z)
         pooled.append(getattr(out, "text_embeds", None))  # a CLIPTextModelWithProjection's pooled embedding
     if sd3:
-        return _sd3_record(pipe, clean, states, pooled)
+        return _sd3_record(pipe, parsed, states, pooled, weights)
     if not sdxl:
         return states[0]
     # SDXL: both encoders' token states side by side (768 + 1280 = 2048 features for SDXL base) and
@@ -155,19 +152,38 @@ def encode_prompts(pipe, prompts, weights=None):
                 time_ids=add_time_ids(pipe, len(prompts)).to(states[0].device))
 
 
-def _sd3_record(pipe, clean, states, pooled):
+def _weighted(tokenizer, z, z_empty, parsed, weights):
+    """DiffExp's random prompt weighting on one encoder's token states z [B, L, D]: z_empty + w (z - z_empty)
+    on each prompt's chosen phrase's tokens, z elsewhere (explore.py); z_empty is the encoding of ""."""
+    phrase, w = weights
+    mask = explore.phrase_mask(tokenizer, parsed, phrase, z.shape[1])
+    return explore.weight_embeddings(z, z_empty, mask, w.to(z.device))
+
+
+def _t5_states(pipe, texts):
+    """T5's token states [B, 256, D] (fp32) of `texts`, as SD 3.5's pipeline computes them
+    (_get_t5_prompt_embeds: padded to 256 tokens, ending in </s>, the last layer's states)."""
+    ids = pipe.tokenizer_3(texts, padding="max_length", max_length=T5_TOKENS, truncation=True,
+                           add_special_tokens=True, return_tensors="pt").input_ids
+    return pipe.text_encoder_3(ids.to(pipe.text_encoder_3.device))[0].float()
+
+
+def _sd3_record(pipe, parsed, states, pooled, weights=None):
     """SD 3.5's record, as its pipeline's encode_prompt builds it: both CLIPs' penultimate token states
     side by side, zero-padded to T5's width, then T5's token states after them in the sequence (zeros
     when the pipeline has no T5, as its pipeline uses then); the pooled embeddings side by side.
-    DiffExp's weights reach the CLIP tokens only (T5's tokens are left as the clean prompt's)."""
+    DiffExp's weights reach T5's tokens as they reach the CLIPs' (`states` come weighted): the phrase's
+    T5 tokens get the same z_empty + w (z - z_empty), z_empty T5's encoding of "". The pooled
+    embeddings stay the clean prompt's, as SDXL's (encode_prompts says why)."""
+    clean = [c for c, _ in parsed]
     clip = torch.cat(states, dim=-1)
     width = pipe.transformer.config.joint_attention_dim
     if pipe.text_encoder_3 is None:
         t5 = torch.zeros(len(clean), T5_TOKENS, width, device=clip.device)
     else:
-        ids = pipe.tokenizer_3(clean, padding="max_length", max_length=T5_TOKENS, truncation=True,
-                               add_special_tokens=True, return_tensors="pt").input_ids
-        t5 = pipe.text_encoder_3(ids.to(pipe.text_encoder_3.device))[0].float()
+        t5 = _t5_states(pipe, clean)
+        if weights is not None:
+            t5 = _weighted(pipe.tokenizer_3, t5, _t5_states(pipe, [""]), parsed, weights)
     clip = torch.nn.functional.pad(clip, (0, width - clip.shape[-1]))
     return dict(embeds=torch.cat([clip, t5.to(clip.device)], dim=-2), pooled=torch.cat(pooled, dim=-1).float())
 
