@@ -11,6 +11,7 @@ import torch
 
 import pipelines
 import prompt_sets
+import sampling
 from plumbing import compiling, configurator, distributed, evaluation, grids, mixed_precision, runs
 from lora import FILE_NAME, load as load_lora, weights_file  # `lora` is this script's --lora option
 from plumbing.configurator import at_least, between, require  # the input checks

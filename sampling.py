@@ -95,8 +95,7 @@ def denoiser(pipe):
     return pipe.transformer if is_sd3(pipe) else pipe.unet
 
 
-# SD 3.5's T5 token count: its pipeline's default max_sequence_length
-T5_TOKENS = 256
+T5_TOKENS = 256  # SD 3.5's T5 token count: its pipeline's default max_sequence_length
 
 
 def _token_states(tokenizer, encoder, texts, sdxl):
@@ -427,25 +426,21 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
         raise ValueError(f"grad_steps={grad_steps} must be between 0 and num_steps={n}")
     if latents is None:
         latents = initial_noise(pipe, num_samples(cond), generator)
-    # the latents are fp32 whatever the UNet computes in (plumbing/mixed_precision.py; float64 in a gradient check)
-    # DDIM and flow matching both start from unit-variance noise and take the latents unscaled (DDIM's
-    # init_noise_sigma is 1 and its scale_model_input the identity; the flow scheduler has neither)
+    # fp32 latents whatever the UNet computes in (plumbing/mixed_precision.py; float64 in a gradient check), unscaled:
+    # DDIM's init_noise_sigma is 1 and its scale_model_input the identity; the flow scheduler has neither
     x = latents.to(dev, torch.promote_types(unet.dtype, torch.float32))
     xs, log_probs = [x], []
     for i, t in enumerate(timesteps):
         with torch.set_grad_enabled(i >= n - grad_steps):
-            x_in = x
             if checkpoint and torch.is_grad_enabled():
-                eps = torch.utils.checkpoint.checkpoint(guided_eps, unet, x_in, t, cond, uncond, scales[i],
+                eps = torch.utils.checkpoint.checkpoint(guided_eps, unet, x, t, cond, uncond, scales[i],
                                                         use_reentrant=False)
             else:
-                k = unet_batch or len(x_in)
-                eps = torch.cat([guided_eps(unet, x_in[j:j + k], t, index(cond, slice(j, j + k)),
+                k = unet_batch or len(x)
+                eps = torch.cat([guided_eps(unet, x[j:j + k], t, index(cond, slice(j, j + k)),
                                             index(uncond, slice(j, j + k)), scales[i])
-                                 for j in range(0, len(x_in), k)])
-            # DDIM, or the flow step for SD 3.5 (`step` chooses by the scheduler)
-            x, log_prob = step(scheduler, eps, t, x, eta, generator=generator,
-                                    noise=None if noise is None else noise[i])
+                                 for j in range(0, len(x), k)])
+            x, log_prob = step(scheduler, eps, t, x, eta, generator=generator, noise=None if noise is None else noise[i])
         xs.append(x)
         log_probs.append(log_prob)
     with torch.set_grad_enabled(grad_steps > 0):
@@ -455,13 +450,11 @@ def rollout(pipe, cond, uncond, guidance, num_steps=20, eta=1.0, latents=None, g
 
 
 def replay(unet, scheduler, data, timesteps, eta, batch_size, weights=None):
-    """The log-prob [n, T] of every recorded step x_t -> x_{t-1} under the UNet as it is now,
-    recomputed with the guidance scale and the prompt embedding that drew it (rollout records both;
-    `data`: the recorded latents, log_probs, cond, uncond and scale [n, T]). PRDP scores its samples
-    with it under the reference model and under theta. With `weights` [n, T], also back-propagate
-    sum(weights * log-probs) into the LoRA weights' .grad, one step of one micro-batch at a time:
-    only that small graph is ever held, never the T steps of all trajectories (as train_ddpo.py
-    trains)."""
+    """The log-prob [n, T] of every recorded step x_t -> x_{t-1} under the UNet as it is now, with the
+    guidance scale and prompt embedding that drew it (`data`: rollout's latents, log_probs, cond, uncond,
+    scale [n, T]); PRDP scores its samples under p_ref and theta with it. With `weights` [n, T], also
+    back-propagate sum(weights * log-probs) into the LoRA's .grad, one step of one micro-batch at a time:
+    only that small graph is ever held, never the T steps of all trajectories (as train_ddpo.py trains)."""
     n, T = data["log_probs"].shape
     log_probs = torch.empty_like(data["log_probs"])
     for a in range(0, n, batch_size):

@@ -213,7 +213,7 @@ def main(check_only=False, observer=None):
     use_ckpt = dev.type == "cuda" if configurator.switch(checkpointing) == "auto" else configurator.switch(checkpointing)
     uncond_one = sampling.unconditional(pipe)  # one row: rollout expands it to the batch
     pipe.scheduler.set_timesteps(num_steps)
-    schedule = cfg_schedule(pipe.scheduler.timesteps.cpu(), guidance, w_low, t_thres)  # DiffExp: w_low for t > t_thres
+    schedule = cfg_schedule(pipe.scheduler, guidance, w_low, t_thres).cpu()  # DiffExp: w_low for t > t_thres
     run.resume(unet, optimizer)  # from the run's checkpoint, if it has one
 
     for epoch in run.epochs():  # (the evaluation before any update, at epoch 0)

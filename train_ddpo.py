@@ -200,17 +200,14 @@ def main(check_only=False, observer=None):
     for epoch in run.epochs():  # (the evaluation before any update, at epoch 0)
         exploring = explore and explore_active(epoch, epochs, explore_frac)
         if explore and not exploring and explore_active(epoch - 1, epochs, explore_frac):
-            # Exploration just ended: the buffers hold rewards of samples drawn with low early guidance
-            # and weighted prompts, a lower baseline than plain sampling earns. Start them afresh.
-            buffers.clear()
+            buffers.clear()  # exploration just ended: its samples' rewards are a lower baseline than plain sampling's
 
         # ---- 1. sample (as train_prdp.py's step 1, deliberately: DiffExp enters each trainer here) --
         unet.eval()
         batches = []
         for b in tqdm(range(num_batches), desc=f"epoch {epoch} sampling", disable=not master, leave=False):
             rng = sampling.random_streams(seed, epoch, b * world + rank)  # its own streams per process and batch
-            n_prompts = sample_batch_size // samples_per_prompt
-            idx = torch.randint(len(prompt_list), (n_prompts,), generator=rng["prompts"])
+            idx = torch.randint(len(prompt_list), (sample_batch_size // samples_per_prompt,), generator=rng["prompts"])
             idx = idx.repeat_interleave(samples_per_prompt)
             batch_prompts = [prompt_list[i] for i in idx]
             weights = None
@@ -219,7 +216,7 @@ def main(check_only=False, observer=None):
             cond = sampling.encode_prompts(pipe, batch_prompts, weights)
             scale = torch.full((num_steps,), guidance)
             if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
-                scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
+                scale = cfg_schedule(scheduler, guidance, w_low, t_thres).cpu()
             with torch.no_grad():
                 x_T = sampling.initial_noise(pipe, len(idx), rng["noise"])
                 traj = sampling.rollout(pipe, cond, uncond_one, scale.to(dev), num_steps=num_steps, eta=eta,
@@ -229,8 +226,7 @@ def main(check_only=False, observer=None):
             clean = [parse_phrases(p)[0] for p in batch_prompts]
             with torch.no_grad():
                 r = reward_fn(traj.images, clean).float().cpu()
-            # A chain that went NaN can still score a finite reward (a JPEG of NaN pixels has a size):
-            # a sample is good only if its latents and log-probs are finite too.
+            # a NaN chain can still score a finite reward (a JPEG of NaN pixels has a size): check the chain too
             chain_ok = torch.isfinite(traj.latents).flatten(1).all(1) & torch.isfinite(traj.log_probs).all(1)
             batches.append(dict(latents=traj.latents, log_probs=traj.log_probs, cond=traj.cond,
                                 uncond=traj.uncond, scale=traj.guidance.expand(len(idx), -1),
@@ -267,8 +263,7 @@ def main(check_only=False, observer=None):
         stats = defaultdict(list)
         first_step = True
         for inner in range(inner_epochs if samples_ok else 0):
-            g = sampling.seeded_generator(seed, epoch, 10_000 + inner, rank)
-            perm = torch.randperm(n_local, generator=g)
+            perm = torch.randperm(n_local, generator=sampling.seeded_generator(seed, epoch, 10_000 + inner, rank))
             # each sample's own random steps (as DDPO shuffles them), keyed by its place in the global batch
             step_order = torch.stack([torch.randperm(num_steps, generator=sampling.seeded_generator(
                 seed, epoch, 20_000 + inner, rank * n_local + k)) for k in range(n_local)])[:, :num_train_steps]
@@ -283,7 +278,7 @@ def main(check_only=False, observer=None):
                     eps = sampling.guided_eps(unet, x_t, t, cond, uncond, w)
                     _, log_prob = sampling.step(scheduler, eps, t, x_t, eta, prev_sample=x_prev)
                     loss, kl, clipfrac, ratio = ppo_loss(log_prob, local["log_probs"][i, s], adv[i], clip_range)
-                    if kl_beta > 0:  # Flow-GRPO's KL to the pretrained model: the LoRA switched off is that model
+                    if kl_beta > 0:  # Flow-GRPO's KL to the pretrained model (the LoRA switched off)
                         with torch.no_grad(), lora.disabled(unet):
                             eps_ref = sampling.guided_eps(unet, x_t, t, cond, uncond, w)
                         kl_ref = kl_to_pretrained(scheduler, eps, eps_ref, t, x_t, eta).mean()

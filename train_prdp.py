@@ -221,7 +221,7 @@ def main(check_only=False, observer=None):
             cond = sampling.encode_prompts(pipe, batch_prompts, weights)
             scale = torch.full((num_steps,), guidance)
             if exploring and explore_cfg:  # DiffExp dynamic CFG: w_low while t > t_thres
-                scale = cfg_schedule(timesteps.cpu(), guidance, w_low, t_thres)
+                scale = cfg_schedule(scheduler, guidance, w_low, t_thres).cpu()
             with torch.no_grad():
                 x_T = sampling.initial_noise(pipe, len(idx), rng["noise"])
                 traj = sampling.rollout(pipe, cond, uncond_one, scale.to(dev), num_steps=num_steps, eta=eta,

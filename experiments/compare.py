@@ -59,6 +59,7 @@ import lora
 import pipelines
 import prompt_sets
 import rewards
+import sampling
 from plumbing import compiling, configurator, evaluation, grids, mixed_precision, runs
 from experiments import pooling
 from experiments.compare_stats import arm_differences, plot_curves, read_log, summarise, table_markdown

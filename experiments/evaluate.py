@@ -30,6 +30,7 @@ from tqdm import tqdm
 import pipelines
 import prompt_sets
 import rewards
+import sampling
 from plumbing import compiling, configurator, distributed, evaluation, grids, runs
 from experiments.compare_stats import mean_interval, paired_difference
 from explore import parse_phrases

@@ -65,7 +65,7 @@ def sample_grid(pipe, prompt_list, seeds, guidance, steps, eta=0.0, exploring=Fa
     pairs = [(p, s) for p in prompt_list for s in seeds]
     weight_gen, noise_gen = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
     pipe.scheduler.set_timesteps(steps)
-    scales = explore.cfg_schedule(pipe.scheduler.timesteps, guidance, w_low, t_thres) if exploring and explore_cfg else guidance
+    scales = explore.cfg_schedule(pipe.scheduler, guidance, w_low, t_thres) if exploring and explore_cfg else guidance
     uncond = sampling.unconditional(pipe)
     images = []
     for i in range(0, len(pairs), batch_size):

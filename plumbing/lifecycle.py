@@ -28,6 +28,7 @@ import lora
 import pipelines
 import prompt_sets
 import rewards
+import sampling
 from plumbing import compiling, configurator, dashboards, distributed, evaluation, mixed_precision, runs
 from plumbing.configurator import at_least, between, positive, require
 

@@ -125,7 +125,7 @@ def shape_agreement(pipe, judge, tok, captions, seeds, guidance, weight):
     marked = [p for p in prompts() if explore.parse_phrases(p)[0] in captions]
     labels = torch.tensor([CAPTIONS.index(explore.parse_phrases(p)[0]) for p in marked for _ in range(seeds)])
     pipe.scheduler.set_timesteps(steps)
-    scales = explore.cfg_schedule(pipe.scheduler.timesteps, 5.0, 1.0, 800) if guidance == "diffexp" else guidance
+    scales = explore.cfg_schedule(pipe.scheduler, 5.0, 1.0, 800) if guidance == "diffexp" else guidance
     uncond, images = sampling.encode_prompts(pipe, [""]), []
     todo = [(p, s) for p in marked for s in range(seeds)]
     for i in range(0, len(todo), 32):

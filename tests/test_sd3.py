@@ -266,7 +266,7 @@ def test_alignprop_gradient_on_sd3_matches_finite_differences():
         p.data.normal_(0, 0.3)
     uncond = sampling.unconditional(pipe)
     pipe.scheduler.set_timesteps(3)
-    schedule = cfg_schedule(pipe.scheduler.timesteps, w_high=4.5, w_low=1.0, t_thres=500)
+    schedule = cfg_schedule(pipe.scheduler, w_high=4.5, w_low=1.0, t_thres=500)
 
     def loss():
         r, _ = ta.sample_and_score(pipe, brightness, WEIGHTED, uncond, 3, sampling.random_streams(7), batch_size=2,
