@@ -33,8 +33,8 @@
    with and without gradient checkpointing. Each setting is a separate train_alignprop.py process,
    so its peak memory is its own: resident memory (VmHWM) on a CPU, torch.cuda.max_memory_allocated
    on a GPU, each read by the process itself as it exits.
-5. --sd_memory, --sdxl_memory: an estimate of the GPU memory the SD 1.5 and SDXL recipes (docs/gpu.md)
-   need with --precision=bf16, measured on the CPU by experiments/gpu_memory.py.
+5. --sd_memory, --sdxl_memory, --sd3_memory: an estimate of the GPU memory the SD 1.5, SDXL (docs/gpu.md)
+   and SD 3.5 (docs/sd3.md) recipes need with --precision=bf16, measured on the CPU by experiments/gpu_memory.py.
 6. --ratio_noise: how far DDPO's first PPO ratio is from 1 when the log-probs recorded while
    sampling and their recomputation in training come from UNet calls that round differently:
    bf16 at two batch sizes (do this machine's kernels depend on the batch? the trainers sample with
@@ -85,6 +85,7 @@ guidance = 5.0               # CFG scale for the throughput measurement
 truncations = ""             # AlignProp K values for the memory/time table, e.g. "1,10,all" ("" = skip)
 sd_memory = False            # also estimate the SD 1.5 GPU recipes' memory from CPU measurements (5.; minutes, < 7 GB RAM)
 sdxl_memory = False          # the same for the SDXL recipes (5.; minutes, < 7 GB RAM)
+sd3_memory = False           # the same for the SD 3.5 Medium recipes (5.; minutes, < 7 GB RAM)
 ratio_noise = False          # also measure DDPO's first-step ratio under bf16 rounding differences (6.)
 compiled = True              # also time each trainer with its UNet compiled, with a cold and a warm compiler cache (7.)
 json_out = ""                # also write all results as JSON to this file
@@ -426,13 +427,14 @@ def main():
     ktable = bench_parts.truncation_table(ks, [*model_args(), *shlex.split(alignprop_args)])
     sdmem = gpu_memory.sd_memory_table() if sd_memory else None
     sdxlmem = gpu_memory.sdxl_memory_table() if sdxl_memory else None
+    sd3mem = gpu_memory.sd3_memory_table() if sd3_memory else None
     noise = bench_parts.ratio_noise_table(model, guidance, num_steps) if ratio_noise else []
     text = bench_parts.markdown(results, speeds, ktable, sdmem, sdxlmem, noise, sections=SECTIONS, model=model,
-                                num_steps=num_steps, guidance=guidance)
+                                num_steps=num_steps, guidance=guidance, sd3mem=sd3mem)
     print("\n" + text)
     if json_out:
         data = dict(machine=bench_parts.machine(), model=model, trainers=results, throughput=speeds, truncation=ktable,
-                    sd_memory=sdmem, sdxl_memory=sdxlmem, ratio_noise=noise)
+                    sd_memory=sdmem, sdxl_memory=sdxlmem, sd3_memory=sd3mem, ratio_noise=noise)
         with open(json_out, "w") as f:
             json.dump(data, f, indent=2)
     return results, speeds

@@ -140,7 +140,8 @@ def describe(b):
             f"{c['num_steps']} steps, truncation K={c['truncation']}")
 
 
-def markdown(results, speeds, ktable=(), sdmem=None, sdxlmem=None, noise=(), *, sections, model, num_steps, guidance):
+def markdown(results, speeds, ktable=(), sdmem=None, sdxlmem=None, noise=(), *, sections, model, num_steps, guidance,
+             sd3mem=None):
     """bench's tables as markdown: the trainers' epochs (`results`, their `sections` in this order),
     sampling throughput, AlignProp's truncation, the GPU memory estimates and the ratio noise; the
     keywords are bench's options the headings name."""
@@ -193,6 +194,8 @@ def markdown(results, speeds, ktable=(), sdmem=None, sdxlmem=None, noise=(), *, 
         lines += [""] + gpu_memory.markdown(sdmem)
     if sdxlmem:
         lines += [""] + gpu_memory.markdown(sdxlmem, "SDXL")
+    if sd3mem:
+        lines += [""] + gpu_memory.markdown(sd3mem, "SD 3.5")
     if noise:
         lines += ["", f"DDPO's first-step |ratio - 1| when sampling and training round differently ({num_steps} steps, "
                   "eta 1; every step of every chain):", "",

@@ -1,7 +1,8 @@
 """experiments/bench.py (and experiments/bench_parts.py) on the tiny pipeline: the epoch breakdown adds up,
 the UNet calls it counts are the trainers' analytic numbers, what it books where (the observer's reward and
 writing, sampling.replay as training), the timers leave the library's functions as they were, and bad
-input; gpu_memory's recipe arithmetic, SDXL's published shapes, and its weights that take no memory."""
+input; gpu_memory's recipe arithmetic, SDXL's and SD 3.5's published shapes, and the weights that take no
+memory they are measured with."""
 import os
 import subprocess
 import sys
@@ -267,21 +268,82 @@ def test_sdxl_shapes_are_the_published_models():
     assert gpu_memory.text_encoder_params(gpu_memory.SDXL_TEXT_ENCODER_2, projection=True) == 694_659_840
 
 
+def test_sd3_recipes_against_a_hand_computation():
+    parts = dict(sd3=dict(params=1000, trainable=10, activation_gb=5.0), vae=dict(params=100, activation_gb=4.0),
+                 sd3_eval=dict(params=1000, activation_gb=1.5), vae_eval=dict(params=100, activation_gb=1.25),
+                 vith=dict(params=80, activation_gb=1.0))  # no aesthetic tower: the recipes are PickScore's
+    rows = {r["recipe"]: r for r in gpu_memory.sd3_recipes(parts)}
+    assert list(rows) == ["DDPO, pickscore, LoRA rank 32, KL", "AlignProp, pickscore", "PRDP, pickscore"]
+    # CLIP ViT-L/14's and OpenCLIP ViT-bigG/14's text towers with their projections, T5-XXL's encoder
+    text_encoders = 123_650_304 + 694_659_840 + 4_762_310_656
+    # bf16: transformer (the LoRA's rank-4 weights are not frozen), VAE and the three text encoders; the
+    # LoRA fp32 with gradient and AdamW's moments (16 bytes), at rank 4 (10 weights) or DDPO's 32 (80);
+    # PickScore's ViT-H fp32
+    frozen = ((990 + 100 + text_encoders) * 2 + 80 * 4) / 2 ** 30
+    ddpo, alignprop, prdp = rows.values()
+    assert alignprop["weights_gb"] == prdp["weights_gb"] == pytest.approx(frozen + 10 * 16 / 2 ** 30)
+    assert ddpo["weights_gb"] == pytest.approx(frozen + 80 * 16 / 2 ** 30)
+    # DDPO: its call with gradient, and the KL's call to the pretrained model without, while the graph is held
+    assert ddpo["per_image_gb"] == pytest.approx(5.0 + 1.5)
+    assert ddpo["total_gb"] == pytest.approx(ddpo["weights_gb"] + 2 * 6.5)
+    assert prdp["total_gb"] == pytest.approx(prdp["weights_gb"] + 2 * 5.0)  # the same calls, no KL
+    assert alignprop["total_gb"] == pytest.approx(alignprop["weights_gb"] + 5.0 + 4.0 + 1.0)  # + decode + ViT-H
+    assert prdp["eval_gb"] == pytest.approx(prdp["weights_gb"] + 16 * 1.5)  # 16 at a time, the transformer's peak
+    assert prdp["fits"] == {m: int((m - prdp["weights_gb"]) // 5.0) for m in (24, 40, 80)}
+    # --no-t5 leaves T5's bf16 weights out
+    assert gpu_memory.sd3_text_params() - gpu_memory.sd3_text_params(t5=False) == 4_762_310_656
+
+
+def test_sd3_shapes_are_the_published_models():
+    """SD 3.5 Medium's configs build its parameter counts: the transformer's 2.24 billion and its
+    position table (a buffer saved with the weights, 384 x 384 positions x 1536), 2.47 billion
+    together, the "2.5 billion" SD 3.5 Medium is published as; T5-XXL's encoder, 4.76 billion; the
+    VAE; and the rank-4 LoRA that lora.inject puts on both streams of the joint attention."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    with torch.device("meta"):
+        transformer = SD3Transformer2DModel(**gpu_memory.SD3_TRANSFORMER)
+        assert sum(p.numel() for p in AutoencoderKL(**gpu_memory.SD3_VAE).parameters()) == 83_819_683
+    assert sum(p.numel() for p in transformer.parameters()) == 2_243_171_520
+    assert sum(b.numel() for b in transformer.buffers()) == 384 * 384 * 1536 == 226_492_416
+    assert gpu_memory.t5_params() == 4_762_310_656
+    lora.inject(transformer, rank=4)
+    # 4 x (1536 + 1536) per layer: 8 in each of the 24 blocks, less the last block's to_add_out (its text
+    # stream ends there), + 4 in each of the 13 blocks' second (image-only) attention
+    per_layer = 4 * (1536 + 1536)
+    assert sum(p.numel() for p in transformer.parameters() if p.requires_grad) == per_layer * (24 * 8 - 1 + 13 * 4) == 2_985_984
+
+
+def test_sd3_measured_activations_are_the_docs_table():
+    """gpu_memory.MEASURED_GB["sd3"] holds docs/sd3.md's activation column."""
+    lines = open(os.path.join(os.path.dirname(os.path.dirname(gpu_memory.__file__)), "docs", "sd3.md")).read().splitlines()
+    for part, gb in gpu_memory.MEASURED_GB["sd3"].items():
+        row = [l.strip("| ").split(" | ") for l in lines if l.startswith(f"| {gpu_memory.SD3_PARTS[part]} |")]
+        assert len(row) == 1 and len(row[0]) == 5 and row[0][-1] == f"{gb:.2f}", (part, row)
+
+
 BROADCAST_CHECK = """
 import sys, torch, lora, sampling
 from experiments import gpu_memory
-from diffusers import UNet2DConditionModel
-config = dict(sample_size=64, block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-              up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=4)
+from diffusers import SD3Transformer2DModel, UNet2DConditionModel
 torch.manual_seed(0)
+if sys.argv[2] == "sd3":  # SD 3.5's joint-attention transformer, small: 1,024 image + 333 text tokens
+    Net = SD3Transformer2DModel
+    config = dict(sample_size=64, patch_size=2, in_channels=16, out_channels=16, num_layers=4, attention_head_dim=64,
+                  num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=256, pooled_projection_dim=32,
+                  pos_embed_max_size=64, dual_attention_layers=(0,), qk_norm="rms_norm")
+    x, emb = torch.randn(1, 16, 64, 64), dict(embeds=torch.randn(1, 333, 64), pooled=torch.randn(1, 32))
+else:
+    Net = UNet2DConditionModel
+    config = dict(sample_size=64, block_out_channels=(64, 128), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                  up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64, attention_head_dim=4)
+    x, emb = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 64)
 if sys.argv[1] == "broadcast":
     with torch.device("meta"):
-        unet = UNet2DConditionModel(**config)
+        unet = Net(**config)
     gpu_memory.broadcast_weights(unet, torch.bfloat16)
 else:
-    unet = UNet2DConditionModel(**config).to(torch.bfloat16).requires_grad_(False)
+    unet = Net(**config).to(torch.bfloat16).requires_grad_(False)
 lora.inject(unet, rank=4)
-x, emb = torch.randn(1, 4, 64, 64), torch.randn(1, 77, 64)
 out = {}
 run = lambda: out.setdefault("y", sampling.guided_eps(unet, x, 500, emb, emb, 5.0)).square().mean().backward()
 mb = gpu_memory.rise_mb(run)
@@ -291,18 +353,20 @@ print("rise", mb, bool(torch.isfinite(out["y"]).all()), frozen)
 
 
 @pytest.mark.slow
-def test_broadcast_weights_keep_the_activation_memory_of_real_weights():
-    """What gpu_memory measures SDXL's UNet with: bf16 weights that take no memory, the same activations
-    as real ones, in the trainers' call (sampling.guided_eps, bf16 autocast)."""
+@pytest.mark.parametrize("net", ["unet", "sd3"])
+def test_broadcast_weights_keep_the_activation_memory_of_real_weights(net):
+    """What gpu_memory measures SDXL's UNet and SD 3.5's transformer with: bf16 weights that take no
+    memory, the same activations as real ones, in the trainers' call (sampling.guided_eps, bf16 autocast)."""
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS="1")
     got = {}
     for kind in ("real", "broadcast"):
-        r = subprocess.run([sys.executable, "-c", BROADCAST_CHECK, kind], capture_output=True, text=True, env=env,
+        r = subprocess.run([sys.executable, "-c", BROADCAST_CHECK, kind, net], capture_output=True, text=True, env=env,
                            cwd=os.path.dirname(os.path.dirname(gpu_memory.__file__)))  # the repository
         _, mb, finite, nbytes = r.stdout.split("\n")[-2].split()
         got[kind] = float(mb), finite == "True", int(nbytes)
     assert got["broadcast"][1] and got["real"][1]  # finite activations either way
     assert got["broadcast"][2] < 0.001 * got["real"][2]  # the frozen weights take no memory
     # bf16 real weights add a fixed ~3 MB at any latent size (measured at 32, 48 and 64: 105/102,
-    # 177/174, 282/279 MB), so 64x64 latents, where that is 1%
-    assert got["real"][0] > 200 and got["broadcast"][0] == pytest.approx(got["real"][0], rel=0.03)
+    # 177/174, 282/279 MB), so 64x64 latents, where that is 1%; the transformer: 160.1 / 160.7 MB
+    assert got["real"][0] > (200 if net == "unet" else 120)
+    assert got["broadcast"][0] == pytest.approx(got["real"][0], rel=0.03)
