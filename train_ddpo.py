@@ -154,7 +154,7 @@ def check_options():
     require(kl_beta >= 0, f"--kl_beta must be >= 0 (a weight on the KL to the pretrained model), got {kl_beta}")
     require(0 < eta <= 1, f"--eta must be in (0, 1], got {eta}: with eta=0 DDIM is deterministic and a step has no "
                           "likelihood for the policy gradient, above 1 its variance outgrows the step (NaN samples); "
-                          "DDPO uses eta=1.0")
+                          "DDPO uses eta=1.0 (Flow-GRPO's noise level on SD 3.5: 0.7)")
     require(0 < timestep_fraction <= 1, f"--timestep_fraction must be in (0, 1], got {timestep_fraction}")
     require(sample_batch_size % samples_per_prompt == 0,
             f"--samples_per_prompt={samples_per_prompt} must divide --sample_batch_size={sample_batch_size}")

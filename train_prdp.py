@@ -170,7 +170,7 @@ def check_options():
     positive(beta=beta, clip_eps=clip_eps)  # beta: the targets are (r_i - r_j) / beta
     require(0 < eta <= 1, f"--eta must be in (0, 1], got {eta}: with eta=0 DDIM is deterministic and a step has no "
                           "likelihood to take a log-ratio of, above 1 its variance outgrows the step (NaN samples); "
-                          "PRDP samples with DDPM, i.e. eta=1.0")
+                          "PRDP samples with DDPM, i.e. eta=1.0 (SD 3.5: the flow SDE's noise level, e.g. 0.7)")
     samples_per_epoch = prompts_per_epoch * images_per_prompt
     require(sample_batch_size % images_per_prompt == 0 and samples_per_epoch % sample_batch_size == 0,
             f"--sample_batch_size={sample_batch_size} must be a multiple of images_per_prompt={images_per_prompt} "

@@ -47,8 +47,8 @@ def write_text(path, text):
 # Options added to the trainers after run folders were made: a config.json without one ran as with
 # this value, so resuming it with this value is the same run (and another value is refused).
 # (precision: every run before it existed was made on the CPU, where "auto" is the fp32 they ran in.)
-# A script without the option (t5, SD 3.5's T5 encoder, until a trainer's defaults block has it) runs as with it too.
-ADDED_OPTIONS = {"revision": "", "variant": "", "precision": "auto", "t5": True}
+# (t5 and kl_beta came with SD 3.5: its T5 encoder, DDPO's KL penalty; off, kl_beta 0, is what ran before.)
+ADDED_OPTIONS = {"revision": "", "variant": "", "precision": "auto", "t5": True, "kl_beta": 0.0}
 
 
 # Options that change how a run is stopped, evaluated in memory, run (compile: the same maths up to

@@ -160,6 +160,14 @@ def tiny_sdxl_dir(tmp_path_factory):
     return str(path)
 
 
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    """The tiny SD3-shaped pipeline, with its T5, saved as a diffusers folder."""
+    path = tmp_path_factory.mktemp("tiny_sd3_t5")
+    tiny_sd3_pipeline(t5=True).save_pretrained(path)
+    return str(path)
+
+
 def run_trainer(name, *argv):
     """Run a training script in this process, as `python <name>.py <argv>` would (configurator.fresh,
     then its main()). Returns the module, whose globals hold the config."""

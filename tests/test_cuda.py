@@ -3,7 +3,7 @@ these tests were written against the CPU runs of the same code and have not been
 
     python -m pytest -q tests/test_cuda.py
 
-Each trainer runs one epoch on the tiny random SD-shaped folder on the GPU with the default precision
+Each trainer runs one epoch on the tiny random SD-shaped folder, and on the SD 3.5-shaped one, on the GPU with the default precision
 there (bf16), at the GPU recipe's batch shapes (docs/gpu.md), and must show: the UNet in bf16 on the GPU asked
 for; DDPO's and PRDP's first ratio within DDPO's SD 1.5 clip range (1e-4: the recorded log-probs and
 their recomputation agree, i.e. sampling and training round alike); finite gradients; a peak GPU
@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import pipelines
+import sampling
 from conftest import read_log, run_trainer, torchrun
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -37,8 +38,14 @@ def loaded(monkeypatch):
     return seen
 
 
+@pytest.fixture(params=["sd", "sd3"])
+def tiny_dir(request):
+    """The tiny SD-shaped folder, then the tiny SD 3.5-shaped one (flow matching, T5 included)."""
+    return request.getfixturevalue({"sd": "tiny_pipeline_dir", "sd3": "tiny_sd3_dir"}[request.param])
+
+
 def check_gpu_run(loaded, rec, device=None):
-    unet = loaded["pipe"].unet
+    unet = sampling.denoiser(loaded["pipe"])  # the UNet, or SD 3.5's transformer
     assert unet.device == torch.device(device or "cuda:0")  # --device=cuda: the first GPU
     assert unet.dtype == torch.bfloat16 and loaded["pipe"].vae.dtype == torch.bfloat16  # auto on CUDA: bf16
     assert rec["skipped_updates"] == 0 and math.isfinite(rec["grad_norm"]) and rec["grad_norm"] > 0
@@ -47,9 +54,9 @@ def check_gpu_run(loaded, rec, device=None):
     print(f"peak GPU memory {peak:.0f} MB; log: {rec}")
 
 
-def test_ddpo_epoch_in_bf16(tiny_pipeline_dir, prompt_file, tmp_path, loaded):
+def test_ddpo_epoch_in_bf16(tiny_dir, prompt_file, tmp_path, loaded):
     out = tmp_path / "run"
-    run_trainer("train_ddpo", f"--model={tiny_pipeline_dir}", "--reward=jpeg_incompressibility",
+    run_trainer("train_ddpo", f"--model={tiny_dir}", "--reward=jpeg_incompressibility",
                 f"--prompts={prompt_file}", "--device=cuda", "--num_steps=10", "--sample_batch_size=8",
                 "--samples_per_prompt=2", "--num_batches=2", "--train_batch_size=4", "--grad_accum=2",
                 "--clip_range=1e-4", "--epochs=1", "--eval_prompts=3", "--eval_seeds=4", "--eval_batch_size=4",
@@ -59,9 +66,9 @@ def test_ddpo_epoch_in_bf16(tiny_pipeline_dir, prompt_file, tmp_path, loaded):
     assert rec["ratio_dev"] < 1e-4 / 10, rec["ratio_dev"]  # sampling and training UNet calls round alike
 
 
-def test_alignprop_epoch_in_bf16(tiny_pipeline_dir, prompt_file, tmp_path, loaded):
+def test_alignprop_epoch_in_bf16(tiny_dir, prompt_file, tmp_path, loaded):
     out = tmp_path / "run"
-    run_trainer("train_alignprop", f"--model={tiny_pipeline_dir}", "--reward=shapes_appeal", f"--prompts={prompt_file}",
+    run_trainer("train_alignprop", f"--model={tiny_dir}", "--reward=shapes_appeal", f"--prompts={prompt_file}",
                 "--device=cuda", "--num_steps=10", "--truncation=rand", "--k_min=1", "--k_max=10",
                 "--batch_size=4", "--grad_accum=2", "--steps_per_epoch=2", "--epochs=1", "--eval_prompts=2",
                 "--eval_seeds=2", f"--out={out}")
@@ -69,9 +76,9 @@ def test_alignprop_epoch_in_bf16(tiny_pipeline_dir, prompt_file, tmp_path, loade
     check_gpu_run(loaded, rec)  # gradient checkpointing is on by default on CUDA: it ran too
 
 
-def test_prdp_epoch_in_bf16(tiny_pipeline_dir, prompt_file, tmp_path, loaded):
+def test_prdp_epoch_in_bf16(tiny_dir, prompt_file, tmp_path, loaded):
     out = tmp_path / "run"
-    run_trainer("train_prdp", f"--model={tiny_pipeline_dir}", "--reward=jpeg_incompressibility",
+    run_trainer("train_prdp", f"--model={tiny_dir}", "--reward=jpeg_incompressibility",
                 f"--prompts={prompt_file}", "--device=cuda", "--num_steps=10", "--prompts_per_epoch=2",
                 "--images_per_prompt=4", "--sample_batch_size=8", "--train_batch_size=4", "--updates_per_epoch=2",
                 "--epochs=1", "--eval_prompts=2", "--eval_seeds=2", f"--out={out}")

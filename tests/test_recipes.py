@@ -1,4 +1,5 @@
-"""The GPU recipes (docs/gpu.md) for Stable Diffusion 1.5 and SDXL, and its evaluation commands, run on a CPU.
+"""The GPU recipes (docs/gpu.md, docs/sd3.md) for Stable Diffusion 1.5, SDXL and SD 3.5, and the evaluation
+commands, run on a CPU.
 
 Every command in the GPU page's SD 1.5 recipe block and its evaluation block, and the aesthetic SDXL
 recipe of each trainer, runs here as written, except that the model becomes a tiny random SD-shaped
@@ -20,10 +21,10 @@ SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL = "stabilityai/stable-diffusion-xl-base-1.0"
 
 
-def readme_recipes(marker):
-    """(module, {flag: value}) for each command between the GPU page's `marker` comments
+def readme_recipes(marker, page="gpu.md"):
+    """(module, {flag: value}) for each command between the docs `page`'s `marker` comments
     (`python train_ddpo.py` -> train_ddpo, `python -m experiments.evaluate` -> experiments.evaluate)."""
-    with open(os.path.join(ROOT, "docs", "gpu.md")) as f:
+    with open(os.path.join(ROOT, "docs", page)) as f:
         text = f.read()
     block = re.search(rf"<!-- {marker} -->(.*?)<!-- /{marker} -->", text, re.S).group(1)
     commands = [c.strip() for c in block.replace("\\\n", " ").splitlines()
@@ -40,6 +41,8 @@ def readme_recipes(marker):
 
 SD15_RECIPES, SDXL_RECIPES = readme_recipes("gpu-recipes"), readme_recipes("sdxl-recipes")
 EVALS = readme_recipes("gpu-eval")
+SD3_RECIPES = readme_recipes("sd3-recipes", "sd3.md")
+SD3 = "stabilityai/stable-diffusion-3.5-medium"
 MICRO_BATCHES = {"train_batch_size", "grad_accum", "batch_size"}  # what memory asks SDXL to change
 # The recipes that run below: each trainer's aesthetic recipe on SD 1.5 and on SDXL, and AlignProp's
 # PickScore one (its gradient goes through the reward). The other PickScore twins differ from their
@@ -161,3 +164,39 @@ def test_evaluation_commands_run_on_a_tiny_sd_folder(tiny_pipeline_dir, tiny_ope
         assert len(table["categories"]) == (12 if flags["prompts"] == "drawbench" else 2)
         assert ("vs_baseline" in table["categories"]["all"]) == ("lora" in flags)
         assert table["config"]["num_steps"] == int(flags["num_steps"])
+
+
+def test_the_sd3_page_has_a_recipe_per_trainer_with_flow_grpos_sampling():
+    assert [s for s, _ in SD3_RECIPES] == ["train_ddpo", "train_alignprop", "train_prdp"]
+    for script, f in SD3_RECIPES:
+        assert f["model"] == SD3 and f["explore"] == "true" and f["num_steps"] == "10" and f["guidance"] == "4.5"
+        assert f.get("eta", "0.7") == "0.7"  # Flow-GRPO's noise level; AlignProp's chain is the deterministic one
+    assert dict(SD3_RECIPES)["train_ddpo"]["kl_beta"] == "0.01"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script, flags", SD3_RECIPES, ids=[s for s, _ in SD3_RECIPES])
+def test_sd3_recipe_runs_on_a_tiny_sd3_folder(script, flags, tiny_sd3_dir, tiny_pickscore, tmp_path):
+    """As test_recipe_runs_on_a_tiny_sd_folder: each SD 3.5 recipe as written, one update, on the tiny
+    SD3 folder (with T5) and tiny PickScore weights."""
+    swapped = dict(model=tiny_sd3_dir, reward_options=f"model={tiny_pickscore[2]},processor={tiny_pickscore[3]}",
+                   out=str(tmp_path / "run"), epochs="1", eval_prompts="2", eval_seeds="1")
+    if script == "train_ddpo":
+        swapped["num_batches"] = str(int(flags["train_batch_size"]) * int(flags["grad_accum"])
+                                     // int(flags["sample_batch_size"]))
+    if script == "train_alignprop":
+        swapped.update(steps_per_epoch="1", grad_accum="2")
+    if script == "train_prdp":
+        swapped.update(prompts_per_epoch="1", updates_per_epoch="2", train_batch_size="64")
+    mod = run_trainer(script, *[f"--{k}={v}" for k, v in {**flags, **swapped}.items()])
+    (rec,) = read_log(tmp_path / "run")
+    with open(tmp_path / "run" / "config.json") as f:
+        config = json.load(f)
+    assert all(same(config[k], v) for k, v in flags.items() if k not in swapped)
+    assert rec["explore"] and rec["grad_norm"] > 0
+    if script == "train_ddpo":
+        assert rec["ratio_dev"] < 1e-5 and rec["kl_ref"] >= 0
+    elif script == "train_prdp":
+        assert rec["ratio_dev"] < 1e-5
+    else:
+        assert all(1 <= k <= mod.num_steps for k in rec["k"])

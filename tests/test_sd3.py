@@ -87,11 +87,13 @@ def test_sample_passes_t5_on(sd3_dir, tmp_path, monkeypatch):
     assert (grids[0] != grids[1]) == with_t5
 
 
-def test_a_run_config_without_t5_is_the_same_run_as_t5_on():
-    """runs.ADDED_OPTIONS: a trainer's config (or a run folder's) without `t5` counts as --t5, either side."""
-    old, on, off = {"lr": 1.0}, {"lr": 1.0, "t5": True}, {"lr": 1.0, "t5": False}
-    assert runs.differing(old, on) == runs.differing(on, old) == []
-    assert runs.differing(old, off) == runs.differing(off, old) == ["t5"]
+def test_a_run_config_from_before_sd3_is_the_same_run_as_t5_on_and_no_kl():
+    """runs.ADDED_OPTIONS: a run folder's config without `t5` counts as --t5 and without `kl_beta` as 0, either
+    side, so a run started before SD 3.5 came resumes; another value is another run."""
+    old, now = {"lr": 1.0}, {"lr": 1.0, "t5": True, "kl_beta": 0.0}
+    assert runs.differing(old, now) == runs.differing(now, old) == []
+    assert runs.differing(old, {**now, "t5": False}) == runs.differing({**now, "t5": False}, old) == ["t5"]
+    assert runs.differing(old, {**now, "kl_beta": 0.01}) == ["kl_beta"]
 
 
 def test_precision_bf16_gives_bf16_weights(sd3_dir):
