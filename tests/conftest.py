@@ -4,6 +4,8 @@ import os
 import sys
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # a hub lookup without it can hang on these machines
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `pytest -n 2`: one thread per worker (and per process it starts), as
+    os.environ["OMP_NUM_THREADS"] = "1"    # two torch processes of two threads each on two cores run many times slower
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pytest
