@@ -217,13 +217,10 @@ def test_ddpo_epoch_on_sd3_exploring_has_first_ratio_one(sd3_dir, prompt_file, t
     assert any(v.abs().sum() > 0 for k, v in weights.items() if "lora_B" in k)
 
 
-def test_ddpo_kl_penalty_on_sd3(sd3_dir, prompt_file, tmp_path):
+def test_ddpo_kl_penalty_on_sd3(tiny_sd3_dir, prompt_file, tmp_path):
     from conftest import read_log, run_trainer
-    folder, with_t5 = sd3_dir
-    if with_t5:
-        pytest.skip("the KL term does not depend on the text encoders")
-    run_trainer("train_ddpo", *small("train_ddpo", folder, prompt_file, tmp_path / "run", "--eta=0.7",
-                                     "--kl_beta=0.04", "--no-t5"))
+    run_trainer("train_ddpo", *small("train_ddpo", tiny_sd3_dir, prompt_file, tmp_path / "run", "--eta=0.7",
+                                     "--kl_beta=0.04"))
     (rec,) = read_log(tmp_path / "run")
     assert rec["kl_ref"] > 0 and rec["ratio_dev"] < 1e-5  # the second update starts from a moved LoRA
 
@@ -238,17 +235,24 @@ def test_prdp_epoch_on_sd3_exploring_is_on_policy(sd3_dir, prompt_file, tmp_path
     assert rec["reward_queries"] == 4 and rec["grad_norm"] > 0
 
 
-@pytest.mark.parametrize("extra", [[], ["--draft_lv=2", "--truncation=1"]])
-def test_alignprop_epoch_on_sd3(sd3_dir, prompt_file, tmp_path, extra):
+def test_alignprop_epoch_on_sd3(sd3_dir, prompt_file, tmp_path):
     from conftest import lora_weights, read_log, run_trainer
     folder, with_t5 = sd3_dir
-    if with_t5 and extra:
-        pytest.skip("DRaFT-LV's re-noising does not depend on the text encoders")
-    run_trainer("train_alignprop", *small("train_alignprop", folder, prompt_file, tmp_path / "run", *extra,
+    run_trainer("train_alignprop", *small("train_alignprop", folder, prompt_file, tmp_path / "run",
                                           *([] if with_t5 else ["--no-t5"])))
     (rec,) = read_log(tmp_path / "run")
-    assert rec["explore"] and rec["k"] == [2 if not extra else 1] * 2 and rec["grad_norm"] > 0
-    assert rec["reward_queries"] == 2 * 2 * (2 if extra else 1)
+    assert rec["explore"] and rec["k"] == [2, 2] and rec["grad_norm"] > 0 and rec["reward_queries"] == 4
+    assert any(v.abs().sum() > 0 for k, v in lora_weights(tmp_path / "run").items() if "lora_B" in k)
+
+
+def test_draft_lv_epoch_on_sd3(tiny_sd3_dir, prompt_file, tmp_path):
+    # DRaFT-LV re-noises x_0 with the flow's (1 - sigma) x_0 + sigma noise (the scheduler's scale_noise)
+    from conftest import lora_weights, read_log, run_trainer
+    extra = ["--draft_lv=2", "--truncation=1"]
+    run_trainer("train_alignprop", *small("train_alignprop", tiny_sd3_dir, prompt_file, tmp_path / "run", *extra))
+    (rec,) = read_log(tmp_path / "run")
+    assert rec["explore"] and rec["k"] == [1, 1] and rec["grad_norm"] > 0
+    assert rec["reward_queries"] == 2 * 2 * 2  # steps x batch x copies
     assert any(v.abs().sum() > 0 for k, v in lora_weights(tmp_path / "run").items() if "lora_B" in k)
 
 
