@@ -75,13 +75,18 @@ def test_full_backprop_gradient_matches_finite_differences(pipe, explore):
                                    scale=schedule if explore else None, explore_weights=explore, **SETTINGS)
         return -r.mean()
 
+    check_against_finite_differences(loss, params, directions=3)
+
+
+def check_against_finite_differences(loss, params, directions, eps=1e-4):
+    """loss()'s autograd gradient in the LoRA weights `params`, along random directions, against central
+    finite differences (float64 weights: float32's 7 digits are too few)."""
     for p in params:
         p.grad = None
     loss().backward()
     grad = torch.cat([p.grad.flatten() for p in params])
     theta = lora_vector(params)
-    eps = 1e-4
-    for d in range(3):
+    for d in range(directions):
         direction = torch.randn(theta.shape, generator=torch.Generator().manual_seed(100 + d), dtype=theta.dtype)
         direction /= direction.norm()
         with torch.no_grad():

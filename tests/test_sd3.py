@@ -263,7 +263,7 @@ def test_alignprop_gradient_on_sd3_matches_finite_differences():
     import sampling
     import train_alignprop as ta
     from explore import cfg_schedule
-    from test_alignprop import PROMPTS as WEIGHTED, brightness, lora_vector, set_lora
+    from test_alignprop import PROMPTS as WEIGHTED, brightness, check_against_finite_differences
     pipe = tiny_sd3_pipeline().to(torch.float64)
     params = lora.inject(pipe.transformer)
     pipe.transformer.to(torch.float64)
@@ -279,19 +279,7 @@ def test_alignprop_gradient_on_sd3_matches_finite_differences():
                                    num_steps=3, eta=0.0, guidance=4.5, scale=schedule, explore_weights=True)
         return -r.mean()
 
-    loss().backward()
-    grad = torch.cat([p.grad.flatten() for p in params])
-    theta, eps = lora_vector(params), 1e-4
-    for d in range(2):
-        direction = torch.randn(theta.shape, generator=torch.Generator().manual_seed(100 + d), dtype=theta.dtype)
-        direction /= direction.norm()
-        with torch.no_grad():
-            set_lora(params, theta + eps * direction)
-            plus = loss().item()
-            set_lora(params, theta - eps * direction)
-            minus = loss().item()
-        set_lora(params, theta)
-        assert grad @ direction == pytest.approx((plus - minus) / (2 * eps), rel=0.03, abs=1e-6)
+    check_against_finite_differences(loss, params, directions=2)
 
 
 def test_bad_input_on_sd3_is_refused_as_for_the_others(sd3_dir, prompt_file, tmp_path):
