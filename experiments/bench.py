@@ -63,7 +63,7 @@ import torch
 
 import pipelines
 import sampling
-from plumbing import configurator
+from plumbing import configurator, mixed_precision
 from experiments import bench_parts, gpu_memory
 from plumbing.configurator import at_least, require  # the input checks
 
@@ -205,7 +205,7 @@ class Watcher:
     def loaded(self, run):
         self.pipe = run.pipe
         if self.count_calls:
-            self.hook = run.pipe.unet.register_forward_pre_hook(self.count_unet_call, with_kwargs=True)
+            self.hook = sampling.denoiser(run.pipe).register_forward_pre_hook(self.count_unet_call, with_kwargs=True)
         run.reward_fn = timed("reward", run.reward_fn)  # the trainer reads run.reward_fn after this
 
     def count_unet_call(self, unet, args, kwargs):
@@ -252,22 +252,25 @@ def time_trainer(name, extra, compiled=False):
 
 
 def unet_seconds(unet, x_shape, emb_shape, grad):
-    """Median time of one UNet evaluation on random inputs of these shapes: forward only, or
-    forward and backward into the trainable (LoRA) weights when the trainer's call carried gradient."""
-    dev = unet.device
-    x, emb = torch.randn(x_shape, device=dev), torch.randn(emb_shape, device=dev)
-    t = torch.full((x_shape[0],), 500, device=dev)
+    """Median time of one UNet (or SD 3.5 transformer) evaluation on random inputs of these shapes, in
+    its dtype and under its autocast as sampling.guided_eps calls it: forward only, or forward and
+    backward into the trainable (LoRA) weights when the trainer's call carried gradient."""
+    dev, dtype, b = unet.device, unet.dtype, x_shape[0]
+    x, emb = torch.randn(x_shape, device=dev, dtype=dtype), torch.randn(emb_shape, device=dev, dtype=dtype)
+    t = torch.full((b,), 500, device=dev)
     added = {}
-    if unet.config.addition_embed_type == "text_time":  # SDXL: a pooled text embedding and 6 time ids per latent
+    if unet.config.get("addition_embed_type") == "text_time":  # SDXL: a pooled text embedding and 6 time ids per latent
         pooled = unet.config.projection_class_embeddings_input_dim - 6 * unet.config.addition_time_embed_dim
-        added = dict(added_cond_kwargs={"text_embeds": torch.randn(x_shape[0], pooled, device=dev),
-                                        "time_ids": torch.full((x_shape[0], 6), 512.0, device=dev)})
+        added = dict(added_cond_kwargs={"text_embeds": torch.randn(b, pooled, device=dev, dtype=dtype),
+                                        "time_ids": torch.full((b, 6), 512.0, device=dev, dtype=dtype)})
+    elif "pooled_projection_dim" in unet.config:  # SD 3.5: both CLIPs' pooled embeddings
+        added = dict(pooled_projections=torch.randn(b, unet.config.pooled_projection_dim, device=dev, dtype=dtype))
 
     def call():
-        with torch.set_grad_enabled(grad):
-            y = unet(x, t, encoder_hidden_states=emb, **added).sample
-            if grad:
-                y.backward(torch.ones_like(y))
+        with torch.set_grad_enabled(grad), mixed_precision.autocast(unet):
+            y = unet(x, timestep=t, encoder_hidden_states=emb, **added).sample
+        if grad:
+            y.backward(torch.ones_like(y))
     call()  # warm-up
     times = []
     for _ in range(repeats):
@@ -297,7 +300,7 @@ def bench_trainer(name, extra):
     n = len(r["marks"])
     wall, seconds, writing = per_epoch(r)
     calls = sum((m["calls"] for m in r["marks"]), Counter())  # epochs may differ (AlignProp's random K)
-    unet = r["pipe"].unet
+    unet = sampling.denoiser(r["pipe"])
     kinds = [dict(x=list(x), emb=list(e), grad=g, count=c / n, seconds_each=unet_seconds(unet, x, e, g))
              for (x, e, g), c in sorted(calls.items(), key=lambda kv: kv[0][2])]
     unet_total = sum(k["count"] * k["seconds_each"] for k in kinds)

@@ -17,7 +17,17 @@ most 8 minutes on one H100, with nothing downloaded (the machine may have no int
    pure UNet time of the same calls), the epoch's peak GPU memory against gpu_memory's estimate for
    the same batches, and DDPO's and PRDP's ratio_dev (how far the first likelihood ratio is from 1:
    do sampling and training round alike on this GPU's bf16 kernels?).
-4. The same for an SDXL-shaped pipeline at 1024 px, as far as the time left allows.
+4. The same for an SD 3.5 Medium-shaped pipeline at 1024 px: its MM-DiT transformer (the "UNet"
+   here), 16-channel VAE, both CLIP text encoders with their projections, T5-XXL's encoder (4.7
+   billion weights, made on the GPU like the rest; --sd3_t5=false leaves it out, 9.5 GB less to save
+   and load) with an offline T5 tokenizer of T5's 32,100 entries, and its flow-matching Euler scheduler
+   (shift 3); each trainer at the SD 3.5 recipes' micro-batches (docs/sd3.md), the flow SDE at noise
+   level 0.7, DDPO with its KL term at LoRA rank 32.
+5. The same for an SDXL-shaped pipeline at 1024 px, as far as the time left allows. SD 3.5 goes
+   before SDXL because the parts' limits add up to far more than the budget, so whatever comes last
+   is the likeliest to be skipped, and SD 3.5's runs take paths that no GPU has run and SD 1.5's do
+   not (the transformer, the flow step, T5, the KL term), where SDXL's are SD 1.5's code with a
+   larger UNet. `--models=sdxl --cuda_tests=false` runs SDXL alone.
 
 Each part runs under a time limit (PART_SECONDS) and the whole under --budget: a part that runs out
 of time is stopped and recorded as such, one that would start with too little time left is skipped
@@ -54,23 +64,28 @@ from plumbing.configurator import at_least, require
 tiny = False                  # tiny models on the CPU (seconds): a check of this script, not of a GPU
 json_out = "out/gpu_check.json"  # where everything measured goes (rewritten after every part; its folder is made)
 budget = 450                  # seconds for the whole check (8 minutes, less the interpreter's start)
-models = "sd15,sdxl"          # which pipelines' shapes to run the trainers on, in this order
+models = "sd15,sd3,sdxl"      # which pipelines' shapes to run the trainers on, in this order (of sd15, sd3, sdxl)
 trainers = "ddpo,alignprop,prdp"  # which trainers to run on each
 cuda_tests = True             # 1. run tests/test_cuda.py first
 repeats = 3                   # timed repetitions of each pure-UNet call shape (bench's --repeats)
+sd3_t5 = True                 # build SD 3.5's T5-XXL encoder (false: 9.5 GB less to write and load; zeros for its tokens)
 # ------------------------------------------------------------------------------------------------
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PART_SECONDS = {"cuda_tests": 150, "build sd15": 90, "sd15": 90, "build sdxl": 120, "sdxl": 120}
+PART_SECONDS = {"cuda_tests": 150, "build sd15": 90, "sd15": 90, "build sdxl": 120, "sdxl": 120,
+                "build sd3": 150, "sd3": 120}  # SD 3.5's folder: 16 GB in bf16, T5's 9.5 of them
 MIN_START = 20  # seconds: a part that would start with less is skipped, not begun and cut off
 
-# The pipelines' shapes: SD 1.5's and SDXL's own configs (in gpu_memory), or tiny ones of the same
-# classes (tests/conftest.py's tiny pipelines) for --tiny. One text config per text encoder.
+# The pipelines' shapes: SD 1.5's, SDXL's and SD 3.5 Medium's own configs (in gpu_memory), or tiny ones
+# of the same classes (tests/conftest.py's tiny pipelines) for --tiny. One text config per CLIP text
+# encoder; SD 3.5's "unet" is its transformer.
 TOKENS = dict(bos_token_id=49406, eos_token_id=49407)  # the CLIP tokenizer's: SDXL pools at the end token
 SHAPES = {
     "sd15": dict(unet=gpu_memory.SD15_UNET, vae=gpu_memory.SD15_VAE, text=[gpu_memory.SD15_TEXT_ENCODER]),
     "sdxl": dict(unet=gpu_memory.SDXL_UNET, vae=gpu_memory.SD15_VAE,  # SDXL's VAE has SD 1.5's architecture
                  text=[gpu_memory.SD15_TEXT_ENCODER, gpu_memory.SDXL_TEXT_ENCODER_2]),
+    "sd3": dict(unet=gpu_memory.SD3_TRANSFORMER, vae=gpu_memory.SD3_VAE, t5=gpu_memory.SD3_T5,  # CLIPs as SDXL's
+                text=[gpu_memory.SD15_TEXT_ENCODER, gpu_memory.SDXL_TEXT_ENCODER_2]),
 }
 TINY_TEXT = dict(vocab_size=49408, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                  max_position_embeddings=16)
@@ -90,10 +105,20 @@ TINY_SHAPES = {
                            projection_class_embeddings_input_dim=8 + 6 * 4),  # pooled + 6 time ids x 4
                  vae=TINY_VAE, text=[dict(TINY_TEXT, hidden_size=16, projection_dim=16, hidden_act="quick_gelu"),
                                      dict(TINY_TEXT, hidden_size=24, projection_dim=8, hidden_act="gelu")]),
+    "sd3": dict(unet=dict(sample_size=8, patch_size=2, in_channels=16, out_channels=16, num_layers=2,
+                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=48,
+                          caption_projection_dim=16, pooled_projection_dim=16, pos_embed_max_size=8),
+                vae=dict(TINY_VAE, latent_channels=16, scaling_factor=1.5305, shift_factor=0.0609,
+                         use_quant_conv=False, use_post_quant_conv=False),
+                t5=dict(d_model=48, d_kv=8, d_ff=32, num_layers=1, num_heads=2, vocab_size=gpu_memory.SD3_T5["vocab_size"]),
+                text=[dict(TINY_TEXT, hidden_size=16, projection_dim=8, hidden_act="quick_gelu"),
+                      dict(TINY_TEXT, hidden_size=24, projection_dim=8, hidden_act="gelu")]),
 }
 # SD 1.5's scheduler_config.json (SDXL's has the same betas and spacing); load_pipeline makes it DDIM
 SCHEDULER = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000,
                  clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+SD3_SCHEDULER = dict(num_train_timesteps=1000, shift=3.0)  # SD 3.5's (FlowMatchEulerDiscreteScheduler; kept)
+T5_PIECES = 32000  # T5's SentencePiece vocabulary; with its 100 sentinel ids, its tokenizer's 32,100 entries
 
 # What each trainer runs. Every run explores (DiffExp's two changes are on the sampling path being
 # timed) and evaluates one image before training (the lifecycle always evaluates first). Rewards
@@ -115,6 +140,15 @@ RUNS = {
                            "--batch_size=1 --grad_accum=2 --steps_per_epoch=1",
     ("sdxl", "prdp"): "--reward=jpeg_compressibility --num_steps=6 --prompts_per_epoch=1 --images_per_prompt=4 "
                       "--sample_batch_size=4 --train_batch_size=2 --updates_per_epoch=2",
+    # SD 3.5 Medium at 1024 px, its recipes' micro-batches (docs/sd3.md: DDPO 2 at LoRA rank 32 with the
+    # KL term, AlignProp 1, PRDP 2), guidance 4.5, the flow SDE at noise level 0.7, 6 steps
+    ("sd3", "ddpo"): "--reward=jpeg_compressibility --num_steps=6 --eta=0.7 --guidance=4.5 --sample_batch_size=4 "
+                     "--samples_per_prompt=1 --num_batches=1 --train_batch_size=2 --grad_accum=2 --timestep_fraction=1 "
+                     "--clip_range=1e-4 --kl_beta=0.01 --lora_rank=32",
+    ("sd3", "alignprop"): "--reward=shapes_appeal --num_steps=6 --guidance=4.5 --truncation=rand --k_min=1 --k_max=6 "
+                          "--batch_size=1 --grad_accum=2 --steps_per_epoch=1",
+    ("sd3", "prdp"): "--reward=jpeg_compressibility --num_steps=6 --eta=0.7 --guidance=4.5 --prompts_per_epoch=1 "
+                     "--images_per_prompt=4 --sample_batch_size=4 --train_batch_size=2 --updates_per_epoch=2",
 }
 TINY_RUNS = {  # tests/conftest.py's smallest runs
     "ddpo": "--reward=jpeg_compressibility --num_steps=2 --sample_batch_size=2 --samples_per_prompt=2 "
@@ -123,11 +157,13 @@ TINY_RUNS = {  # tests/conftest.py's smallest runs
     "prdp": "--reward=jpeg_compressibility --num_steps=2 --prompts_per_epoch=1 --images_per_prompt=2 "
             "--sample_batch_size=2 --train_batch_size=2 --updates_per_epoch=2",
 }
+TINY_SD3 = {"ddpo": "--eta=0.7 --kl_beta=0.01", "prdp": "--eta=0.7"}  # SD 3.5's runs' flow SDE and KL term
 
 
 def run_args(model, trainer):
     """The trainer options of one run (bench adds --model, --out, the epochs and --compile=off)."""
-    return shlex.split(f"{TINY_RUNS[trainer] if tiny else RUNS[model, trainer]} {COMMON}")
+    run = f"{TINY_RUNS[trainer]} {TINY_SD3.get(trainer, '') if model == 'sd3' else ''}" if tiny else RUNS[model, trainer]
+    return shlex.split(f"{run} {COMMON}")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,37 +242,64 @@ def run_cuda_tests(deadline, folder):
 
 
 # ------------------------------------------------------------------------------------------------
-# 2. and 4. A pipeline of SD 1.5's or SDXL's shapes with random weights, saved as a folder
+# 2., 4. and 5. A pipeline of SD 1.5's, SD 3.5's or SDXL's shapes with random weights, saved as a folder
+
+def t5_tokenizer():
+    """A T5 tokenizer of T5's size, built offline (T5's own is SentencePiece's, a download): a
+    unigram vocabulary of T5_PIECES pieces (the special three, the letters, a few common words, then
+    fillers that no prompt meets) and T5's 100 sentinel ids. What it costs the pipeline is T5's
+    256 tokens a prompt, whatever the pieces; the ids stay below the encoder's 32,128 embeddings."""
+    from transformers import T5Tokenizer
+    words = "a an the of on in with and riding playing eating cat dog horse bird fish red blue circle square".split()
+    pieces = ["▁"] + [f"▁{w}" for w in words] + list("abcdefghijklmnopqrstuvwxyz")
+    pieces += [f"▁x{i}" for i in range(T5_PIECES - 3 - len(pieces))]
+    return T5Tokenizer(vocab=[("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)] + [(p, -float(i)) for i, p in enumerate(pieces)],
+                       extra_ids=100)
+
 
 def build_pipeline(model, folder, device, dtype):
-    """Build `model`'s pipeline ("sd15" or "sdxl"; tiny ones with --tiny) with random weights on
+    """Build `model`'s pipeline ("sd15", "sdxl" or "sd3"; tiny ones with --tiny) with random weights on
     `device`, save it to `folder` in `dtype` (what the trainers will load it as), and return its
-    parameter counts: the frozen weights and the LoRA's per unit of rank (lora.inject's layers)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    sizes: the frozen weights and buffers (SD 3.5's transformer keeps its 226 million-entry position
+    table in one) and the LoRA's weights per unit of rank (lora.inject's layers)."""
+    from diffusers import (AutoencoderKL, DDIMScheduler, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel,
+                           StableDiffusion3Pipeline, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
     from shapes.models import clip_tokenizer, save_pipeline
 
     s = (TINY_SHAPES if tiny else SHAPES)[model]
     torch.manual_seed(0)
+    t5 = None
     with torch.device(device):  # initialised where they will run: seconds for SDXL's 3.5 billion weights
-        unet, vae = UNet2DConditionModel(**s["unet"]), AutoencoderKL(**s["vae"])
-        text = [CLIPTextModel(CLIPTextConfig(**s["text"][0], **TOKENS))]
-        if model == "sdxl":  # the second encoder's projection is the pooled embedding SDXL's UNet takes
+        unet = (SD3Transformer2DModel if model == "sd3" else UNet2DConditionModel)(**s["unet"])
+        vae = AutoencoderKL(**s["vae"])
+        text = [(CLIPTextModelWithProjection if model == "sd3" else CLIPTextModel)(CLIPTextConfig(**s["text"][0], **TOKENS))]
+        if model != "sd15":  # the second encoder's projection is the pooled embedding SDXL's UNet takes (SD 3.5's: both)
             text.append(CLIPTextModelWithProjection(CLIPTextConfig(**s["text"][1], **TOKENS)))
-    tokenizer = clip_tokenizer(s["text"][0]["max_position_embeddings"])
-    scheduler = DDIMScheduler(**SCHEDULER)
-    if model == "sdxl":
-        tokenizer_2 = clip_tokenizer(s["text"][1]["max_position_embeddings"])
-        tokenizer_2.pad_token = "!"  # as SDXL's tokenizer_2 pads
-        pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text[0], text_encoder_2=text[1], tokenizer=tokenizer,
-                                         tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler,
-                                         force_zeros_for_empty_prompt=True, add_watermarker=False)
+        if model == "sd3" and sd3_t5:  # T5 v1.1 XXL's encoder, as SD 3.5 loads it; no dropout, as loaded
+            t5 = T5EncoderModel(T5Config(**s["t5"], is_encoder_decoder=False)).eval()
+    tokenizers = [clip_tokenizer(c["max_position_embeddings"]) for c in s["text"]]
+    if model != "sd15":
+        tokenizers[1].pad_token = "!"  # as SDXL's and SD 3.5's tokenizer_2 pad
+    if model == "sd3":
+        pipe = StableDiffusion3Pipeline(transformer=unet, scheduler=FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+                                        vae=vae, text_encoder=text[0], tokenizer=tokenizers[0], text_encoder_2=text[1],
+                                        tokenizer_2=tokenizers[1], text_encoder_3=t5,
+                                        tokenizer_3=t5_tokenizer() if t5 is not None else None)
+        pipe.to(dtype).save_pretrained(folder)  # no CLIPTextModel (save_pipeline's 4.x form); T5's tokenizer is no BPE
     else:
-        pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text[0], tokenizer=tokenizer, scheduler=scheduler,
-                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
-    save_pipeline(pipe.to(dtype), folder)
-    count = lambda *modules: sum(p.numel() for m in modules for p in m.parameters())
-    params = dict(unet=count(unet), vae=count(vae), text_encoders=count(*text))
+        scheduler = DDIMScheduler(**SCHEDULER)
+        if model == "sdxl":
+            pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text[0], text_encoder_2=text[1], tokenizer=tokenizers[0],
+                                             tokenizer_2=tokenizers[1], unet=unet, scheduler=scheduler,
+                                             force_zeros_for_empty_prompt=True, add_watermarker=False)
+        else:
+            pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text[0], tokenizer=tokenizers[0],
+                                           scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                           requires_safety_checker=False)
+        save_pipeline(pipe.to(dtype), folder)
+    count = lambda *modules: sum(t.numel() for m in modules for t in (*m.parameters(), *m.buffers()))
+    params = dict(unet=count(unet), vae=count(vae), text_encoders=count(*text), t5=count(t5) if t5 is not None else 0)
     lora_per_rank = sum(p.numel() for p in lora.inject(unet, rank=1))  # A and B grow linearly with the rank
     return dict(params=params, frozen=sum(params.values()), lora_per_rank=lora_per_rank)
 
@@ -247,15 +310,17 @@ def build_pipeline(model, folder, device, dtype):
 def estimate(model, trainer, c, counts):
     """gpu_memory's estimate of the run's peak (GB): the weights as --precision=bf16 holds them (this
     pipeline's counts; the rewards here have no model) + the larger of a training micro-batch's and a
-    sampling call's activations, per image as gpu_memory.MEASURED_GB holds them for SD 1.5 and SDXL
-    (none for the tiny shapes: the estimate is then the weights alone)."""
-    unet = "xl_unet" if model == "sdxl" else "unet"
+    sampling call's activations, per image as gpu_memory.MEASURED_GB holds them for SD 1.5, SDXL and
+    SD 3.5, with DDPO's KL call when --kl_beta is on (none for the tiny shapes: the estimate is then
+    the weights alone)."""
+    unet = {"sd15": "unet", "sdxl": "xl_unet", "sd3": "sd3"}[model]
     act = None if tiny else gpu_memory.MEASURED_GB[model]
     train_images, sample_images = ((c["batch_size"], c["batch_size"]) if trainer == "alignprop"
                                    else (c["train_batch_size"], c["sample_batch_size"]))
     weights = gpu_memory.weights_gb(counts["frozen"], counts["lora_per_rank"] * c["lora_rank"])
     kind = "AlignProp" if trainer == "alignprop" else "DDPO"  # PRDP trains with DDPO's UNet calls
-    train = train_images * gpu_memory.training_gb(act, unet, kind) if act else 0.0
+    kl = c.get("kl_beta", 0) > 0
+    train = train_images * gpu_memory.training_gb(act, unet, kind, kl=kl) if act else 0.0
     sample = sample_images * gpu_memory.sampling_gb(act, unet) if act else 0.0
     return dict(weights_gb=weights, training_gb=train, sampling_gb=sample, estimate_gb=weights + max(train, sample),
                 train_images=train_images, sample_images=sample_images)
@@ -332,7 +397,7 @@ def main():
     deadline = time.monotonic() + budget
     t0 = time.monotonic()
     report = dict(check="python -m experiments.gpu_check" + (" --tiny" if tiny else ""), tiny=tiny,
-                  machine=bench_parts.machine(), cuda=torch.version.cuda, commit=commit(), budget_s=budget,
+                  machine=bench_parts.machine(), cuda=torch.version.cuda, commit=commit(), budget_s=budget, sd3_t5=sd3_t5,
                   started=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                   seconds=None, cuda_tests=dict(status="not run (--cuda_tests=false)"), pipelines={}, runs=[])
     work = tempfile.mkdtemp(prefix="gpu-check-")
@@ -354,7 +419,7 @@ def main():
                                   lambda: time_run(model, trainer, folder, built), deadline)
                 report["runs"].append(dict(model=model, trainer=trainer, **result))
                 write(report)
-            shutil.rmtree(folder, ignore_errors=True)  # SDXL's folder needs the disk space
+            shutil.rmtree(folder, ignore_errors=True)  # SD 3.5's (16 GB) and SDXL's folders need the disk space
     finally:
         shutil.rmtree(work, ignore_errors=True)
     report["seconds"] = round(time.monotonic() - t0, 1)

@@ -130,6 +130,22 @@ def test_replay_of_recorded_steps_is_training_with_or_without_gradient(pipe):
     assert not hasattr(torch.autograd.backward, "__wrapped__") and not hasattr(sampling.rollout, "__wrapped__")
 
 
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3"])
+def test_pure_unet_time_calls_the_net_as_guided_eps_does(family):
+    """unet_seconds times a bf16 UNet (the trainers' default on a GPU) under its autocast, in its dtype, and
+    SD 3.5's transformer with its pooled embeddings (the timestep by name: the transformer's second
+    argument is the text); with gradient too, leaving no gradient behind. It failed on bf16 before."""
+    from conftest import tiny_pipeline, tiny_sd3_pipeline, tiny_sdxl_pipeline
+    bench = configured("--repeats=1")
+    net = sampling.denoiser({"sd15": tiny_pipeline, "sdxl": tiny_sdxl_pipeline, "sd3": tiny_sd3_pipeline}[family]())
+    net = net.to(torch.bfloat16).requires_grad_(False)
+    params = lora.inject(net, rank=2)
+    width = net.config.get("cross_attention_dim") or net.config.joint_attention_dim
+    x = (2, net.config.in_channels, 8, 8)
+    assert bench.unet_seconds(net, x, (2, 16, width), grad=False) > 0
+    assert bench.unet_seconds(net, x, (2, 16, width), grad=True) > 0 and all(p.grad is None for p in params)
+
+
 def test_the_observer_times_the_reward_and_closes_each_epoch_with_the_runs_writing_seconds(pipe):
     """loaded(run) hooks the UNet (eager runs) and replaces run.reward_fn with a timed one (the same
     reward: its result and attributes); epoch_end(rec, writing) closes the epoch's books: its
