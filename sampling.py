@@ -98,15 +98,15 @@ def denoiser(pipe):
 T5_TOKENS = 256  # SD 3.5's T5 token count: its pipeline's default max_sequence_length
 
 
-def _token_states(tokenizer, encoder, texts, sdxl):
+def _token_states(tokenizer, encoder, texts, penultimate):
     """(per-token states [B, L, D] fp32, the encoder's output) of `texts`, padded to the tokenizer's
-    max length as SD and SDXL do."""
+    max length as SD, SDXL and SD 3.5 do."""
     ids = tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                     return_tensors="pt").input_ids
-    out = encoder(ids.to(encoder.device), output_hidden_states=sdxl)
-    # SD 1.5 conditions on the last layer's (final-layer-normed) states; SDXL on the penultimate
-    # layer's, not normed, of both encoders (its pipeline's encode_prompt; Podell et al., Sec. 2.1)
-    return (out.hidden_states[-2] if sdxl else out.last_hidden_state).float(), out
+    out = encoder(ids.to(encoder.device), output_hidden_states=penultimate)
+    # SD 1.5 conditions on the last layer's (final-layer-normed) states; SDXL and SD 3.5 on the penultimate
+    # layer's, not normed, of both CLIPs (their pipelines' encode_prompt; Podell et al., Sec. 2.1)
+    return (out.hidden_states[-2] if penultimate else out.last_hidden_state).float(), out
 
 
 def add_time_ids(pipe, n):

@@ -173,7 +173,7 @@ def main():
         pipelines.check_model(cfg["model"], cfg["revision"] or None)
         reward_fn = rewards.load(cfg["reward"], device=dev, **configurator.parse_options(cfg["reward_options"]))
         pipe = pipelines.load_pipeline(cfg["model"], dev, revision=cfg["revision"] or None, variant=cfg["variant"] or None,
-                                       t5=cfg.get("t5", True))
+                                       t5=cfg["t5"])
         if cfg["lora"]:
             load_lora(sampling.denoiser(pipe), cfg["lora"])
         compiling.unet(sampling.denoiser(pipe), compile, dev)

@@ -81,11 +81,9 @@ class Run:
         try:
             pipelines.check_model(c["model"], c["revision"] or None)  # a typo fails at once, before the reward loads
             self.reward_fn = rewards.load(c["reward"], device=self.dev, **configurator.parse_options(c["reward_options"]))
-            # t5: SD 3.5's T5 encoder (False: not loaded, zeros for its tokens), the --t5 of a trainer whose
-            # defaults block has `t5 = True` (runs.ADDED_OPTIONS: a config without it counts as True)
             self.pipe = pipelines.load_pipeline(c["model"], device=self.dev, precision=c["precision"],
                                                 revision=c["revision"] or None, variant=c["variant"] or None,
-                                                t5=c.get("t5", True))
+                                                t5=c["t5"])  # SD 3.5's T5 encoder (--no-t5: zeros for its tokens)
         except (ValueError, TypeError, rewards.RewardUnavailable) as e:
             raise SystemExit(f"error: {e}")
         T = self.pipe.scheduler.config.num_train_timesteps  # the last checks: they need the model's timesteps
