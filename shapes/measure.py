@@ -166,7 +166,8 @@ def regime_table(folder):
 
 @torch.no_grad()
 def reward_ranges(folder):
-    """Every shapes reward on 2 samples of each caption at guidance 5, `steps` DDIM steps, eta 1."""
+    """Every shapes reward, and the JPEG size, on 2 samples of each caption at guidance 5, `steps` DDIM steps,
+    eta 1."""
     import rewards
     pipe = pipelines.load_pipeline(folder)
     compiling.unet(pipe.unet, compile, pipe.device)
@@ -177,8 +178,10 @@ def reward_ranges(folder):
                             generator=g["ddim"])
     clean = [explore.parse_phrases(p)[0] for p in todo]
     rows = {}
-    for name in ("shapes_alignment", "shapes_aesthetic", "shapes_appeal", "shapes_correct", "shapes_success"):
-        r = rewards.load(name, path=folder)(traj.images, clean).float()
+    for name in ("shapes_alignment", "shapes_aesthetic", "shapes_appeal", "shapes_correct", "shapes_success",
+                 "jpeg_incompressibility"):
+        options = {} if name.startswith("jpeg") else dict(path=folder)  # the JPEG size needs no model
+        r = rewards.load(name, **options)(traj.images, clean).float()
         rows[name] = dict(mean=r.mean().item(), std=r.std().item(), min=r.min().item(), max=r.max().item())
     lines = [f"Rewards of the base model's samples: 72 captions x 2, guidance 5, {steps} DDIM steps, eta 1", "",
              "| reward | mean +- std | range |", "|---|---|---|"]
