@@ -26,7 +26,7 @@ eager and compiled, and the time to the end of the first epoch with a cold and a
                        to well within the clip range (1e-4 on SD 1.5). Eager, both come from the same
                        kernels (ratio_dev 0); compiled, the inference graph and the training graph
                        are different generated code: in fp32 they differ by rounding (ratio_dev
-                       2.4e-7 on the shapes world), in bf16 by 8.4e-3 (this CPU), past the clip.
+                       2.4e-7 on the shapes world), in bf16 by 5e-3 to 8e-3 (CPUs), past the clip.
     --compile=on     always (a bare --compile means on); DDPO and PRDP in bf16/fp16 warn about the above
     --compile=off    never
 """
