@@ -92,7 +92,7 @@ def resolve():
                model=run.get("model", "shapes") if own else model,
                revision=revision or (run.get("revision", "") if own else ""),
                variant=variant or (run.get("variant", "") if own else ""),
-               t5=run.get("t5", True) if own else True)  # SD 3.5: the run's T5 choice
+               t5=run.get("t5", runs.ADDED_OPTIONS["t5"]) if own else True)  # SD 3.5: the run's T5 choice (older runs: with)
     cfg["reward"] = reward if reward != "auto" else run.get("reward") or (
         "shapes_aesthetic" if cfg["model"] == "shapes" else "aesthetic")
     cfg["reward_options"] = reward_options or (run.get("reward_options", "") if reward == "auto" else "")

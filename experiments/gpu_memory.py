@@ -253,20 +253,23 @@ def sd3_memory_table():
     return dict(parts=parts, recipes=sd3_recipes(parts))
 
 
-def text_encoder_params(config, projection=False):
-    """Parameters of a CLIP text tower of this config, counted on the meta device (shapes only)."""
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+def meta_params(build):
+    """Parameters of the model that build() makes, counted on the meta device (shapes only, no memory)."""
     with torch.device("meta"):
-        model = (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config))
+        model = build()
     return sum(p.numel() for p in model.parameters())
+
+
+def text_encoder_params(config, projection=False):
+    """Parameters of a CLIP text tower of this config."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    return meta_params(lambda: (CLIPTextModelWithProjection if projection else CLIPTextModel)(CLIPTextConfig(**config)))
 
 
 def t5_params(config=SD3_T5):
-    """Parameters of a T5 encoder of this config (T5EncoderModel, as SD 3.5 loads it), on the meta device."""
+    """Parameters of a T5 encoder of this config (T5EncoderModel, as SD 3.5 loads it)."""
     from transformers import T5Config, T5EncoderModel
-    with torch.device("meta"):
-        model = T5EncoderModel(T5Config(**config, is_encoder_decoder=False))
-    return sum(p.numel() for p in model.parameters())
+    return meta_params(lambda: T5EncoderModel(T5Config(**config, is_encoder_decoder=False)))
 
 
 # The activations per image that docs/gpu.md's and docs/sd3.md's tables hold (GB; `python -m experiments.bench
