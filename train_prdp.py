@@ -70,7 +70,7 @@ weight_max = 1.2             # prompt weighting: one phrase up-weighted by w ~ U
 explore_cfg = True           # ablation: use the dynamic CFG schedule when exploring
 explore_weights = True       # ablation: use random prompt weighting when exploring
 # batches (per process; a torchrun run multiplies the prompts per epoch by the world size)
-epochs = 48                  # sample-then-train rounds; 48 x 64 = 3,072 reward queries, DDPO's default budget
+epochs = 48                  # sample-then-train rounds; 48 x 64 = 3,072 reward queries (DDPO's default: 3,200)
 prompts_per_epoch = 8        # N: prompts drawn per epoch (Algorithm 1; paper, small scale: 32)
 images_per_prompt = 8        # B: images per prompt; every pair of them is a training pair (paper: 16)
 sample_batch_size = 16       # images per sampling call: whole prompt groups, a multiple of images_per_prompt

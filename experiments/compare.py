@@ -36,8 +36,8 @@ finished run there of the same name, world, training prompts and options is copi
 --versus=<another compare folder> sets each arm against the same arm of another comparison on the
 same model (for a shapes world, the same weights: its manifest hash), reward and prompts, e.g.
 PRDP's against DDPO's: unpaired differences with Welch's interval, which hold for any two trainers
-(DDPO's and PRDP's runs of one seed happen to draw the same prompts and noise, so for them it is
-conservative; AlignProp's batches draw differently).
+(DDPO's and PRDP's runs of one seed draw the same prompts and noise when their sampling calls have
+the same shape, e.g. 8 images a prompt, and then it is conservative; AlignProp's batches draw differently).
 
 Outputs in the compare folder: reward.png (the curves), table.md and table.json, heldout.png (the
 held-out images of every arm's first seed, with their diversity), logs/<run>.txt (each run's output);
