@@ -258,6 +258,13 @@ def other_table(held, sampling_settings):
     return other
 
 
+def time_left(run_seconds, total, n_jobs):
+    """How long the `total - len(run_seconds)` runs not yet finished will take, `n_jobs` at a time, at
+    the finished runs' mean wall time: '41 min', or '6.8 h' from 90 minutes on."""
+    left = sum(run_seconds) / len(run_seconds) * (total - len(run_seconds)) / n_jobs
+    return f"{left / 60:.0f} min" if left < 5400 else f"{left / 3600:.1f} h"
+
+
 def train_all(folder, run_list):
     """Run every unfinished run's trainer command, `jobs` at a time; return how many ran. Each run's
     output goes to logs/<run>.txt; here, one line per finished epoch (read from its log.jsonl). On a
@@ -300,7 +307,7 @@ def train_all(folder, run_list):
             running.discard(proc)
         return r, code, time.time() - start
 
-    pool, failed = concurrent.futures.ThreadPoolExecutor(n_jobs), None
+    pool, failed, took = concurrent.futures.ThreadPoolExecutor(n_jobs), None, []
     try:
         futures = [pool.submit(train, r) for r in todo]
         for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
@@ -308,7 +315,9 @@ def train_all(folder, run_list):
             if code:
                 failed = (r, code)
                 break
-            print(f"[{done}/{len(todo)}] {r['name']}: done in {seconds:.0f} s", flush=True)
+            took.append(seconds)
+            left = f"; about {time_left(took, len(todo), n_jobs)} left" if done < len(todo) else ""
+            print(f"[{done}/{len(todo)}] {r['name']}: done in {seconds:.0f} s{left}", flush=True)
     finally:  # a failure or Ctrl-C: start nothing more and stop the runs under way
         stop.set()
         for proc in list(running):

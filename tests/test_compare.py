@@ -227,6 +227,14 @@ def test_auto_metrics_are_the_shapes_worlds_ground_truth_scores_other_than_the_r
     assert compare.metric_names(dict(model="some/sd-model", reward="aesthetic")) == []
 
 
+def test_time_left_is_the_mean_run_time_times_the_runs_left_over_the_jobs():
+    # 2 of 10 runs done in 600 s and 620 s, 2 at a time: 8 x 610 / 2 = 2440 s; 2 of 82: 80 x 610 / 2 = 24400 s
+    compare = configured()
+    assert compare.time_left([600, 620], 10, 2) == "41 min"
+    assert compare.time_left([600, 620], 82, 2) == "6.8 h"
+    assert compare.time_left([599], 10, 1) == "90 min" and compare.time_left([601], 10, 1) == "1.5 h"
+
+
 def test_queries_to_reach_interpolates_the_first_crossing():
     assert compare_stats.queries_to_reach([10, 20, 30], [0.0, 1.0, 3.0], 2.0) == pytest.approx(25.0)
     assert compare_stats.queries_to_reach([10, 20, 30], [0.0, 2.5, 1.0], 2.0) == pytest.approx(18.0)  # first, not last
